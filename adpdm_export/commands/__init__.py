@@ -1,0 +1,11 @@
+"""One module per `adpdm` sub-command; each exposes `register(app)`.
+
+Modules import their heavy dependencies (torch, onnxruntime) inside the command
+body so `adpdm --help` stays fast.
+"""
+
+COMMAND_MODULES = [
+    "adpdm_export.commands.export_cmd",
+    "adpdm_export.commands.sample_cmd",
+    "adpdm_export.commands.doctor_cmd",
+]

@@ -1,0 +1,219 @@
+"""Loading a diffusion UNet and its scheduler config from every source a user may name.
+
+Sources: `reference` (the bundled model), a diffusers UNet folder (config.json +
+safetensors), a diffusers pipeline folder (model_index.json, unet/, scheduler/), or a
+Hugging Face repo id (needs the hub). Weights are read from safetensors only: pickle
+files (.bin, .ckpt, .pt) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from calibration.fingerprint import model_sha256
+from engines.errors import AdpdmError
+
+SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+REFERENCE_NAME = "reference"
+REFERENCE_DIR = Path(__file__).parent / "assets" / "reference"
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# diffusers' DDPMScheduler defaults: used when a bare UNet folder ships no scheduler config.
+DEFAULT_SCHEDULER_CONFIG = {
+    "_class_name": "DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+    "clip_sample": True,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A UNet ready to run (eval mode, float32, CPU) and what the rest of the tool needs to know of it."""
+
+    unet: torch.nn.Module
+    scheduler_config: dict[str, Any]
+    source: str
+    kind: str
+    sample_size: tuple[int, int]
+    in_channels: int
+    out_channels: int
+    conditioning: dict[str, Any] = field(default_factory=dict)
+    scheduler_config_found: bool = True
+    _sha256: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = model_sha256(self.unet)
+        return self._sha256
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler_config.get("num_train_timesteps", 1000))
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, *self.sample_size)
+
+    def default_condition(self, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Conditioning inputs for `batch` items when the user gives none.
+
+        Cross-attention models get a null (all-zero) embedding of one token;
+        class-conditional models get labels 0, 1, 2, ... cycling over the classes.
+        """
+        cond: dict[str, torch.Tensor] = {}
+        if "encoder_hidden_states" in self.conditioning:
+            dim = self.conditioning["encoder_hidden_states"]["dim"]
+            cond["encoder_hidden_states"] = torch.zeros(batch, 1, dim)
+        if "class_labels" in self.conditioning:
+            n = self.conditioning["class_labels"]["num_classes"]
+            cond["class_labels"] = torch.arange(batch, dtype=torch.int64) % n
+        return cond
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdpdmError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdpdmError(f"{what} is not valid JSON: {path} ({e})") from None
+
+
+def _conditioning_of(kind: str, config: dict[str, Any]) -> dict[str, Any]:
+    cond: dict[str, Any] = {}
+    if kind == "UNet2DConditionModel":
+        dim = config.get("cross_attention_dim") or 1280
+        if isinstance(dim, (list, tuple)):
+            dim = dim[0]
+        cond["encoder_hidden_states"] = {"dim": int(dim)}
+        if config.get("addition_embed_type"):
+            raise AdpdmError(
+                f"UNet2DConditionModel with addition_embed_type={config['addition_embed_type']!r} "
+                "(SDXL-style added conditions) is not supported yet"
+            )
+    n = config.get("num_class_embeds")
+    if n and config.get("class_embed_type") in (None, "embedding", "identity"):
+        cond["class_labels"] = {"num_classes": int(n)}
+    elif config.get("class_embed_type") not in (None,):
+        raise AdpdmError(f"class_embed_type={config['class_embed_type']!r} is not supported yet")
+    return cond
+
+
+def _load_unet_folder(folder: Path, source: str) -> tuple[torch.nn.Module, str, dict[str, Any]]:
+    config = _read_json(folder / "config.json", "UNet config")
+    kind = config.get("_class_name")
+    if kind not in SUPPORTED_CLASSES:
+        raise AdpdmError(
+            f"{folder} holds a {kind or 'model without _class_name'}; supported: {', '.join(SUPPORTED_CLASSES)}"
+        )
+    weights = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors")
+    if not weights:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise AdpdmError(
+                f"{folder} has only pickle weights ({', '.join(pickles)}); this tool never unpickles files. "
+                "Convert them to safetensors (diffusers: model.save_pretrained(dir, safe_serialization=True))"
+            )
+        raise AdpdmError(f"{folder} has config.json but no .safetensors weights")
+    import diffusers
+
+    cls = getattr(diffusers, kind)
+    try:
+        unet = cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
+    except Exception as e:  # corrupted or mismatched weights: name the folder and the cause
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdpdmError(f"could not load {kind} weights from {folder}: {msg[:300]}") from None
+    unet = unet.to(torch.float32).eval()
+    unet.requires_grad_(False)
+    return unet, kind, config
+
+
+def _scheduler_config_near(folder: Path) -> dict[str, Any] | None:
+    for cand in (folder / "scheduler_config.json", folder.parent / "scheduler" / "scheduler_config.json"):
+        if cand.is_file():
+            return _read_json(cand, "scheduler config")
+    return None
+
+
+def _from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise AdpdmError("huggingface_hub is not installed; cannot download models") from None
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "20")
+    try:
+        path = snapshot_download(
+            repo_id,
+            allow_patterns=["model_index.json", "*.json", "unet/*.safetensors", "*.safetensors"],
+            ignore_patterns=["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "text_encoder*/*", "vae/*"],
+        )
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdpdmError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {first[:200]}). "
+            "Offline? Download it elsewhere and pass the local folder instead"
+        ) from None
+    return Path(path)
+
+
+def load_model(source: str | os.PathLike) -> LoadedModel:
+    """Load the UNet named by `source` (see module doc) on the CPU in eval mode."""
+    src = str(source)
+    if src == REFERENCE_NAME:
+        folder = REFERENCE_DIR
+        if not (folder / "model_index.json").is_file():
+            raise AdpdmError(f"the bundled reference model is missing from {folder}; reinstall adpdm-export")
+    else:
+        folder = Path(src).expanduser()
+        if not folder.exists():
+            if _REPO_ID.match(src) and not src.startswith((".", "/", "~")):
+                folder = _from_hub(src)
+            else:
+                raise AdpdmError(f"no such model folder: {src}")
+        if folder.is_file():
+            raise AdpdmError(f"{src} is a file; give the folder of a diffusers UNet or pipeline")
+    found_scheduler = True
+    if (folder / "model_index.json").is_file():
+        index = _read_json(folder / "model_index.json", "pipeline index")
+        if not (folder / "unet" / "config.json").is_file():
+            raise AdpdmError(f"pipeline folder {folder} has no unet/config.json (pipeline {index.get('_class_name')})")
+        unet, kind, config = _load_unet_folder(folder / "unet", src)
+        sched = _scheduler_config_near(folder / "unet")
+    elif (folder / "config.json").is_file():
+        unet, kind, config = _load_unet_folder(folder, src)
+        sched = _scheduler_config_near(folder)
+    else:
+        listing = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
+        raise AdpdmError(
+            f"{folder} is neither a diffusers UNet folder (config.json) nor a pipeline folder "
+            f"(model_index.json); it holds: {listing}"
+        )
+    if sched is None:
+        found_scheduler = False
+        sched = dict(DEFAULT_SCHEDULER_CONFIG)
+    size = config.get("sample_size") or 64
+    size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return LoadedModel(
+        unet=unet,
+        scheduler_config=sched,
+        source=src,
+        kind=kind,
+        sample_size=size,
+        in_channels=int(config.get("in_channels", 4)),
+        out_channels=int(config.get("out_channels", 4)),
+        conditioning=_conditioning_of(kind, config),
+        scheduler_config_found=found_scheduler,
+    )

@@ -1,0 +1,105 @@
+"""The sampling loop: a diffusers scheduler driven by any noise predictor.
+
+A noise predictor is any callable `predict(sample, timestep, **cond) -> eps`
+taking a float32 (B, C, H, W) tensor and an int64 (B,) tensor of timestep
+*values*; a torch UNet, an onnxruntime session or a TensorRT engine all fit.
+The same loop serves image generation, calibration trajectories and metrics.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Protocol
+
+import torch
+
+
+class NoisePredictor(Protocol):
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> torch.Tensor: ...
+
+
+@dataclass
+class Trajectory:
+    """Every step of a sampling run, kept for calibration and metrics.
+
+    `x_t[i]` is the UNet input at `timesteps[i]`, `eps[i]` its noise prediction
+    and `x0_hat[i]` the predicted clean image at that step (shapes (N, B, C, H, W)).
+    """
+
+    timesteps: torch.Tensor
+    x_t: torch.Tensor
+    eps: torch.Tensor
+    x0_hat: torch.Tensor
+
+
+@dataclass
+class SampleOutput:
+    images: torch.Tensor  # (B, C, H, W), model space (usually [-1, 1])
+    trajectory: Optional[Trajectory] = None
+
+
+def initial_noise(batch: int, shape: tuple[int, int, int], seed: int, dtype=torch.float32) -> torch.Tensor:
+    """Seeded Gaussian noise drawn on the CPU, so every backend starts from the same bits."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn((batch, *shape), generator=gen, dtype=dtype)
+
+
+def predicted_x0(scheduler, x_t: torch.Tensor, model_output: torch.Tensor, timestep: int) -> torch.Tensor:
+    """x0_hat from the model output at one timestep, for epsilon / v / sample prediction."""
+    abar = scheduler.alphas_cumprod[int(timestep)].to(x_t.dtype).to(x_t.device)
+    kind = getattr(scheduler.config, "prediction_type", "epsilon")
+    if kind == "epsilon":
+        return (x_t - (1 - abar).sqrt() * model_output) / abar.sqrt()
+    if kind == "v_prediction":
+        return abar.sqrt() * x_t - (1 - abar).sqrt() * model_output
+    if kind == "sample":
+        return model_output
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+@torch.no_grad()
+def sample(
+    predictor: NoisePredictor,
+    scheduler,
+    noise: torch.Tensor,
+    num_steps: int,
+    cond: Optional[Mapping[str, Any]] = None,
+    keep_trajectory: bool = False,
+    seed: int = 0,
+    on_step: Optional[Callable[[int, int], None]] = None,
+) -> SampleOutput:
+    """Run `num_steps` scheduler steps from `noise` and return the final sample.
+
+    `seed` seeds the scheduler's own noise (DDPM, DDIM with eta > 0), so stochastic
+    samplers are reproducible too. `on_step(i, num_steps)` reports progress.
+    """
+    cond = dict(cond or {})
+    scheduler.set_timesteps(int(num_steps))
+    gen = torch.Generator(device="cpu").manual_seed(int(seed) + 1)
+    x = noise.to(torch.float32) * scheduler.init_noise_sigma
+    batch = x.shape[0]
+    xs, epss, x0s, ts = [], [], [], []
+    for i, t in enumerate(scheduler.timesteps):
+        t_int = int(t)
+        model_in = scheduler.scale_model_input(x, t)
+        tt = torch.full((batch,), t_int, dtype=torch.int64)
+        out = predictor(model_in, tt, **cond).to(torch.float32)
+        if keep_trajectory:
+            xs.append(model_in.clone())
+            epss.append(out.clone())
+            x0s.append(predicted_x0(scheduler, model_in, out, t_int))
+            ts.append(t_int)
+        step_kwargs = {"generator": gen} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+        if on_step is not None:
+            on_step(i + 1, len(scheduler.timesteps))
+    traj = None
+    if keep_trajectory:
+        traj = Trajectory(
+            timesteps=torch.tensor(ts, dtype=torch.int64),
+            x_t=torch.stack(xs),
+            eps=torch.stack(epss),
+            x0_hat=torch.stack(x0s),
+        )
+    return SampleOutput(images=x, trajectory=traj)

@@ -1,0 +1,22 @@
+"""A diffusers UNet (torch module) as a noise predictor for the sampler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class TorchNoisePredictor:
+    """Calls `unet(sample, timestep, **cond).sample` without autograd, on the UNet's device."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet = unet
+
+    @torch.no_grad()
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> torch.Tensor:
+        dev = next(self.unet.parameters()).device
+        cond = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
+        out = self.unet(sample.to(dev), timestep.to(dev), **cond)
+        out = out.sample if hasattr(out, "sample") else out
+        return out.to("cpu", torch.float32)
