@@ -1,0 +1,81 @@
+"""Generating images from a model or a build folder, through torch or onnxruntime.
+
+The loop itself is `engines.sampler.sample`; this module only picks the noise
+predictor (the torch UNet, or an onnxruntime session over its FP graph, exported
+once and cached by model hash) and the conditioning.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from adpdm_export.model_loading import LoadedModel
+from adpdm_export.onnx_export import DEFAULT_OPSET, example_inputs, export_onnx
+from engines.errors import AdpdmError
+from engines.sampler import initial_noise, sample
+from engines.scheduling import make_scheduler
+
+BACKENDS = ("torch", "ort")
+
+
+def cache_dir() -> Path:
+    """Where derived artifacts (FP graphs, trajectories) are cached: $ADPDM_CACHE_DIR or ~/.cache/adpdm."""
+    return Path(os.environ.get("ADPDM_CACHE_DIR", Path.home() / ".cache" / "adpdm"))
+
+
+def fp_graph_for(model: LoadedModel, opset: int = DEFAULT_OPSET) -> Path:
+    """The model's FP ONNX graph, exported on first use and reused while the weights are unchanged."""
+    key = f"{model.sha256[:16]}-opset{opset}-torch{torch.__version__.split('+')[0]}"
+    graph = cache_dir() / "fp-graphs" / key / "unet.onnx"
+    if not (graph.is_file() and graph.with_name("unet.onnx.data").is_file()):
+        export_onnx(model.unet, graph, example_inputs(model.sample_shape, model.conditioning), opset=opset)
+    return graph
+
+
+def predictor_for(model: LoadedModel, backend: str, threads: int | None = None):
+    from engines.ort_backend import OrtNoisePredictor, make_session
+    from engines.torch_predictor import TorchNoisePredictor
+
+    if backend == "torch":
+        return TorchNoisePredictor(model.unet)
+    if backend == "ort":
+        return OrtNoisePredictor(make_session(fp_graph_for(model), threads=threads))
+    raise AdpdmError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+@dataclass
+class Generated:
+    images: torch.Tensor
+    seed: int
+    steps: int
+    scheduler: str
+
+
+def generate(
+    predictor: Callable[..., torch.Tensor],
+    scheduler_config: dict[str, Any],
+    sample_shape: tuple[int, int, int],
+    n: int,
+    steps: int,
+    seed: int,
+    cond: Optional[dict[str, torch.Tensor]] = None,
+    scheduler: str = "ddim",
+    on_step: Optional[Callable[[int, int], None]] = None,
+) -> Generated:
+    """`n` images from seeded noise: the same seed gives the same noise on every backend."""
+    if n < 1:
+        raise AdpdmError(f"--n must be >= 1 (got {n})")
+    if steps < 1:
+        raise AdpdmError(f"--steps must be >= 1 (got {steps})")
+    sched = make_scheduler(scheduler_config, scheduler)
+    T = int(scheduler_config.get("num_train_timesteps", 1000))
+    if scheduler != "ddpm" and steps > T:
+        raise AdpdmError(f"--steps {steps} exceeds the model's {T} training timesteps")
+    noise = initial_noise(n, sample_shape, seed)
+    out = sample(predictor, sched, noise, steps, cond=cond, seed=seed, on_step=on_step)
+    return Generated(images=out.images, seed=seed, steps=steps, scheduler=scheduler)
