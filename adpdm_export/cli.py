@@ -29,26 +29,19 @@ _load_commands()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors become one line on stderr and exit status 2."""
+    """Entry point: user errors become one line on stderr and exit status 2.
+
+    Click handles usage errors itself (standalone mode: message and exit 2); our own
+    `AdpdmError` propagates out of it and is printed here without a traceback.
+    """
     try:
-        rc = app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=True)
     except AdpdmError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         return 2
-    except typer.Abort:
-        typer.secho("aborted", err=True)
-        return 130
-    except KeyboardInterrupt:
-        typer.secho("interrupted", err=True)
-        return 130
-    except Exception as e:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        raise
-    return rc if isinstance(rc, int) else 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
 
 
 if __name__ == "__main__":

@@ -196,7 +196,8 @@ def load_model(source: str | os.PathLike) -> LoadedModel:
         unet, kind, config = _load_unet_folder(folder, src)
         sched = _scheduler_config_near(folder)
     else:
-        listing = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
+        names = sorted(p.name for p in folder.iterdir())
+        listing = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "") or "nothing"
         raise AdpdmError(
             f"{folder} is neither a diffusers UNet folder (config.json) nor a pipeline folder "
             f"(model_index.json); it holds: {listing}"

@@ -71,6 +71,11 @@ def example_inputs(
     return inputs
 
 
+def check_opset(opset: int) -> None:
+    if opset < 19:
+        raise AdpdmError(f"opset {opset} is too old: TensorRT explicit quantization here needs opset >= 19")
+
+
 def _dynamic_axes(names: list[str]) -> dict[str, dict[int, str]]:
     axes = {n: {0: "batch"} for n in names}
     axes["sample"] = {0: "batch", 2: "height", 3: "width"}
@@ -92,8 +97,7 @@ def export_onnx(
     The graph is checked with the ONNX checker (by path, so external data is
     resolved). Written to temporary names and renamed into place.
     """
-    if opset < 19:
-        raise AdpdmError(f"opset {opset} is too old: TensorRT explicit quantization here needs opset >= 19")
+    check_opset(opset)
     graph_path = Path(graph_path)
     graph_path.parent.mkdir(parents=True, exist_ok=True)
     weights_name = weights_name or graph_path.name + ".data"

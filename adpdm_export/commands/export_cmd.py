@@ -17,9 +17,10 @@ def export(
 ) -> None:
     """Export MODEL's UNet to an FP ONNX graph with its weights in one external file."""
     from adpdm_export.model_loading import load_model
-    from adpdm_export.onnx_export import check_parity, example_inputs, export_onnx
+    from adpdm_export.onnx_export import check_opset, check_parity, example_inputs, export_onnx
     from adpdm_export.progress import console
 
+    check_opset(opset)
     loaded = load_model(model)
     with console.status(f"exporting {loaded.kind} ({model}) to ONNX"):
         exported = export_onnx(

@@ -33,6 +33,8 @@ def sample_images(
         raise AdpdmError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if out.suffix.lower() != ".png":
         raise AdpdmError(f"--out must name a .png file (got {out})")
+    if n < 1 or steps < 1:
+        raise AdpdmError(f"--n and --steps must be >= 1 (got --n {n}, --steps {steps})")
     loaded = load_model(model)
     predictor = predictor_for(loaded, backend, threads=threads or None)
     with step_progress(f"sampling {n} x {steps} steps ({backend})", steps) as on_step:
