@@ -1,0 +1,153 @@
+"""Baseline activation calibrations in the ADP-DM framework, all on the same trajectories.
+
+* `minmax`: one scale set (G = 1): max |x| over the calibration steps (DDIM steps are
+  spread uniformly over the timesteps).
+* `percentile`: one scale set: the p-th percentile of |x| over the same data.
+* `uniform-groups`: G equal timestep intervals [k T/G, (k+1) T/G); each group's scales
+  from the calibration steps inside it (no search).
+* `per-step`: one group per calibration step (the accuracy ceiling; not deployable as
+  a handful of engines); every training timestep maps to the group of the nearest
+  calibration timestep (the same rule ADP-DM uses).
+
+Groups are numbered in increasing timestep order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from calibration.observers import ActivationObserver
+from calibration.quant_unet import activation_quantizers, get_state, observe_mode
+from calibration.trajectories import TrajectorySet
+from engines.errors import AdpdmError
+
+STATS = ("minmax", "percentile")
+
+
+# ----------------------------------------------------------------------------------------
+# timestep -> group tables
+# ----------------------------------------------------------------------------------------
+def single_group_table(num_train_timesteps: int) -> torch.Tensor:
+    return torch.zeros(int(num_train_timesteps), dtype=torch.int64)
+
+
+def uniform_table(num_groups: int, num_train_timesteps: int) -> torch.Tensor:
+    """Timestep t -> floor(t * G / T): G equal intervals, group 0 the lowest timesteps."""
+    g, t = int(num_groups), int(num_train_timesteps)
+    if g < 1:
+        raise AdpdmError(f"groups must be >= 1, got {g}")
+    if g > t:
+        raise AdpdmError(f"groups ({g}) cannot exceed the number of training timesteps ({t})")
+    return torch.arange(t, dtype=torch.int64) * g // t
+
+
+def nearest_table(calib_timesteps: list[int], labels: list[int], num_train_timesteps: int) -> torch.Tensor:
+    """Each timestep 0..T-1 -> label of the nearest calibration timestep (ties: the lower one)."""
+    if len(calib_timesteps) != len(labels) or not calib_timesteps:
+        raise AdpdmError("nearest_table needs one label per calibration timestep")
+    order = sorted(range(len(calib_timesteps)), key=lambda i: calib_timesteps[i])
+    c = torch.tensor([calib_timesteps[i] for i in order], dtype=torch.int64)
+    lab = torch.tensor([labels[i] for i in order], dtype=torch.int64)
+    t = torch.arange(int(num_train_timesteps), dtype=torch.int64)
+    idx = (t[:, None] - c[None, :]).abs().argmin(1)  # first minimum: the lower timestep on ties
+    return lab[idx]
+
+
+def per_step_table(calib_timesteps: list[int], num_train_timesteps: int) -> torch.Tensor:
+    """One group per distinct calibration timestep, numbered in increasing timestep order."""
+    uniq = sorted(set(int(t) for t in calib_timesteps))
+    return nearest_table(uniq, list(range(len(uniq))), num_train_timesteps)
+
+
+def calib_timesteps_by_group(table: torch.Tensor, calib_timesteps: list[int]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for t in calib_timesteps:
+        out.setdefault(int(table[int(t)]), []).append(int(t))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# observation
+# ----------------------------------------------------------------------------------------
+def calibration_batches(
+    traj: TrajectorySet, steps: Optional[list[int]] = None, batch_size: int = 64
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+    """(x_t, timesteps (B,), cond) for each chosen step index, in item batches."""
+    steps = list(range(traj.num_steps)) if steps is None else list(steps)
+    n = traj.num_samples
+    for i in steps:
+        t = int(traj.timesteps[i])
+        for lo in range(0, n, batch_size):
+            sl = slice(lo, min(n, lo + batch_size))
+            x = traj.x_t[i, sl]
+            yield x, torch.full((x.shape[0],), t, dtype=torch.int64), traj.cond_for(sl)
+
+
+@torch.no_grad()
+def observe(
+    qmodel: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]],
+    observer: ActivationObserver,
+    total: Optional[int] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> ActivationObserver:
+    """Run the wrapped model in FP over `batches`, feeding every quantizer input to `observer`."""
+    dev = next(qmodel.parameters()).device
+    with observe_mode(qmodel, observer):
+        for k, (x, t, cond) in enumerate(batches):
+            qmodel(x.to(dev), t.to(dev), **{a: v.to(dev) for a, v in cond.items()})
+            if progress is not None:
+                progress(k + 1, total or k + 1)
+    return observer
+
+
+def set_activation_scales(qmodel: nn.Module, amax: dict[str, torch.Tensor]) -> list[str]:
+    """Scale = amax / qmax for every activation quantizer; returns those never observed.
+
+    A quantizer whose group saw no data is an error (the group would be uncalibrated);
+    a quantizer never called at all keeps scale 1 (it cannot affect the output).
+    """
+    unobserved = []
+    g_count = get_state(qmodel).num_groups
+    for name, q in activation_quantizers(qmodel).items():
+        a = amax.get(name)
+        if a is None:
+            unobserved.append(name)
+            continue
+        if a.numel() != g_count:
+            raise AdpdmError(f"{name}: statistics for {a.numel()} groups, model has {g_count}")
+        missing = torch.isnan(a).nonzero().flatten().tolist()
+        if missing:
+            raise AdpdmError(
+                f"groups {missing[:8]} received no calibration data (quantizer {name}); "
+                "use more calibration steps or fewer groups"
+            )
+        q.set_amax(a)
+    return unobserved
+
+
+def calibrate_activations(
+    qmodel: nn.Module,
+    traj: TrajectorySet,
+    stat: str = "minmax",
+    percentile: float = 99.99,
+    steps: Optional[list[int]] = None,
+    batch_size: int = 64,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> dict[str, list[str]]:
+    """Observe `traj` (all steps or `steps`) and set every activation scale per group.
+
+    The model's timestep->group table decides which group each step feeds.
+    """
+    if stat not in STATS:
+        raise AdpdmError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
+    st = get_state(qmodel)
+    obs = ActivationObserver(st.num_groups, histogram=(stat == "percentile"))
+    steps = list(range(traj.num_steps)) if steps is None else list(steps)
+    per_step = (traj.num_samples + batch_size - 1) // batch_size
+    observe(qmodel, calibration_batches(traj, steps, batch_size), obs, total=len(steps) * per_step, progress=progress)
+    amax = obs.amax() if stat == "minmax" else obs.percentile_amax(percentile)
+    return {"unobserved": set_activation_scales(qmodel, amax)}

@@ -1,0 +1,137 @@
+"""Activation statistics per (quantizer, group): max-abs and a max-abs histogram for percentiles.
+
+`ActivationObserver` is the callable a wrapped model calls with every activation
+quantizer's input in `observe_mode`; it splits the batch by each item's group (the
+wrapper computed them from the timestep values) so a mixed-group batch feeds each
+group's statistics with its own items only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from calibration.quantizers import ActQuantizer, per_item_rows
+from engines.errors import AdpdmError
+
+
+class _AbsHistogram:
+    """Histogram of |x| over [0, R] with R growing by powers of two (bins merge exactly)."""
+
+    def __init__(self, bins: int):
+        self.bins = int(bins)
+        self.range = 0.0
+        self.counts: Optional[torch.Tensor] = None
+
+    def add(self, a: torch.Tensor, amax: float) -> None:
+        if self.counts is None:
+            self.counts = torch.zeros(self.bins, dtype=torch.float64, device=a.device)
+        if amax > self.range:
+            if self.range == 0.0:
+                self.range = amax if amax > 0 else 0.0
+            else:
+                factor = 2 ** math.ceil(math.log2(amax / self.range))
+                if factor >= self.bins:
+                    total = self.counts.sum()
+                    self.counts.zero_()
+                    self.counts[0] = total
+                else:
+                    merged = self.counts.view(self.bins // factor, factor).sum(1)
+                    self.counts.zero_()
+                    self.counts[: merged.numel()] = merged
+                self.range *= factor
+        if self.range == 0.0:
+            self.counts[0] += a.numel()
+            return
+        self.counts += torch.histc(a.float(), bins=self.bins, min=0.0, max=self.range).to(torch.float64)
+
+    def quantile(self, q: float) -> float:
+        if self.counts is None or self.range == 0.0:
+            return 0.0
+        c = self.counts.cumsum(0)
+        total = float(c[-1])
+        idx = int(torch.searchsorted(c, torch.tensor(q * total, dtype=c.dtype, device=c.device)))
+        idx = min(idx, self.bins - 1)
+        return (idx + 1) * self.range / self.bins
+
+
+class ActivationObserver:
+    """Max-abs (and optionally histograms) of every activation quantizer's input, per group.
+
+    `histogram=True` keeps a `bins`-bin histogram of |x| per (quantizer, group) for
+    `percentile_amax`. Call it as `observer(quantizer, x)` (what `observe_mode` does).
+    """
+
+    def __init__(self, num_groups: int, histogram: bool = False, bins: int = 2048):
+        if bins < 2 or bins & (bins - 1):
+            raise AdpdmError(f"histogram bins must be a power of two >= 2, got {bins}")
+        self.num_groups = int(num_groups)
+        self.histogram = bool(histogram)
+        self.bins = int(bins)
+        self._amax: dict[str, torch.Tensor] = {}
+        self._count: dict[str, torch.Tensor] = {}
+        self._hist: dict[str, list[Optional[_AbsHistogram]]] = {}
+
+    # -- collection --------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, quantizer: ActQuantizer, x: torch.Tensor) -> None:
+        st = quantizer._state
+        name = quantizer.qname
+        if st.uniform_group is not None:
+            self._add(name, st.uniform_group, x)
+        elif st.group_ids is None:
+            self._add(name, 0, x)
+        else:
+            rows = per_item_rows(st.group_ids.to(x.device), x.shape[0])
+            if rows.numel() == 1:
+                self._add(name, int(rows[0]), x)
+                return
+            for g in torch.unique(rows).tolist():
+                self._add(name, int(g), x[rows == g])
+
+    def _add(self, name: str, group: int, x: torch.Tensor) -> None:
+        if not 0 <= group < self.num_groups:
+            raise AdpdmError(f"observer for {self.num_groups} groups got group {group}")
+        a = x.detach().abs()
+        m = float(a.max()) if a.numel() else 0.0
+        if name not in self._amax:
+            self._amax[name] = torch.full((self.num_groups,), float("nan"), dtype=torch.float64)
+            self._count[name] = torch.zeros(self.num_groups, dtype=torch.int64)
+            self._hist[name] = [None] * self.num_groups
+        cur = self._amax[name][group]
+        self._amax[name][group] = m if torch.isnan(cur) else max(float(cur), m)
+        self._count[name][group] += a.numel()
+        if self.histogram:
+            h = self._hist[name][group]
+            if h is None:
+                h = self._hist[name][group] = _AbsHistogram(self.bins)
+            h.add(a.reshape(-1), m)
+
+    # -- results -----------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self._amax)
+
+    def observed_groups(self, name: str) -> list[int]:
+        return [g for g in range(self.num_groups) if int(self._count[name][g]) > 0]
+
+    def amax(self) -> dict[str, torch.Tensor]:
+        """Quantizer name -> max |x| per group (float32 (G,), NaN where never observed)."""
+        return {n: v.to(torch.float32).clone() for n, v in self._amax.items()}
+
+    def percentile_amax(self, percentile: float) -> dict[str, torch.Tensor]:
+        """Quantizer name -> the `percentile`-th percentile of |x| per group (<= amax)."""
+        if not self.histogram:
+            raise AdpdmError("percentile statistics need an observer created with histogram=True")
+        if not 0.0 < percentile <= 100.0:
+            raise AdpdmError(f"percentile must be in (0, 100], got {percentile}")
+        out = {}
+        for n, hs in self._hist.items():
+            v = torch.full((self.num_groups,), float("nan"), dtype=torch.float32)
+            for g, h in enumerate(hs):
+                if h is not None:
+                    v[g] = min(h.quantile(percentile / 100.0), float(self._amax[n][g]))
+            out[n] = v
+        return out

@@ -1,0 +1,336 @@
+"""`CalibrationResult`: everything the export and the runtime need from a calibration.
+
+On disk, a folder with two files (no pickle anywhere):
+
+calibration.json
+    format "adpdm-calibration", format_version, model_sha256, method, w_bits, a_bits,
+    profile, num_train_timesteps, num_groups, groups [{id, timestep_ranges [[lo, hi]]
+    (inclusive), calib_timesteps}], timestep_to_group (length T), calib_timestep
+    (ADP-DM's chosen timestep, null for baselines), activation_quantizers [{name, role,
+    layer, aliases}], weight_quantizers [{name, layer, channels}], config {quant:
+    QuantConfig, calibration: settings}, timings {stage: seconds}, extra, and
+    tensors_file / tensors_sha256 (the safetensors file's hash: a truncated or
+    modified tensors file is refused).
+calibration.safetensors
+    "<quantizer name>.scale" for every activation quantizer (float32 (G,): input,
+    output, bmm and residual quantizers alike; role in the JSON) and every weight
+    quantizer (float32 (C_out,)), and "timestep_to_group" (int64 (T,)).
+
+Quantizer names are module paths in the wrapped model, e.g.
+`down_blocks.0.resnets.0.conv1.input_quantizer` / `.output_quantizer` / `.weight_quantizer`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from engines.errors import AdpdmError
+
+FORMAT = "adpdm-calibration"
+FORMAT_VERSION = 1
+JSON_NAME = "calibration.json"
+TENSORS_NAME = "calibration.safetensors"
+TABLE_KEY = "timestep_to_group"
+
+
+def groups_from_table(table: torch.Tensor, calib_timesteps: Optional[dict[int, list[int]]] = None) -> list[dict[str, Any]]:
+    """[{id, timestep_ranges: [[lo, hi], ...] inclusive, calib_timesteps}] for each group."""
+    t = table.tolist()
+    g_count = max(t) + 1 if t else 0
+    ranges: list[list[list[int]]] = [[] for _ in range(g_count)]
+    start = 0
+    for i in range(1, len(t) + 1):
+        if i == len(t) or t[i] != t[start]:
+            ranges[t[start]].append([start, i - 1])
+            start = i
+    out = []
+    for g in range(g_count):
+        d: dict[str, Any] = {"id": g, "timestep_ranges": ranges[g]}
+        d["calib_timesteps"] = sorted((calib_timesteps or {}).get(g, []))
+        out.append(d)
+    return out
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@dataclass
+class CalibrationResult:
+    model_sha256: str
+    method: str
+    w_bits: int
+    a_bits: int
+    profile: str
+    timestep_to_group: torch.Tensor  # int64 (T,)
+    activation_scales: dict[str, torch.Tensor]  # quantizer name -> float32 (G,)
+    weight_scales: dict[str, torch.Tensor]  # quantizer name -> float32 (C_out,)
+    activation_quantizers: list[dict[str, Any]] = field(default_factory=list)  # name, role, layer, aliases
+    weight_quantizers: list[dict[str, Any]] = field(default_factory=list)  # name, layer, channels
+    config: dict[str, Any] = field(default_factory=dict)  # {"quant": QuantConfig dict, "calibration": {...}}
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    calib_timestep: Optional[int] = None
+    timings: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.timestep_to_group = torch.as_tensor(self.timestep_to_group, dtype=torch.int64).reshape(-1)
+        if not self.groups:
+            self.groups = groups_from_table(self.timestep_to_group)
+
+    # -- views -------------------------------------------------------------------------
+    @property
+    def num_groups(self) -> int:
+        return int(self.timestep_to_group.max()) + 1
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.timestep_to_group.numel())
+
+    def _role(self, name: str) -> str:
+        for q in self.activation_quantizers:
+            if q["name"] == name:
+                return q.get("role", "input")
+        return "output" if name.endswith(".output_quantizer") else "input"
+
+    @property
+    def input_scales(self) -> dict[str, torch.Tensor]:
+        """Scales of every quantizer the `trt` profile exports (all but output quantizers)."""
+        return {n: s for n, s in self.activation_scales.items() if self._role(n) != "output"}
+
+    @property
+    def output_scales(self) -> dict[str, torch.Tensor]:
+        """Scales of the output quantizers of quantized Conv/Linear (the `ort` profile adds them)."""
+        return {n: s for n, s in self.activation_scales.items() if self._role(n) == "output"}
+
+    def group_of(self, timestep: int) -> int:
+        return int(self.timestep_to_group[int(timestep)])
+
+    def scales_for_group(self, group: int) -> dict[str, float]:
+        """Quantizer name -> group `group`'s activation scale as a Python float."""
+        return {n: float(s[group]) for n, s in self.activation_scales.items()}
+
+    # -- apply -------------------------------------------------------------------------
+    def apply(self, qmodel: torch.nn.Module, check_hash: bool = True) -> torch.nn.Module:
+        """Configure a wrapped model (quantize_model) from this result: table, scales, profile."""
+        from calibration.quant_unet import (
+            activation_quantizers,
+            fp_sha256,
+            get_config,
+            set_profile,
+            set_table,
+            weight_quantizers,
+        )
+
+        if check_hash and fp_sha256(qmodel) != self.model_sha256:
+            raise AdpdmError(
+                f"calibration is for model {self.model_sha256[:12]}, this model is {fp_sha256(qmodel)[:12]}: "
+                "recalibrate for this model"
+            )
+        cfg = get_config(qmodel)
+        if (cfg.w_bits, cfg.a_bits) != (self.w_bits, self.a_bits):
+            raise AdpdmError(
+                f"model wrapped for W{cfg.w_bits}A{cfg.a_bits}, calibration is W{self.w_bits}A{self.a_bits}"
+            )
+        aq, wq = activation_quantizers(qmodel), weight_quantizers(qmodel)
+        for what, have, want in (("activation", aq, self.activation_scales), ("weight", wq, self.weight_scales)):
+            missing, extra = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+            if missing or extra:
+                raise AdpdmError(
+                    f"{what} quantizers differ between the model and the calibration (quantization config changed?): "
+                    f"{len(missing)} without scales (e.g. {missing[:2]}), {len(extra)} unknown (e.g. {extra[:2]})"
+                )
+        set_table(qmodel, self.timestep_to_group)
+        for n, q in aq.items():
+            q.set_scale(self.activation_scales[n])
+        for n, q in wq.items():
+            q.set_scale(self.weight_scales[n])
+        set_profile(qmodel, self.profile)
+        return qmodel
+
+    # -- save / load -------------------------------------------------------------------
+    def to_json_dict(self, tensors_sha256: str = "") -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "model_sha256": self.model_sha256,
+            "method": self.method,
+            "w_bits": int(self.w_bits),
+            "a_bits": int(self.a_bits),
+            "profile": self.profile,
+            "num_train_timesteps": self.num_train_timesteps,
+            "num_groups": self.num_groups,
+            "groups": self.groups,
+            "timestep_to_group": self.timestep_to_group.tolist(),
+            "calib_timestep": self.calib_timestep,
+            "activation_quantizers": self.activation_quantizers
+            or [{"name": n, "role": self._role(n), "layer": n.rsplit(".", 1)[0], "aliases": []} for n in self.activation_scales],
+            "weight_quantizers": self.weight_quantizers
+            or [{"name": n, "layer": n.rsplit(".", 1)[0], "channels": int(s.numel())} for n, s in self.weight_scales.items()],
+            "config": self.config,
+            "timings": {k: round(float(v), 4) for k, v in self.timings.items()},
+            "extra": self.extra,
+            "tensors_file": TENSORS_NAME,
+            "tensors_sha256": tensors_sha256,
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write calibration.safetensors then calibration.json (atomically, JSON last)."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {TABLE_KEY: self.timestep_to_group.contiguous()}
+        for n, s in {**self.activation_scales, **self.weight_scales}.items():
+            tensors[f"{n}.scale"] = s.detach().to("cpu", torch.float32).contiguous()
+        _atomic_write(d / TENSORS_NAME, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
+        doc = self.to_json_dict(_file_sha256(d / TENSORS_NAME))
+        text = json.dumps(doc, indent=1, allow_nan=False, default=str)
+        _atomic_write(d / JSON_NAME, lambda p: Path(p).write_text(text))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, expected_model_sha256: Optional[str] = None) -> "CalibrationResult":
+        d = Path(directory)
+        jpath, tpath = d / JSON_NAME, d / TENSORS_NAME
+        if not d.is_dir():
+            raise AdpdmError(f"no calibration folder at {d}")
+        try:
+            doc = json.loads(jpath.read_text())
+        except FileNotFoundError:
+            raise AdpdmError(f"{d} holds no {JSON_NAME}; run `adpdm calibrate` first") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise AdpdmError(f"{jpath} is not valid JSON ({e})") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise AdpdmError(f"{jpath} is not an adpdm calibration file")
+        ver = doc.get("format_version")
+        if ver != FORMAT_VERSION:
+            raise AdpdmError(f"{jpath} has format_version {ver}; this tool reads {FORMAT_VERSION}: recalibrate")
+        sha = doc.get("model_sha256")
+        if expected_model_sha256 is not None and sha != expected_model_sha256:
+            raise AdpdmError(
+                f"calibration in {d} is for model {str(sha)[:12]}, not for this model ({expected_model_sha256[:12]}): "
+                "recalibrate for this model"
+            )
+        if not tpath.is_file():
+            raise AdpdmError(f"{tpath} is missing")
+        want_sha = doc.get("tensors_sha256")
+        if want_sha and _file_sha256(tpath) != want_sha:
+            raise AdpdmError(f"{tpath} does not match {JSON_NAME} (truncated or modified); recalibrate")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(tpath), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise AdpdmError(f"cannot read {tpath} ({type(e).__name__}: {str(e)[:200]}); recalibrate") from None
+        try:
+            table = tensors[TABLE_KEY].to(torch.int64)
+            t_json = torch.tensor(doc["timestep_to_group"], dtype=torch.int64)
+            if not torch.equal(table, t_json):
+                raise AdpdmError(f"timestep_to_group differs between {JSON_NAME} and {TENSORS_NAME}")
+            g = int(doc["num_groups"])
+            if table.numel() != int(doc["num_train_timesteps"]) or int(table.min()) < 0 or int(table.max()) != g - 1:
+                raise AdpdmError(f"{jpath}: timestep_to_group does not fit num_train_timesteps / num_groups")
+            act, wts = {}, {}
+            for q in doc["activation_quantizers"]:
+                s = tensors[f"{q['name']}.scale"].to(torch.float32)
+                if s.shape != (g,):
+                    raise AdpdmError(f"{q['name']}: {tuple(s.shape)} scales for {g} groups")
+                act[q["name"]] = s
+            for q in doc["weight_quantizers"]:
+                s = tensors[f"{q['name']}.scale"].to(torch.float32)
+                if s.shape != (int(q["channels"]),):
+                    raise AdpdmError(f"{q['name']}: {tuple(s.shape)} scales for {q['channels']} channels")
+                wts[q["name"]] = s
+            for n, s in {**act, **wts}.items():
+                if not torch.isfinite(s).all() or bool((s <= 0).any()):
+                    raise AdpdmError(f"{n}: non-positive or non-finite scale")
+            return cls(
+                model_sha256=sha,
+                method=doc["method"],
+                w_bits=int(doc["w_bits"]),
+                a_bits=int(doc["a_bits"]),
+                profile=doc["profile"],
+                timestep_to_group=table,
+                activation_scales=act,
+                weight_scales=wts,
+                activation_quantizers=list(doc["activation_quantizers"]),
+                weight_quantizers=list(doc["weight_quantizers"]),
+                config=doc.get("config", {}),
+                groups=doc["groups"],
+                calib_timestep=doc.get("calib_timestep"),
+                timings=doc.get("timings", {}),
+                extra=doc.get("extra", {}),
+                format_version=ver,
+            )
+        except KeyError as e:
+            raise AdpdmError(f"calibration in {d} lacks {e}; recalibrate") from None
+
+
+def result_from_model(
+    qmodel: torch.nn.Module,
+    method: str,
+    calibration_settings: dict[str, Any],
+    calib_timesteps_by_group: Optional[dict[int, list[int]]] = None,
+    calib_timestep: Optional[int] = None,
+    timings: Optional[dict[str, float]] = None,
+    extra: Optional[dict[str, Any]] = None,
+) -> CalibrationResult:
+    """Snapshot a calibrated wrapped model into a CalibrationResult."""
+    from calibration.quant_unet import (
+        activation_quantizers,
+        fp_sha256,
+        get_config,
+        get_state,
+        quantizer_aliases,
+        weight_quantizers,
+    )
+
+    st, cfg = get_state(qmodel), get_config(qmodel)
+    aliases = quantizer_aliases(qmodel)
+    aq, wq = activation_quantizers(qmodel), weight_quantizers(qmodel)
+    return CalibrationResult(
+        model_sha256=fp_sha256(qmodel),
+        method=method,
+        w_bits=cfg.w_bits,
+        a_bits=cfg.a_bits,
+        profile=st.profile,
+        timestep_to_group=st.table.clone(),
+        activation_scales={n: q.effective_scale().detach().cpu().clone() for n, q in aq.items()},
+        weight_scales={n: q.effective_scale().detach().cpu().clone() for n, q in wq.items()},
+        activation_quantizers=[
+            {"name": n, "role": q.role, "layer": n.rsplit(".", 1)[0], "aliases": sorted(a for a, c in aliases.items() if c == n)}
+            for n, q in aq.items()
+        ],
+        weight_quantizers=[{"name": n, "layer": n.rsplit(".", 1)[0], "channels": int(q.scale.numel())} for n, q in wq.items()],
+        config={"quant": cfg.to_dict(), "calibration": dict(calibration_settings)},
+        groups=groups_from_table(st.table, calib_timesteps_by_group),
+        calib_timestep=calib_timestep,
+        timings=dict(timings or {}),
+        extra=dict(extra or {}),
+    )
