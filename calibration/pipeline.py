@@ -123,7 +123,7 @@ def _per_step(ctx: CalibrationContext) -> MethodOutput:
     return MethodOutput(calib_timesteps_by_group(table, ts))
 
 
-def _adpdm_missing(ctx: CalibrationContext) -> MethodOutput:
+def _adpdm_missing(ctx: Optional[CalibrationContext]) -> MethodOutput:
     raise AdpdmError(
         "--method adpdm (the ADP-DM group search) is not implemented yet; "
         "use minmax, percentile, uniform-groups or per-step"
@@ -150,6 +150,8 @@ def check_method_args(method: str, groups: Optional[int], w_bits: Any, a_bits: A
     """Cheap argument checks, before any model loading or sampling."""
     if method not in METHODS:
         raise AdpdmError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if METHODS[method] is _adpdm_missing:
+        _adpdm_missing(None)  # refuse before any sampling
     check_bits(w_bits, "w_bits")
     check_bits(a_bits, "a_bits")
     if groups is not None and int(groups) < 1:

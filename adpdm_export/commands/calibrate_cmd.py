@@ -1,0 +1,171 @@
+"""`adpdm calibrate`: data-free INT8 calibration of a model's UNet into a CalibrationResult folder."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import typer
+
+METHOD_CHOICES = ("adpdm", "minmax", "percentile", "uniform-groups", "per-step")
+
+
+@contextlib.contextmanager
+def stage_progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
+    """A `progress(stage, done, total)` callback drawing one rich bar per stage (on stderr)."""
+    if not enabled:
+        yield lambda stage, done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from adpdm_export.progress import console
+
+    with Progress(
+        TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def parse_class_labels(text: Optional[str], loaded) -> Optional[list[int]]:
+    from engines.errors import AdpdmError
+
+    if text is None:
+        return None
+    if "class_labels" not in loaded.conditioning:
+        raise AdpdmError("--class-labels given but this model is not class-conditional")
+    try:
+        labels = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise AdpdmError(f"--class-labels must be comma-separated integers, got {text!r}") from None
+    n = loaded.conditioning["class_labels"]["num_classes"]
+    bad = [v for v in labels if not 0 <= v < n]
+    if not labels or bad:
+        raise AdpdmError(f"--class-labels must be in 0..{n - 1} (got {text!r})")
+    return labels
+
+
+def load_prompt_embeds(path: Optional[Path], loaded):
+    """(K, L, D) prompt embeddings from a safetensors file (key encoder_hidden_states or its only tensor)."""
+    from engines.errors import AdpdmError
+
+    if path is None:
+        return None
+    if "encoder_hidden_states" not in loaded.conditioning:
+        raise AdpdmError("--prompt-embeds given but this model has no cross-attention")
+    if not path.is_file():
+        raise AdpdmError(f"no such file: {path}")
+    try:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise AdpdmError(f"cannot read {path} as safetensors ({type(e).__name__}: {str(e)[:200]})") from None
+    if "encoder_hidden_states" in tensors:
+        t = tensors["encoder_hidden_states"]
+    elif len(tensors) == 1:
+        t = next(iter(tensors.values()))
+    else:
+        raise AdpdmError(f"{path} holds {sorted(tensors)}; name the embeddings 'encoder_hidden_states'")
+    if t.ndim == 2:
+        t = t[None]
+    dim = loaded.conditioning["encoder_hidden_states"]["dim"]
+    if t.ndim != 3 or t.shape[-1] != dim or t.shape[0] < 1:
+        raise AdpdmError(f"{path}: prompt embeddings must be (K, L, {dim}) (got {tuple(t.shape)})")
+    return t.float()
+
+
+def model_conditions(loaded, n: int, class_labels: Optional[list[int]] = None, prompt_embeds=None) -> dict:
+    """The user's conditions, else the model's null/default ones, as per-condition tensors."""
+    import torch
+
+    cond = loaded.default_condition(n)
+    if class_labels is not None:
+        cond["class_labels"] = torch.tensor(class_labels, dtype=torch.int64)
+    if prompt_embeds is not None:
+        cond["encoder_hidden_states"] = prompt_embeds
+    return cond
+
+
+def calibrate(
+    model: str = typer.Argument(..., help="'reference', a diffusers UNet or pipeline folder, or a hub repo id."),
+    out: Path = typer.Option(..., "--out", help="Folder for calibration.json + calibration.safetensors."),
+    method: str = typer.Option("minmax", "--method", help=f"One of: {', '.join(METHOD_CHOICES)}."),
+    groups: Optional[int] = typer.Option(None, "--groups", help="Timestep groups (uniform-groups / adpdm; default 4)."),
+    w_bits: int = typer.Option(8, "--w-bits", help="Weight bits (2..8)."),
+    a_bits: int = typer.Option(8, "--a-bits", help="Activation bits (2..8)."),
+    calib_samples: int = typer.Option(64, "--calib-samples", help="Seeds sampled by the FP model (data-free)."),
+    calib_steps: int = typer.Option(100, "--calib-steps", help="DDIM steps of the calibration trajectories."),
+    seed: int = typer.Option(0, "--seed", help="First calibration seed (item i uses seed + i)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    profile: str = typer.Option("trt", "--profile", help="trt (Q/DQ on inputs) or ort (also on Conv/MatMul outputs)."),
+    stat: Optional[str] = typer.Option(None, "--stat", help="Range statistic for grouped baselines: minmax | percentile."),
+    percentile: float = typer.Option(99.99, "--percentile", help="Percentile of |x| for the percentile statistic."),
+    class_labels: Optional[str] = typer.Option(None, "--class-labels", help="Comma-separated class labels, used in turn."),
+    prompt_embeds: Optional[Path] = typer.Option(
+        None, "--prompt-embeds", help="safetensors with prompt embeddings (K, L, D), used in turn."
+    ),
+    quantize_residual: bool = typer.Option(False, "--quantize-residual", help="Also quantize residual-add inputs."),
+    quantize_attention_bmm: bool = typer.Option(False, "--quantize-attention-bmm", help="Also quantize attention BMM inputs."),
+    cache_dir: Optional[Path] = typer.Option(
+        None, "--cache-dir", help="Trajectory cache (default $ADPDM_CACHE_DIR/trajectories or ~/.cache/adpdm/trajectories)."
+    ),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Sample trajectories again and do not cache them."),
+    batch_size: int = typer.Option(64, "--batch-size", help="UNet batch size during calibration."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+) -> None:
+    """Calibrate MODEL's UNet for INT8 (data-free) and write the calibration to --out."""
+    from engines.errors import AdpdmError
+
+    if method not in METHOD_CHOICES:
+        raise AdpdmError(f"unknown method {method!r}; choose one of {', '.join(METHOD_CHOICES)}")
+    from calibration.pipeline import calibrate as run_calibration
+    from calibration.pipeline import check_method_args
+    from calibration.qconfig import QuantConfig
+
+    check_method_args(method, groups, w_bits, a_bits, device)
+    if calib_samples < 1 or calib_steps < 1 or batch_size < 1:
+        raise AdpdmError("--calib-samples, --calib-steps and --batch-size must be >= 1")
+    if stat is not None and stat not in ("minmax", "percentile"):
+        raise AdpdmError(f"--stat must be minmax or percentile, got {stat!r}")
+    config = QuantConfig(
+        w_bits=w_bits, a_bits=a_bits, profile=profile,
+        quantize_residual=quantize_residual, quantize_attention_bmm=quantize_attention_bmm,
+    )
+    if out.exists() and not out.is_dir():
+        raise AdpdmError(f"--out {out} exists and is not a folder")
+    from adpdm_export.model_loading import load_model
+    from adpdm_export.progress import console
+    from calibration.trajectories import default_cache_dir
+
+    loaded = load_model(model)
+    labels = parse_class_labels(class_labels, loaded)
+    embeds = load_prompt_embeds(prompt_embeds, loaded)
+    cond = model_conditions(loaded, calib_samples, labels, embeds)
+    cache = None if no_cache else (cache_dir or default_cache_dir())
+    with stage_progress(progress) as on_progress:
+        result = run_calibration(
+            loaded.unet, loaded.scheduler_config, method=method, groups=groups, config=config,
+            calib_samples=calib_samples, calib_steps=calib_steps, seed=seed, cond=cond, device=device,
+            cache_dir=None if cache is None else str(cache), stat=stat, percentile=percentile,
+            batch_size=batch_size, progress=on_progress,
+            extra_settings={"model_source": loaded.source, "model_kind": loaded.kind},
+        )
+    result.save(out)
+    t = result.timings
+    console.print(
+        f"wrote {out}/calibration.json ({method}, W{result.w_bits}A{result.a_bits}, {result.num_groups} group(s), "
+        f"{len(result.activation_scales)} activation / {len(result.weight_scales)} weight quantizers) "
+        f"in {t.get('total_s', 0):.1f} s"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("calibrate")(calibrate)
