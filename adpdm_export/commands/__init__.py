@@ -8,4 +8,6 @@ COMMAND_MODULES = [
     "adpdm_export.commands.export_cmd",
     "adpdm_export.commands.sample_cmd",
     "adpdm_export.commands.doctor_cmd",
+    "adpdm_export.commands.calibrate_cmd",
+    "adpdm_export.commands.eval_cmd",
 ]
