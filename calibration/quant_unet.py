@@ -411,6 +411,7 @@ def _place(model: nn.Module, config: QuantConfig, state: QuantState) -> None:
     for name, mod in model.named_modules(remove_duplicate=False):
         if isinstance(mod, (ActQuantizer, WeightQuantizer)):
             mod._state = state
+            mod._owns_state = False
             if id(mod) not in seen:
                 seen.add(id(mod))
                 mod.qname = name
@@ -510,8 +511,15 @@ def export_mode(qmodel: nn.Module, group: int = 0, profile: Optional[str] = None
     prof = profile or st.profile
     if prof not in ("trt", "ort"):
         raise AdpdmError(f"profile must be trt or ort, got {prof!r}")
-    with _swap(st, export_group=int(group), profile=prof, export_zero_point=zero_point, observer=None):
-        yield qmodel
+    quants = [m for m in qmodel.modules() if isinstance(m, ActQuantizer)]
+    for q in quants:
+        q._export_scale = float(q.scale[int(group)])
+    try:
+        with _swap(st, export_group=int(group), profile=prof, export_zero_point=zero_point, observer=None):
+            yield qmodel
+    finally:
+        for q in quants:
+            q.__dict__.pop("_export_scale", None)
 
 
 @contextlib.contextmanager

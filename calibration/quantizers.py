@@ -225,6 +225,7 @@ class ActQuantizer(_QuantizerBase):
 
     def __init__(self, bits: int = 8, num_groups: int = 1, role: str = "input"):
         super().__init__(bits, num_groups)
+        self._state = QuantState(num_groups)  # private until a wrapped model shares its own
         self.role = role
         self.enabled = True
 
@@ -236,6 +237,8 @@ class ActQuantizer(_QuantizerBase):
         """Change the number of groups (scales reset to 1; learnable state dropped)."""
         self.log_scale = None
         self.scale = torch.ones(int(num_groups), dtype=torch.float32, device=self.scale.device)
+        if getattr(self, "_owns_state", True):
+            self._state.num_groups = int(num_groups)
 
     def applies(self) -> bool:
         """Whether this quantizer changes its input in the current mode/profile."""
@@ -251,7 +254,9 @@ class ActQuantizer(_QuantizerBase):
         if st.export_group is not None:
             if not self.applies():
                 return x
-            s = float(self.scale[st.export_group])
+            s = self.__dict__.get("_export_scale")
+            if s is None:  # export_mode precomputes it, so tracing sees a constant
+                s = float(self.scale[st.export_group])
             return export_fake_quant_per_tensor(x, s, self.bits, st.export_zero_point)
         if st.observer is not None:
             st.observer(self, x)
