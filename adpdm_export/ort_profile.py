@@ -231,7 +231,7 @@ def fusion_counts(graph_path: str | os.PathLike, level: str = "extended", thread
             p = ix.producer.get(i)
             if p is not None and p.op_type == "Transpose":
                 p = ix.producer.get(p.input[0])
-            if p is not None and p.op_type == "DequantizeLinear":
+            if p is not None and p.op_type == "DequantizeLinear" and ix.is_const(p.input[0]):
                 unfused.append(n.name)
     return FusionCounts(quantized=quantized, fused=dict(fused), unfused=unfused, level=level)
 

@@ -17,7 +17,8 @@ per broken rule and node. Rules:
   qdq-pairing           a QuantizeLinear feeds only DequantizeLinear nodes, and an activation
                         DequantizeLinear reads a QuantizeLinear
   weighted-output       no Q/DQ on the output of a weighted op (Conv, ConvTranspose, MatMul,
-                        Gemm, or the bias Add of a MatMul)
+                        Gemm, or the bias Add of a MatMul), unless that Q/DQ only feeds
+                        weighted ops (it is then their input quantization)
   external-data         external data locations are relative, inside the graph's folder,
                         exist, and hold the bytes the tensor claims
 
@@ -339,7 +340,10 @@ def lint_model(model: onnx.ModelProto | str | os.PathLike, folder: str | os.Path
         # weighted outputs
         if is_q and not weight:
             src = _weighted_source(g, data)
-            if src is not None:
+            # A Q/DQ that only feeds weighted ops is their *input* quantization (e.g. a
+            # downsampler's output read by the next block's 1x1 shortcut conv): allowed.
+            readers = [c for d in g.consumers.get(n.output[0], []) for c in g.consumers.get(d.output[0], [])]
+            if src is not None and not (readers and all(c.op_type in WEIGHTED_OPS for c in readers)):
                 add(
                     "weighted-output",
                     label,

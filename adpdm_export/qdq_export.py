@@ -1,0 +1,775 @@
+"""CalibrationResult + model -> the QDQ ONNX graphs TensorRT and onnxruntime run, one per group.
+
+Pipeline (`export_qdq`):
+
+1. Wrap the FP UNet with the calibration (`calibration.quant_unet.quantize_model(result=...)`)
+   and trace it once in export mode, group 0 (`export_mode`: every quantizer is a
+   `torch.fake_quantize_*` call, exported as QuantizeLinear/DequantizeLinear).
+2. Graph passes (`qdq_graph_passes`): static scales as initializers; weight Q folded into
+   INT8 (INT4 for W4A8) initializers behind per-channel DequantizeLinear (axis 0); every
+   activation scale named `{quantizer}.scale`; identical Q/DQ on one tensor merged (shared
+   q/k/v input quantizers). This is the TensorRT-profile *template*.
+3. onnxruntime profile (`ort_profile`): the template plus Q/DQ on the outputs of the
+   quantized Conv/MatMul/Gemm, activation zero points uint8 128.
+4. Every initializer except the activation scales and zero point goes, content-addressed,
+   into ONE external file `unet.weights.data`; group k's graph is the template with the
+   activation-scale values of group k (`unet.g{k}.onnx`, `unet.g{k}.ort.onnx`). That the
+   group graphs differ only in those values is checked in code.
+5. Checks: the TensorRT-rule linter on every TensorRT-profile graph; parity per group
+   (onnxruntime, optimizations off, against the wrapper simulating the same profile with
+   that group active, at timesteps of that group: relative L2 <= PARITY_TOL); error vs the
+   FP model; onnxruntime fusion counts for the CPU profile.
+6. Files are built in a staging folder and renamed into place; `qdq_report.json` records
+   the checks. The manifest (engines/manifest.py) is written last by `write_manifest`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+import onnx
+import torch
+
+from adpdm_export import qdq_graph_passes as P
+from adpdm_export.ort_profile import MIN_FUSED_RATIO, FusionCounts, fusion_counts, make_ort_profile
+from adpdm_export.qdq_lint import Violation, lint_model, raise_on_violations
+from engines.errors import AdpdmError
+from engines.ort_backend import OUTPUT_NAME as OUTPUT
+
+WEIGHTS_NAME = "unet.weights.data"
+REPORT_NAME = "qdq_report.json"
+PARITY_TOL = 1e-3
+PROFILES = ("trt", "ort")
+OPSET = 19
+OPSET_INT4 = 21
+GRAPH_RE = re.compile(r"^unet\.g\d+(\.ort)?\.onnx$")
+
+
+def graph_name(group: int, profile: str) -> str:
+    return f"unet.g{group}.onnx" if profile == "trt" else f"unet.g{group}.ort.onnx"
+
+
+def parse_profiles(profile: str | Sequence[str]) -> tuple[str, ...]:
+    """'trt' | 'ort' | 'both' (or a sequence of them) -> ('trt', 'ort') subset, in that order."""
+    items = [profile] if isinstance(profile, str) else list(profile)
+    out: set[str] = set()
+    for p in items:
+        if p == "both":
+            out.update(PROFILES)
+        elif p in PROFILES:
+            out.add(p)
+        else:
+            raise AdpdmError(f"unknown profile {p!r}: use trt, ort or both")
+    return tuple(p for p in PROFILES if p in out)
+
+
+def check_supported(result, profiles: Sequence[str]) -> None:
+    """Refuse what cannot be exported, with the reason."""
+    if int(result.a_bits) != 8:
+        raise AdpdmError(
+            f"A{result.a_bits} activations cannot be exported: the QDQ graphs carry INT8 activations "
+            "(TensorRT and onnxruntime's CPU kernels quantize activations to 8 bits); recalibrate with a_bits=8"
+        )
+    if int(result.w_bits) not in (8, 4):
+        raise AdpdmError(f"W{result.w_bits} weights cannot be stored in ONNX: use w_bits 8 (INT8) or 4 (INT4, onnxruntime only)")
+    if int(result.w_bits) == 4 and "trt" in profiles:
+        raise AdpdmError(
+            "W4A8 cannot go to TensorRT: TensorRT runs INT4 only as weight-only, block-quantized MatMul/Gemm "
+            "weights with float activations, not per-channel INT4 Conv/MatMul weights with INT8 activations; "
+            "export W4A8 with --profile ort (onnxruntime, opset 21), or recalibrate with w_bits=8 for TensorRT"
+        )
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class GraphCheck:
+    group: int
+    profile: str
+    file: str
+    timesteps: list[int]
+    parity_rel_l2: float  # onnxruntime (optimizations off) vs the wrapper simulating this profile and group
+    parity_max_abs: float
+    fp_rel_l2: float  # onnxruntime (optimizations off) vs the FP model
+    sim_fp_rel_l2: float  # the wrapper's simulation vs the FP model
+    optimized_rel_l2: Optional[float] = None  # onnxruntime fully optimized (what runs on CPU) vs simulation
+    optimized_fp_rel_l2: Optional[float] = None
+    # "exact" | "within-tolerance" | "ties" (beyond the tolerance, but starting at rounding
+    # ties: accepted) | "mismatch"
+    forced_rel_l2: Optional[float] = None  # teacher-forced parity (probe_parity): float noise only
+    verdict: str = ""
+    divergence: Optional[dict] = None  # the first quantizer whose outputs differ, and why (probe_parity)
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict in ("exact", "within-tolerance", "ties")
+
+
+@dataclass
+class QdqExport:
+    out_dir: Path
+    weights: Path
+    profiles: tuple[str, ...]
+    num_groups: int
+    opset: int
+    w_bits: int
+    a_bits: int
+    graphs: dict[str, list[Path]]  # profile -> graph per group
+    timestep_ranges: list[list[list[int]]]  # per group, inclusive [lo, hi] ranges
+    activation_scales: dict[str, list[str]]  # profile -> scale initializer names (what differs by group)
+    folded_weights: int
+    deduped_qdq: int
+    lint: dict[str, list[str]] = field(default_factory=dict)
+    checks: list[GraphCheck] = field(default_factory=list)
+    fusion: dict[str, dict] = field(default_factory=dict)  # profile -> FusionCounts.to_dict()
+    timings: dict[str, float] = field(default_factory=dict)
+    report_path: Optional[Path] = None
+
+    def report(self) -> dict[str, Any]:
+        def rel(p: Path) -> str:
+            return p.name
+
+        return {
+            "profiles": list(self.profiles),
+            "num_groups": self.num_groups,
+            "opset": self.opset,
+            "w_bits": self.w_bits,
+            "a_bits": self.a_bits,
+            "weights_file": rel(self.weights),
+            "weights_bytes": self.weights.stat().st_size if self.weights.exists() else None,
+            "graphs": {p: [rel(g) for g in gs] for p, gs in self.graphs.items()},
+            "timestep_ranges": self.timestep_ranges,
+            "activation_scale_initializers": {p: len(v) for p, v in self.activation_scales.items()},
+            "folded_weights": self.folded_weights,
+            "deduped_qdq_pairs": self.deduped_qdq,
+            "lint": self.lint,
+            "parity_tolerance": PARITY_TOL,
+            "checks": [asdict(c) for c in self.checks],
+            "fusion": self.fusion,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+    def worst(self, profile: str, key: str = "parity_rel_l2") -> float:
+        vals = [getattr(c, key) for c in self.checks if c.profile == profile and getattr(c, key) is not None]
+        return max(vals) if vals else float("nan")
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+@contextlib.contextmanager
+def _weight_bits_for_trace(qmodel: torch.nn.Module) -> Iterator[None]:
+    """Trace sub-8-bit weight quantizers with an 8-bit range (ONNX's fake-quant export only
+    knows 8-bit ranges); the integers are recomputed with the real width when folding."""
+    from calibration.quant_unet import weight_quantizers
+
+    changed = []
+    for q in weight_quantizers(qmodel).values():
+        if q.bits < 8:
+            changed.append((q, q.bits))
+            q.bits = 8
+    try:
+        yield
+    finally:
+        for q, b in changed:
+            q.bits = b
+
+
+def _example_inputs(sample_shape, conditioning, batch: int, seed: int, num_train_timesteps: int):
+    from adpdm_export.onnx_export import example_inputs
+
+    return example_inputs(tuple(sample_shape), conditioning or {}, batch=batch, seed=seed, num_train_timesteps=num_train_timesteps)
+
+
+def build_trt_template(
+    qmodel: torch.nn.Module,
+    result,
+    workdir: Path,
+    sample_shape: Sequence[int],
+    conditioning: Mapping[str, Any],
+    opset: int = OPSET,
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Trace `qmodel` (wrapped and configured from `result`) and run the graph passes.
+
+    Returns the TensorRT-profile template (in memory, weights inline) and facts about it:
+    `scale_to_quantizer` (activation scale initializer -> quantizer name), folded weights,
+    merged pairs.
+    """
+    from adpdm_export.onnx_export import export_onnx
+    from calibration.quant_unet import activation_quantizers, export_mode, quantizer_aliases, weight_quantizers
+
+    t_count = int(result.num_train_timesteps)
+    inputs = _example_inputs(sample_shape, conditioning, 2, 0, t_count)
+    raw = workdir / "traced.onnx"
+    with export_mode(qmodel, group=0, profile="trt", zero_point="int8"), _weight_bits_for_trace(qmodel):
+        export_onnx(qmodel, raw, inputs, opset=OPSET, weights_name="traced.onnx.data")
+    model = onnx.load(str(raw))
+    for f in (raw, workdir / "traced.onnx.data"):
+        f.unlink(missing_ok=True)
+
+    acts = activation_quantizers(qmodel)
+    canon = {n: n for n in acts}
+    canon.update(quantizer_aliases(qmodel))
+    wqs = weight_quantizers(qmodel)
+
+    P.constants_to_initializers(model)
+
+    def weight_scale_name(dq: onnx.NodeProto) -> str:
+        qn = P.resolve_quantizer(dq.name, wqs)
+        if qn is None:
+            raise AdpdmError(f"cannot tell which weight quantizer made {dq.name}")
+        return qn + P.SCALE_SUFFIX
+
+    folded = P.fold_weight_quantizers(model, int(result.w_bits), name_scale=weight_scale_name)
+    named = P.name_activation_qdq(model, canon)
+    scale_to_q = {a.scale: a.quantizer for a in named}
+    roles = {n: q.role for n, q in acts.items()}
+    bad = sorted(q for q in set(scale_to_q.values()) if roles.get(q) == "output")
+    if bad:
+        raise AdpdmError(f"output quantizers traced into the TensorRT profile: {bad[:3]}")
+    missing = sorted(set(scale_to_q.values()) - set(result.activation_scales))
+    if missing:
+        raise AdpdmError(f"quantizers in the graph without calibration scales: {missing[:3]}")
+
+    # The traced graph must carry exactly group 0's calibrated scales (export mode worked).
+    ix = P.GraphIndex(model)
+    for scale_name, qn in scale_to_q.items():
+        got = np.float32(ix.const_value(scale_name))
+        want = np.float32(result.activation_scales[qn][0].item())
+        if got != want:
+            raise AdpdmError(f"{qn}: traced scale {got} differs from the calibration's group-0 scale {want}")
+    for fw in folded:
+        qn = fw.scale[: -len(P.SCALE_SUFFIX)]
+        want = result.weight_scales.get(qn)
+        got = ix.const_value(fw.scale)
+        if want is None or not np.array_equal(np.asarray(got, np.float32), want.numpy().astype(np.float32)):
+            raise AdpdmError(f"{qn}: folded weight scales differ from the calibration's")
+
+    # Merge identical pairs on one tensor; equal in every group, so the merge is group-independent.
+    def key_of(scale_name: str):
+        qn = scale_to_q.get(scale_name)
+        return None if qn is None else tuple(np.float32(v) for v in result.activation_scales[qn].tolist())
+
+    merged = P.dedupe_activation_qdq(model, key_of)
+    scale_to_q = {s: q for s, q in scale_to_q.items() if s in {t.name for t in model.graph.initializer}}
+    if int(result.w_bits) == 4:
+        P.set_opset(model, OPSET_INT4)
+    elif opset != OPSET:
+        P.set_opset(model, opset)
+    info = {"scale_to_quantizer": scale_to_q, "folded": folded, "merged": merged}
+    return model, info
+
+
+# --------------------------------------------------------------------------- parity
+
+
+def _group_timesteps(result, group: int, n: int = 3) -> list[int]:
+    """Up to `n` timesteps of `group`: its lowest, highest and middle ones."""
+    ts = [t for lo, hi in result.groups[group]["timestep_ranges"] for t in (lo, hi)]
+    if not ts:
+        table = result.timestep_to_group
+        ts = (table == group).nonzero().flatten().tolist()
+    lo, hi = min(ts), max(ts)
+    members = [t for t in range(lo, hi + 1) if int(result.timestep_to_group[t]) == group]
+    picks = [members[0], members[-1], members[len(members) // 2]]
+    out = []
+    for t in picks:
+        if t not in out:
+            out.append(int(t))
+    return out[:n]
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _parity_inputs(result, group: int, sample_shape, conditioning, seed: int = 0):
+    ts = _group_timesteps(result, group)
+    inputs = _example_inputs(sample_shape, conditioning, len(ts), seed + 1000 * group, result.num_train_timesteps)
+    inputs["timestep"] = torch.tensor(ts, dtype=torch.int64)
+    return ts, inputs
+
+
+def _split(inputs: Mapping[str, torch.Tensor]):
+    vals = list(inputs.values())
+    return vals[0], vals[1], dict(zip(list(inputs)[2:], vals[2:]))
+
+
+def _run_probe(graph: Path, points, inputs) -> dict[str, np.ndarray]:
+    """onnxruntime (optimizations off) on `graph` with every probed tensor made a graph output."""
+    from engines.ort_backend import make_session
+
+    model = onnx.load(str(graph), load_external_data=False)
+    existing = {o.name for o in model.graph.output}
+    for _, _, a, b in points:
+        for name in (a, b):
+            if name not in existing:
+                model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+                existing.add(name)
+    sample, timestep, cond = _split(inputs)
+    feeds = {"sample": sample, "timestep": timestep, **cond}
+    probe = graph.with_name(f".probe-{os.getpid()}-{graph.name}")  # beside the graph: same external data
+    try:
+        probe.write_bytes(model.SerializeToString())
+        sess = make_session(probe, providers=["CPUExecutionProvider"], optimize=False)
+        names = [o.name for o in sess.get_outputs()]
+        feed = {i.name: np.ascontiguousarray(feeds[i.name].numpy()) for i in sess.get_inputs()}
+        return dict(zip(names, sess.run(names, feed)))
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _activation_points(graph: Path, names: Sequence[str]) -> list[tuple[str, float, str, str]]:
+    """(quantizer, scale, Q input, DQ output) of every activation Q/DQ pair, in graph order."""
+    model = onnx.load(str(graph), load_external_data=False)
+    ix = P.GraphIndex(model)
+    known = set(names)
+    points = []
+    for pair in P.qdq_pairs(model, ix):
+        if pair.is_weight or pair.q is None or not pair.q.input[1].endswith(P.SCALE_SUFFIX):
+            continue
+        qn = pair.q.input[1][: -len(P.SCALE_SUFFIX)]
+        if qn in known:
+            points.append((qn, float(np.float32(ix.const_value(pair.q.input[1]))), pair.q.input[0], pair.dq.output[0]))
+    return points
+
+
+def _first_divergence(points, got, captured, group: int) -> dict[str, Any]:
+    for qn, scale, x_name, y_name in points:
+        if qn not in captured:
+            return {"verdict": "mismatch", "quantizer": qn, "reason": "the simulation never ran this quantizer"}
+        xt, yt = (t.double().numpy() for t in captured[qn])
+        xo, yo = got[x_name].astype(np.float64), got[y_name].astype(np.float64)
+        if xt.shape != xo.shape:
+            return {"verdict": "mismatch", "quantizer": qn, "reason": f"shape {xo.shape} vs {xt.shape} in the simulation"}
+        diff = yo != yt
+        if not diff.any():
+            continue
+        steps = np.abs(yo - yt)[diff] / scale
+        in_rel = float(np.abs(xo - xt).max() / max(np.abs(xt).max(), 1e-30))
+        lo = np.minimum(xo, xt)[diff] / scale
+        hi = np.maximum(xo, xt)[diff] / scale
+        boundary = np.floor(hi - 0.5) + 0.5  # the rounding boundary at or just below the larger input
+        tol = 1e-6 * np.maximum(np.abs(hi), 1.0)
+        straddles = (lo <= boundary + tol) & (boundary - tol <= hi)
+        info = {
+            "quantizer": qn,
+            "group": group,
+            "elements_differing": int(diff.sum()),
+            "elements": int(diff.size),
+            "max_steps": float(steps.max()),
+            "input_max_rel_diff": in_rel,
+        }
+        if np.all(np.abs(steps - 1.0) < 1e-3) and in_rel < 1e-4 and bool(straddles.all()):
+            return {"verdict": "ties", **info}
+        return {"verdict": "mismatch", **info, "reason": "outputs differ by more than a rounding tie"}
+    return {"verdict": "no-quantizer-differs"}
+
+
+@contextlib.contextmanager
+def _capture_quantizers(qmodel: torch.nn.Module, captured: dict) -> Iterator[dict]:
+    """Record each activation quantizer's first (input, output) into `captured`."""
+    from calibration.quant_unet import activation_quantizers
+
+    hooks = []
+    for name, q in activation_quantizers(qmodel).items():
+        def hook(mod, args, out, name=name):
+            captured.setdefault(name, (args[0].detach().clone(), out.detach().clone()))
+
+        hooks.append(q.register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def probe_parity(
+    graph: Path,
+    qmodel: torch.nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    profile: str,
+    group: int,
+    captured: Optional[dict] = None,
+) -> dict[str, Any]:
+    """Tie-aware parity of one group graph against the wrapper (simulating `profile`).
+
+    8-bit rounding makes a quantized net discontinuous: where a value sits on a rounding
+    boundary, float noise of the order of 1e-7 between onnxruntime's and PyTorch's kernels
+    (conv accumulation order, attention, normalization) moves it by one grid step, and the
+    two runs then legitimately diverge downstream. So besides the free-running comparison:
+
+    * teacher-forced parity: the simulation is run with every quantizer's *input* replaced
+      by onnxruntime's input to the same QuantizeLinear; both then quantize identical
+      tensors, and any difference in scales, zero points, placement, weights or the float
+      ops between them shows; `forced_rel_l2` is the output difference (float noise);
+    * first divergence: comparing each quantizer's output in graph order, the first
+      difference must be a rounding tie: one grid step, at a boundary the two
+      float-noise-close inputs straddle.
+    """
+    from calibration.quant_unet import activation_quantizers, quant_mode
+
+    acts = activation_quantizers(qmodel)
+    points = _activation_points(graph, list(acts))
+    got = _run_probe(graph, points, inputs)
+    sample, timestep, cond = _split(inputs)
+    if captured is None:
+        captured = {}
+        with _capture_quantizers(qmodel, captured), torch.no_grad(), quant_mode(qmodel, profile=profile):
+            qmodel(sample, timestep, **cond)
+    first = _first_divergence(points, got, captured, group)
+
+    forced_in = {}
+    for qn, _, x_name, _ in points:
+        forced_in.setdefault(qn, torch.from_numpy(np.ascontiguousarray(got[x_name])))
+    hooks = []
+    for name, q in acts.items():
+        if name in forced_in:
+            def pre(mod, args, name=name):
+                x = forced_in[name]
+                if tuple(x.shape) != tuple(args[0].shape):
+                    raise AdpdmError(f"{name}: onnxruntime tensor {tuple(x.shape)} vs {tuple(args[0].shape)} in the simulation")
+                return (x.to(args[0].dtype),)
+
+            hooks.append(q.register_forward_pre_hook(pre))
+    try:
+        with torch.no_grad(), quant_mode(qmodel, profile=profile):
+            forced = _eps(qmodel(sample, timestep, **cond))
+    finally:
+        for h in hooks:
+            h.remove()
+    out = torch.from_numpy(got[OUTPUT])
+    return {"forced_rel_l2": _rel_l2(out, forced), "first_divergence": first, "quantizers_probed": len(points)}
+
+
+def check_group_graph(
+    graph: Path,
+    qmodel: torch.nn.Module,
+    fp_unet: torch.nn.Module,
+    result,
+    group: int,
+    profile: str,
+    sample_shape: Sequence[int],
+    conditioning: Mapping[str, Any],
+    seed: int = 0,
+    optimized: bool = False,
+    parity_tol: float = PARITY_TOL,
+) -> GraphCheck:
+    """Parity of one group graph against the wrapper simulating `profile` with `group` active.
+
+    Verdicts: "exact" / "within-tolerance" (free-running relative L2 <= parity_tol and
+    teacher-forced too); "ties" (free-running beyond the tolerance, but the teacher-forced
+    parity holds and the first difference is a rounding tie: accepted, reported);
+    "mismatch" otherwise. See `probe_parity`.
+    """
+    from calibration.quant_unet import quant_mode
+    from engines.ort_backend import OrtNoisePredictor, make_session
+
+    ts, inputs = _parity_inputs(result, group, sample_shape, conditioning, seed)
+    sample, timestep, cond = _split(inputs)
+    pred = OrtNoisePredictor(make_session(graph, providers=["CPUExecutionProvider"], optimize=False))
+    got = pred(sample, timestep, **cond)
+    captured: dict = {}
+    with torch.no_grad():
+        with _capture_quantizers(qmodel, captured), quant_mode(qmodel, profile=profile):
+            sim = _eps(qmodel(sample, timestep, **cond))
+        fp = _eps(fp_unet(sample, timestep, **cond))
+    check = GraphCheck(
+        group=group,
+        profile=profile,
+        file=graph.name,
+        timesteps=ts,
+        parity_rel_l2=_rel_l2(got, sim),
+        parity_max_abs=float((got - sim).abs().max()),
+        fp_rel_l2=_rel_l2(got, fp),
+        sim_fp_rel_l2=_rel_l2(sim, fp),
+    )
+    probe = probe_parity(graph, qmodel, inputs, profile, group, captured)
+    check.forced_rel_l2 = probe["forced_rel_l2"]
+    check.divergence = probe["first_divergence"]
+    first = check.divergence["verdict"]
+    if check.forced_rel_l2 > parity_tol or first == "mismatch":
+        check.verdict = "mismatch"
+    elif check.parity_rel_l2 == 0.0:
+        check.verdict = "exact"
+    elif check.parity_rel_l2 <= parity_tol:
+        check.verdict = "within-tolerance"
+    else:
+        check.verdict = "ties" if first == "ties" else "mismatch"
+    if optimized:
+        opt = OrtNoisePredictor(make_session(graph, providers=["CPUExecutionProvider"], optimize=True))(sample, timestep, **cond)
+        check.optimized_rel_l2 = _rel_l2(opt, sim)
+        check.optimized_fp_rel_l2 = _rel_l2(opt, fp)
+    return check
+
+
+def _eps(out):
+    return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, (tuple, list)) else out)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _stage_dir(out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".qdq-staging-", dir=out_dir))
+
+
+def export_qdq(
+    unet: torch.nn.Module,
+    result,
+    out_dir: str | os.PathLike,
+    *,
+    sample_shape: Sequence[int],
+    conditioning: Optional[Mapping[str, Any]] = None,
+    profile: str | Sequence[str] = "trt",
+    opset: int = OPSET,
+    check: bool = True,
+    lint: bool = True,
+    fusion: bool = True,
+    parity_tol: float = PARITY_TOL,
+    allow_lint: Sequence[str] = (),
+    progress: Optional[Callable[[str], None]] = None,
+) -> QdqExport:
+    """Export `unet` quantized as `result` describes to one QDQ graph per group and profile.
+
+    unet: the FP diffusers UNet the calibration was made for (hash checked; not modified).
+    result: a `calibration.result.CalibrationResult`.
+    sample_shape / conditioning: as `LoadedModel.sample_shape` / `.conditioning`.
+    profile: "trt", "ort" or "both".
+    check: parity per group (raises if a group's relative L2 exceeds `parity_tol`) and the
+        error vs FP; lint: the TensorRT linter on TensorRT-profile graphs (raises on
+        violations, except rules in `allow_lint`); fusion: onnxruntime fusion counts of the
+        CPU profile (a warning in the report below MIN_FUSED_RATIO).
+    Writes graphs, `unet.weights.data` and `qdq_report.json` into `out_dir`; the manifest is
+    the caller's (`write_manifest`), written last.
+    """
+    from calibration.quant_unet import quantize_model
+
+    profiles = parse_profiles(profile)
+    check_supported(result, profiles)
+    if opset < OPSET:
+        raise AdpdmError(f"opset {opset} is too old: TensorRT explicit quantization here needs opset >= {OPSET}")
+    if result.config.get("quant", {}).get("quantize_residual"):
+        allow_lint = tuple(allow_lint) + ("weighted-output",)
+    say = progress or (lambda msg: None)
+    out_dir = Path(out_dir)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    qmodel = quantize_model(unet, result=result)
+    qmodel.eval()
+    stage = _stage_dir(out_dir)
+    try:
+        say("tracing the quantized UNet (group 0) and building the QDQ template")
+        trt_template, info = build_trt_template(qmodel, result, stage, sample_shape, conditioning or {}, opset)
+        timings["trace_s"] = time.perf_counter() - t0
+        scale_to_q = dict(info["scale_to_quantizer"])
+        templates: dict[str, onnx.ModelProto] = {}
+        scale_maps: dict[str, dict[str, str]] = {}
+        if "trt" in profiles:
+            templates["trt"] = trt_template
+            scale_maps["trt"] = scale_to_q
+        if "ort" in profiles:
+            def out_scale(qname: str) -> float:
+                s = result.activation_scales.get(qname)
+                if s is None:
+                    raise AdpdmError(f"the calibration has no output scales for {qname}")
+                return float(s[0])
+
+            ort_template, out_names = make_ort_profile(trt_template, out_scale)
+            templates["ort"] = ort_template
+            scale_maps["ort"] = {**scale_to_q, **{n + P.SCALE_SUFFIX: n for n in out_names}}
+
+        t1 = time.perf_counter()
+        g_count = int(result.num_groups)
+        files: dict[str, list[Path]] = {}
+        with P.SharedWeights(stage / WEIGHTS_NAME) as weights:
+            for prof, tmpl in templates.items():
+                P.externalize(tmpl, weights, list(scale_maps[prof]) + [P.ACT_ZERO_POINT])
+        for prof, tmpl in templates.items():
+            say(f"writing {g_count} {prof} group graphs")
+            models = []
+            for k in range(g_count):
+                values = {s: float(result.activation_scales[q][k]) for s, q in scale_maps[prof].items()}
+                m = P.set_activation_scales(tmpl, values)
+                models.append(m)
+                files.setdefault(prof, []).append(P.save_graph(m, stage / graph_name(k, prof)))
+            P.assert_identical_but_scales(models, scale_maps[prof], [graph_name(k, prof) for k in range(g_count)])
+        timings["write_s"] = time.perf_counter() - t1
+
+        exp = QdqExport(
+            out_dir=out_dir,
+            weights=out_dir / WEIGHTS_NAME,
+            profiles=profiles,
+            num_groups=g_count,
+            opset=P.opset_version(trt_template),
+            w_bits=int(result.w_bits),
+            a_bits=int(result.a_bits),
+            graphs={p: [out_dir / f.name for f in fs] for p, fs in files.items()},
+            timestep_ranges=[g["timestep_ranges"] for g in result.groups],
+            activation_scales={p: sorted(m) for p, m in scale_maps.items()},
+            folded_weights=len(info["folded"]),
+            deduped_qdq=int(info["merged"]),
+        )
+
+        if lint and "trt" in files:
+            t1 = time.perf_counter()
+            say("linting the TensorRT-profile graphs")
+            for f in files["trt"]:
+                v = lint_model(f)
+                exp.lint[f.name] = [str(x) for x in v]
+                raise_on_violations([x for x in v if x.rule not in set(allow_lint)], f.name)
+            timings["lint_s"] = time.perf_counter() - t1
+
+        if check:
+            t1 = time.perf_counter()
+            for prof, fs in files.items():
+                for k, f in enumerate(fs):
+                    say(f"parity: {f.name} vs the {prof} simulation of group {k}")
+                    c = check_group_graph(
+                        f, qmodel, unet, result, k, prof, sample_shape, conditioning or {},
+                        optimized=(prof == "ort"), parity_tol=parity_tol,
+                    )
+                    exp.checks.append(c)
+            timings["parity_s"] = time.perf_counter() - t1
+            bad = [c for c in exp.checks if not c.ok]
+            if bad:
+                lines = "; ".join(
+                    f"{c.file} (group {c.group}): rel L2 {c.parity_rel_l2:.2e}, first difference at "
+                    f"{(c.divergence or {}).get('quantizer', '?')} ({(c.divergence or {}).get('reason', '')})"
+                    for c in bad[:4]
+                )
+                raise AdpdmError(f"onnxruntime disagrees with the quantized PyTorch model beyond {parity_tol:g}: {lines}")
+
+        if fusion and "ort" in files:
+            t1 = time.perf_counter()
+            say("counting onnxruntime fusions in the CPU profile")
+            fc = fusion_counts(files["ort"][0])
+            exp.fusion["ort"] = fc.to_dict()
+            if "trt" in files:
+                exp.fusion["trt"] = fusion_counts(files["trt"][0]).to_dict()
+            timings["fusion_s"] = time.perf_counter() - t1
+
+        exp.timings = timings
+        report = exp.report()
+        report["weights_bytes"] = (stage / WEIGHTS_NAME).stat().st_size
+        (stage / REPORT_NAME).write_text(json.dumps(report, indent=1, allow_nan=True, default=str))
+        _move_into_place(stage, out_dir, [WEIGHTS_NAME] + [f.name for fs in files.values() for f in fs] + [REPORT_NAME])
+        exp.report_path = out_dir / REPORT_NAME
+        return exp
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _move_into_place(stage: Path, out_dir: Path, names: Sequence[str]) -> None:
+    """Invalidate the old manifest, drop stale group graphs, then rename the staged files in."""
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    keep = set(names)
+    for f in out_dir.iterdir():
+        if GRAPH_RE.match(f.name) and f.name not in keep and f.is_file():
+            f.unlink()
+    for n in names:
+        os.replace(stage / n, out_dir / n)
+
+
+def qdq_manifest(exp: QdqExport, loaded, result, source: Optional[str] = None):
+    """The engines.manifest.Manifest describing a QDQ export (files are hashed when written)."""
+    from engines.manifest import CalibrationSummary, Manifest, ModelInfo, make_groups
+
+    table = [int(x) for x in result.timestep_to_group.tolist()]
+    cfg = dict(getattr(loaded.unet, "config", {}) or {})
+    return Manifest(
+        model=ModelInfo(
+            source=str(source or loaded.source),
+            sha256=loaded.sha256,
+            type=loaded.kind,
+            sample_size=tuple(int(x) for x in loaded.sample_size),
+            in_channels=int(loaded.in_channels),
+            out_channels=int(loaded.out_channels),
+            conditioning={k: dict(v) for k, v in (loaded.conditioning or {}).items()},
+            config=json.loads(json.dumps(cfg, default=lambda o: list(o) if isinstance(o, tuple) else str(o))),
+        ),
+        scheduler=dict(loaded.scheduler_config),
+        calibration=CalibrationSummary(
+            method=str(result.method),
+            weight_bits=int(result.w_bits),
+            act_bits=int(result.a_bits),
+            num_groups=int(result.num_groups),
+            tau_star=None if result.calib_timestep is None else int(result.calib_timestep),
+            extra={"calibration_profile": result.profile},
+        ),
+        timestep_to_group=table,
+        groups=make_groups(table, {p: [g.name for g in gs] for p, gs in exp.graphs.items()}),
+        weights={p: exp.weights.name for p in exp.graphs},
+        backend="ort",
+    )
+
+
+def write_qdq_manifest(exp: QdqExport, loaded, result, source: Optional[str] = None, extra_files: Sequence[str] = ()) -> Path:
+    """Write manifest.json LAST (atomically), recording every graph, the weights and the report."""
+    from engines.manifest import write_manifest
+
+    extra = [REPORT_NAME] + [f for f in extra_files if f != REPORT_NAME]
+    return write_manifest(exp.out_dir, qdq_manifest(exp, loaded, result, source), extra_files=extra)
+
+
+def export_qdq_for(
+    loaded,
+    result,
+    out_dir: str | os.PathLike,
+    profile: str | Sequence[str] = "trt",
+    manifest: bool = True,
+    **kw,
+) -> QdqExport:
+    """`export_qdq` for a `model_loading.LoadedModel`, then the manifest (unless manifest=False).
+
+    Checks the calibration against the model (sha256, number of training timesteps).
+    Keyword arguments go to `export_qdq` (opset, check, lint, fusion, parity_tol, progress).
+    """
+    if result.model_sha256 != loaded.sha256:
+        raise AdpdmError(
+            f"calibration is for model {result.model_sha256[:12]}, this model is {loaded.sha256[:12]}: "
+            "recalibrate for this model"
+        )
+    if int(result.num_train_timesteps) != int(loaded.num_train_timesteps):
+        raise AdpdmError(
+            f"calibration covers {result.num_train_timesteps} timesteps, the model's scheduler {loaded.num_train_timesteps}"
+        )
+    exp = export_qdq(
+        loaded.unet, result, out_dir, sample_shape=loaded.sample_shape, conditioning=loaded.conditioning, profile=profile, **kw
+    )
+    if manifest:
+        write_qdq_manifest(exp, loaded, result)
+    return exp
+
+
+__all__ = [
+    "GraphCheck",
+    "PARITY_TOL",
+    "QdqExport",
+    "REPORT_NAME",
+    "WEIGHTS_NAME",
+    "build_trt_template",
+    "check_group_graph",
+    "probe_parity",
+    "check_supported",
+    "export_qdq",
+    "export_qdq_for",
+    "graph_name",
+    "parse_profiles",
+    "qdq_manifest",
+    "write_qdq_manifest",
+]
