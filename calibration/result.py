@@ -59,6 +59,17 @@ def groups_from_table(table: torch.Tensor, calib_timesteps: Optional[dict[int, l
     return out
 
 
+def _dumps(obj: Any, indent: str = "") -> str:
+    """Indented JSON with lists of numbers/strings (tables, ranges) kept on one line."""
+    inner = indent + "  "
+    if isinstance(obj, dict) and obj:
+        items = [f"{inner}{json.dumps(str(k))}: {_dumps(v, inner)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(obj, list) and any(isinstance(v, dict) for v in obj):
+        return "[\n" + ",\n".join(inner + _dumps(v, inner) for v in obj) + "\n" + indent + "]"
+    return json.dumps(obj, allow_nan=False, default=str)
+
+
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -209,7 +220,7 @@ class CalibrationResult:
             tensors[f"{n}.scale"] = s.detach().to("cpu", torch.float32).contiguous()
         _atomic_write(d / TENSORS_NAME, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
         doc = self.to_json_dict(_file_sha256(d / TENSORS_NAME))
-        text = json.dumps(doc, indent=1, allow_nan=False, default=str)
+        text = _dumps(json.loads(json.dumps(doc, allow_nan=False, default=str))) + "\n"
         _atomic_write(d / JSON_NAME, lambda p: Path(p).write_text(text))
         return d
 

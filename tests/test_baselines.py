@@ -1,0 +1,151 @@
+"""Baselines (minmax, percentile, uniform-groups, per-step): tables, scales, errors by bit width."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calibration.baselines import nearest_table, per_step_table, uniform_table
+from calibration.metrics import noise_rel_l2
+from calibration.pipeline import calibrate, check_method_args, register_method, METHODS
+from calibration.quant_unet import activation_quantizers, quantize_model
+from calibration.trajectories import generate_trajectories, heldout_seed
+from engines.errors import AdpdmError
+from tiny_models import tiny_unet2d
+
+
+def test_tables():
+    u = uniform_table(4, 1000)
+    assert u[0] == 0 and u[249] == 0 and u[250] == 1 and u[999] == 3 and u.numel() == 1000
+    n = nearest_table([900, 100, 500], [2, 0, 1], 1000)
+    assert n[0] == 0 and n[299] == 0 and n[300] == 0 and n[301] == 1 and n[700] == 1 and n[701] == 2
+    p = per_step_table([990, 660, 330, 0], 1000)
+    assert p.max() == 3 and p[0] == 0 and p[999] == 3 and p[660] == 2
+    with pytest.raises(AdpdmError):
+        uniform_table(0, 1000)
+    with pytest.raises(AdpdmError):
+        uniform_table(2000, 1000)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from conftest import DDPM_CONFIG
+
+    unet = tiny_unet2d()
+    cache = tmp_path_factory.mktemp("cache")
+    traj = generate_trajectories(unet, DDPM_CONFIG, num_samples=4, num_steps=8, seed=0, cache_dir=cache)
+    held = generate_trajectories(unet, DDPM_CONFIG, num_samples=4, num_steps=8, seed=heldout_seed(0), cache_dir=cache)
+    return unet, DDPM_CONFIG, traj, held
+
+
+def test_minmax_scale_is_observed_max_over_all_steps(setup):
+    unet, cfg, traj, _ = setup
+    res = calibrate(unet, cfg, method="minmax", trajectories=traj)
+    name = "down_blocks.1.resnets.0.conv1"
+    seen = []
+    layer = dict(unet.named_modules())[name]
+    h = layer.register_forward_pre_hook(lambda m, a: seen.append(float(a[0].abs().max())))
+    with torch.no_grad():
+        for i, t in enumerate(traj.timesteps.tolist()):
+            unet(traj.x_t[i], torch.full((4,), t))
+    h.remove()
+    assert res.num_groups == 1 and res.timestep_to_group.eq(0).all()
+    assert res.activation_scales[f"{name}.input_quantizer"].item() == pytest.approx(max(seen) / 127, rel=1e-6)
+    assert res.calib_timestep is None and res.method == "minmax"
+
+
+def test_percentile_below_minmax(setup):
+    unet, cfg, traj, _ = setup
+    mm = calibrate(unet, cfg, method="minmax", trajectories=traj)
+    pc = calibrate(unet, cfg, method="percentile", percentile=99.0, trajectories=traj)
+    ratios = [float(pc.activation_scales[n] / mm.activation_scales[n]) for n in mm.activation_scales]
+    assert all(r <= 1.0 + 1e-6 for r in ratios) and min(ratios) < 0.9
+
+
+def test_uniform_groups_and_per_step(setup):
+    unet, cfg, traj, _ = setup
+    ug = calibrate(unet, cfg, method="uniform-groups", groups=2, trajectories=traj)
+    assert ug.num_groups == 2 and [g["timestep_ranges"] for g in ug.groups] == [[[0, 499]], [[500, 999]]]
+    assert all(s.shape == (2,) for s in ug.activation_scales.values())
+    assert sorted(t for g in ug.groups for t in g["calib_timesteps"]) == sorted(traj.timesteps.tolist())
+    ps = calibrate(unet, cfg, method="per-step", trajectories=traj)
+    assert ps.num_groups == 8
+    for g in ps.groups:
+        (t,) = g["calib_timesteps"]
+        assert ps.group_of(t) == g["id"]
+    # each group's scale is the max over its own steps: the max over groups is the one-group scale
+    mm = calibrate(unet, cfg, method="minmax", trajectories=traj)
+    for n, s in mm.activation_scales.items():
+        assert ps.activation_scales[n].max().item() == pytest.approx(s.item(), rel=1e-6)
+    with pytest.raises(AdpdmError, match="no calibration step"):
+        calibrate(unet, cfg, method="uniform-groups", groups=20, trajectories=traj)
+
+
+def test_bad_arguments(setup):
+    unet, cfg, traj, _ = setup
+    with pytest.raises(AdpdmError, match="unknown method"):
+        check_method_args("kmeans", None, 8, 8)
+    for bits in (1, 9, 0, "x"):
+        with pytest.raises(AdpdmError, match="bits"):
+            check_method_args("minmax", None, bits, 8)
+        with pytest.raises(AdpdmError, match="bits"):
+            check_method_args("minmax", None, 8, bits)
+    with pytest.raises(AdpdmError, match="groups must be >= 1"):
+        check_method_args("uniform-groups", 0, 8, 8)
+    with pytest.raises(AdpdmError, match="one scale set"):
+        calibrate(unet, cfg, method="minmax", groups=4, trajectories=traj)
+    with pytest.raises(AdpdmError, match="not implemented"):
+        calibrate(unet, cfg, method="adpdm", trajectories=traj)
+    with pytest.raises(AdpdmError, match="per-step"):
+        calibrate(unet, cfg, method="per-step", groups=3, trajectories=traj)
+    if not torch.cuda.is_available():
+        with pytest.raises(AdpdmError, match="cuda"):
+            check_method_args("minmax", None, 8, 8, device="cuda")
+
+
+def test_register_method(setup):
+    unet, cfg, traj, _ = setup
+    from calibration.pipeline import MethodOutput, _minmax
+
+    old = METHODS["adpdm"]
+    register_method("adpdm", lambda ctx: MethodOutput(**{**_minmax(ctx).__dict__, "calib_timestep": 123}))
+    try:
+        res = calibrate(unet, cfg, method="adpdm", trajectories=traj)
+        assert res.method == "adpdm" and res.calib_timestep == 123
+    finally:
+        METHODS["adpdm"] = old
+
+
+def _rel_l2(unet, cfg, traj, held, w_bits, a_bits, method="minmax"):
+    res = calibrate(unet, cfg, method=method, w_bits=w_bits, a_bits=a_bits, trajectories=traj)
+    return noise_rel_l2(quantize_model(unet, result=res), held)["mean"]
+
+
+def test_error_falls_as_bits_rise_tiny(setup):
+    unet, cfg, traj, held = setup
+    e8, e6, e4 = (_rel_l2(unet, cfg, traj, held, 8, a) for a in (8, 6, 4))
+    assert e8 < e6 < e4
+    assert _rel_l2(unet, cfg, traj, held, 4, 8) > e8
+
+
+REFERENCE = pytest.mark.skipif(
+    not __import__("adpdm_export.model_loading", fromlist=["REFERENCE_DIR"]).REFERENCE_DIR.joinpath(
+        "model_index.json").is_file(),
+    reason="bundled reference model not trained yet",
+)
+
+
+@pytest.mark.slow
+@REFERENCE
+def test_error_falls_as_bits_rise_reference(tmp_path):
+    from adpdm_export.model_loading import load_model
+
+    m = load_model("reference")
+    traj = generate_trajectories(m.unet, m.scheduler_config, num_samples=16, num_steps=20, seed=0,
+                                 cond=m.default_condition(16), cache_dir=tmp_path)
+    held = generate_trajectories(m.unet, m.scheduler_config, num_samples=8, num_steps=20, seed=heldout_seed(0),
+                                 cond=m.default_condition(8), cache_dir=tmp_path)
+    e = {a: _rel_l2(m.unet, m.scheduler_config, traj, held, 8, a) for a in (8, 6, 4)}
+    assert e[8] < e[6] < e[4]
+    # per-step groups are the ceiling: no worse than one scale set at 6 bits
+    assert _rel_l2(m.unet, m.scheduler_config, traj, held, 8, 6, "per-step") <= e[6] * 1.05

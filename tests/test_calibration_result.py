@@ -1,0 +1,127 @@
+"""CalibrationResult: JSON + safetensors round trip, schema, hash checks, tampered files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from calibration.pipeline import calibrate
+from calibration.qconfig import QuantConfig
+from calibration.quant_unet import activation_scales, quantize_model, weight_scales
+from calibration.result import JSON_NAME, TENSORS_NAME, CalibrationResult, groups_from_table
+from engines.errors import AdpdmError
+from tiny_models import tiny_unet2d
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    from conftest import DDPM_CONFIG
+
+    unet = tiny_unet2d()
+    cache = tmp_path_factory.mktemp("cache")
+    res = calibrate(unet, DDPM_CONFIG, method="uniform-groups", groups=3, a_bits=8, w_bits=8,
+                    calib_samples=4, calib_steps=6, cache_dir=str(cache))
+    return unet, res
+
+
+def eps(m, x, t):
+    with torch.no_grad():
+        return m(x, t).sample
+
+
+def test_round_trip_identical_outputs(calibrated, tmp_path):
+    unet, res = calibrated
+    q1 = quantize_model(unet, result=res)
+    res.save(tmp_path / "c")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [JSON_NAME, TENSORS_NAME]
+    loaded = CalibrationResult.load(tmp_path / "c", expected_model_sha256=res.model_sha256)
+    q2 = quantize_model(unet, result=loaded)
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([5, 500, 990])
+    assert torch.equal(eps(q1, x, t), eps(q2, x, t))
+    for a, b in ((activation_scales(q1), activation_scales(q2)), (weight_scales(q1), weight_scales(q2))):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(loaded.timestep_to_group, res.timestep_to_group)
+    assert loaded.groups == res.groups and loaded.config == json.loads(json.dumps(res.config))
+
+
+def test_schema(calibrated, tmp_path):
+    unet, res = calibrated
+    res.save(tmp_path)
+    doc = json.loads((tmp_path / JSON_NAME).read_text())
+    for key in ("format_version", "model_sha256", "method", "w_bits", "a_bits", "profile", "num_train_timesteps",
+                "num_groups", "groups", "timestep_to_group", "calib_timestep", "activation_quantizers",
+                "weight_quantizers", "config", "timings", "tensors_sha256"):
+        assert key in doc, key
+    assert len(doc["timestep_to_group"]) == 1000 and doc["num_groups"] == 3
+    assert doc["groups"][0]["timestep_ranges"] == [[0, 333]] and doc["groups"][2]["timestep_ranges"] == [[667, 999]]
+    covered = sorted(t for g in doc["groups"] for lo, hi in g["timestep_ranges"] for t in range(lo, hi + 1))
+    assert covered == list(range(1000))
+    assert doc["config"]["quant"]["w_bits"] == 8 and doc["config"]["calibration"]["calib_steps"] == 6
+    roles = {q["role"] for q in doc["activation_quantizers"]}
+    assert roles == {"input", "output"}
+    shared = [q for q in doc["activation_quantizers"] if q["aliases"]]
+    assert shared and shared[0]["name"].endswith("to_q.input_quantizer")
+    assert res.output_scales and res.input_scales and not set(res.output_scales) & set(res.input_scales)
+    assert {"trajectories_s", "activations_s", "weights_s", "total_s"} <= set(doc["timings"])
+
+
+def test_hash_mismatch(calibrated, tmp_path):
+    unet, res = calibrated
+    res.save(tmp_path)
+    with pytest.raises(AdpdmError, match="not for this model"):
+        CalibrationResult.load(tmp_path, expected_model_sha256="0" * 64)
+    with pytest.raises(AdpdmError, match="recalibrate"):
+        quantize_model(tiny_unet2d(seed=1), result=res)
+    q_other = quantize_model(tiny_unet2d(seed=1), QuantConfig(), table=res.timestep_to_group)
+    with pytest.raises(AdpdmError, match="recalibrate"):
+        res.apply(q_other)
+
+
+def test_truncated_or_modified_files(calibrated, tmp_path):
+    unet, res = calibrated
+    res.save(tmp_path)
+    data = (tmp_path / TENSORS_NAME).read_bytes()
+    (tmp_path / TENSORS_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdpdmError, match="truncated or modified"):
+        CalibrationResult.load(tmp_path)
+    # a truncated file without the recorded hash still fails cleanly
+    doc = json.loads((tmp_path / JSON_NAME).read_text())
+    doc["tensors_sha256"] = ""
+    (tmp_path / JSON_NAME).write_text(json.dumps(doc))
+    with pytest.raises(AdpdmError, match="cannot read"):
+        CalibrationResult.load(tmp_path)
+    (tmp_path / JSON_NAME).write_text("{not json")
+    with pytest.raises(AdpdmError, match="not valid JSON"):
+        CalibrationResult.load(tmp_path)
+    (tmp_path / JSON_NAME).unlink()
+    with pytest.raises(AdpdmError, match="calibrate"):
+        CalibrationResult.load(tmp_path)
+    with pytest.raises(AdpdmError, match="no calibration folder"):
+        CalibrationResult.load(tmp_path / "missing")
+
+
+def test_version_and_config_mismatch(calibrated, tmp_path):
+    unet, res = calibrated
+    res.save(tmp_path)
+    doc = json.loads((tmp_path / JSON_NAME).read_text())
+    doc["format_version"] = 99
+    (tmp_path / JSON_NAME).write_text(json.dumps(doc))
+    with pytest.raises(AdpdmError, match="format_version"):
+        CalibrationResult.load(tmp_path)
+    q = quantize_model(unet, QuantConfig(quantize_attention_bmm=True), table=res.timestep_to_group)
+    with pytest.raises(AdpdmError, match="quantization config changed"):
+        res.apply(q)
+    q4 = quantize_model(unet, QuantConfig(w_bits=4), table=res.timestep_to_group)
+    with pytest.raises(AdpdmError, match="W4A8"):
+        res.apply(q4)
+
+
+def test_groups_from_table():
+    table = torch.tensor([0, 0, 1, 1, 0, 2])
+    assert groups_from_table(table, {1: [3, 2]}) == [
+        {"id": 0, "timestep_ranges": [[0, 1], [4, 4]], "calib_timesteps": []},
+        {"id": 1, "timestep_ranges": [[2, 3]], "calib_timesteps": [2, 3]},
+        {"id": 2, "timestep_ranges": [[5, 5]], "calib_timesteps": []},
+    ]
