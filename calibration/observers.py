@@ -20,10 +20,12 @@ from engines.errors import AdpdmError
 class _AbsHistogram:
     """Histogram of |x| over [0, R] with R growing by powers of two (bins merge exactly)."""
 
-    def __init__(self, bins: int):
+    def __init__(self, bins: int, max_samples: int = 1 << 18):
         self.bins = int(bins)
         self.range = 0.0
         self.counts: Optional[torch.Tensor] = None
+        self.max_samples = int(max_samples)
+        self.calls = 0
 
     def add(self, a: torch.Tensor, amax: float) -> None:
         if self.counts is None:
@@ -42,10 +44,16 @@ class _AbsHistogram:
                     self.counts.zero_()
                     self.counts[: merged.numel()] = merged
                 self.range *= factor
+        n = a.numel()
+        self.calls += 1
         if self.range == 0.0:
-            self.counts[0] += a.numel()
+            self.counts[0] += n
             return
-        self.counts += torch.histc(a.float(), bins=self.bins, min=0.0, max=self.range).to(torch.float64)
+        if n > self.max_samples:  # a strided subsample (offset varies per call), weighted back to n
+            step = n // self.max_samples
+            a = a[self.calls % step :: step]
+        idx = (a.float() * (self.bins / self.range)).to(torch.int64).clamp_(0, self.bins - 1)
+        self.counts += torch.bincount(idx, minlength=self.bins).to(torch.float64) * (n / a.numel())
 
     def quantile(self, q: float) -> float:
         if self.counts is None or self.range == 0.0:
@@ -61,15 +69,17 @@ class ActivationObserver:
     """Max-abs (and optionally histograms) of every activation quantizer's input, per group.
 
     `histogram=True` keeps a `bins`-bin histogram of |x| per (quantizer, group) for
-    `percentile_amax`. Call it as `observer(quantizer, x)` (what `observe_mode` does).
+    `percentile_amax` (tensors above `max_samples` elements are histogrammed through a
+    strided subsample, weighted to their full size; the max-abs is always exact). Call it as `observer(quantizer, x)` (what `observe_mode` does).
     """
 
-    def __init__(self, num_groups: int, histogram: bool = False, bins: int = 2048):
+    def __init__(self, num_groups: int, histogram: bool = False, bins: int = 2048, max_samples: int = 1 << 18):
         if bins < 2 or bins & (bins - 1):
             raise AdpdmError(f"histogram bins must be a power of two >= 2, got {bins}")
         self.num_groups = int(num_groups)
         self.histogram = bool(histogram)
         self.bins = int(bins)
+        self.max_samples = int(max_samples)
         self._amax: dict[str, torch.Tensor] = {}
         self._count: dict[str, torch.Tensor] = {}
         self._hist: dict[str, list[Optional[_AbsHistogram]]] = {}
@@ -106,7 +116,7 @@ class ActivationObserver:
         if self.histogram:
             h = self._hist[name][group]
             if h is None:
-                h = self._hist[name][group] = _AbsHistogram(self.bins)
+                h = self._hist[name][group] = _AbsHistogram(self.bins, self.max_samples)
             h.add(a.reshape(-1), m)
 
     # -- results -----------------------------------------------------------------------

@@ -192,3 +192,19 @@ def test_observer_splits_mixed_batches_and_percentiles():
     assert obs.percentile_amax(100.0)["q"][1].item() == pytest.approx(40.0)
     with pytest.raises(AdpdmError):
         ActivationObserver(2).percentile_amax(99.0)
+
+
+def test_percentile_with_subsampled_histograms():
+    q = ActQuantizer(8, 1)
+    q.qname = "q"
+    full = ActivationObserver(1, histogram=True, bins=1024, max_samples=1 << 30)
+    sub = ActivationObserver(1, histogram=True, bins=1024, max_samples=1000)
+    g = torch.Generator().manual_seed(0)
+    for k in range(5):
+        x = torch.randn(50_000, generator=g) * (k + 1)
+        full(q, x)
+        sub(q, x)
+    for p in (50.0, 99.0):
+        a, b = full.percentile_amax(p)["q"].item(), sub.percentile_amax(p)["q"].item()
+        assert b == pytest.approx(a, rel=0.05)
+    assert sub.amax()["q"].item() == full.amax()["q"].item()  # the max is always exact
