@@ -198,7 +198,7 @@ def test_percentile_with_subsampled_histograms():
     q = ActQuantizer(8, 1)
     q.qname = "q"
     full = ActivationObserver(1, histogram=True, bins=1024, max_samples=1 << 30)
-    sub = ActivationObserver(1, histogram=True, bins=1024, max_samples=1000)
+    sub = ActivationObserver(1, histogram=True, bins=1024, max_samples=5000)
     g = torch.Generator().manual_seed(0)
     for k in range(5):
         x = torch.randn(50_000, generator=g) * (k + 1)
