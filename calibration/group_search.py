@@ -329,14 +329,16 @@ class GroupSearchConfig:
     init_prior: initial logit bonus for each step's initial group (0: none).
     init: the partition giving the initial per-group scales: `kmeans` (of the per-step
         log max|x| profiles over all quantizers) or `uniform` (G equal runs of steps).
+    init_items: items per step observed for the initial partition and scales.
+    loss_ref_items: (step, item) pairs giving the loss normalization (loss at the initial scales).
     eval_batch: batch size of no-grad passes.
     seed: batch sampling and logit noise.
     """
 
     num_groups: int = 4
-    search_iters: int = 240
-    refine_iters: int = 120
-    batch_size: int = 32
+    search_iters: int = 100
+    refine_iters: int = 60
+    batch_size: int = 16
     lr_logits: float = 0.1
     lr_scales: float = 5e-3
     refine_lr: float = 2e-3
@@ -348,6 +350,8 @@ class GroupSearchConfig:
     output_percentile: Optional[float] = 99.99
     init_prior: float = 0.0
     init: str = "kmeans"
+    init_items: int = 8
+    loss_ref_items: int = 128
     eval_batch: int = 256
     seed: int = 0
 
@@ -441,13 +445,13 @@ def per_step_log_amax(qmodel: nn.Module, data: CalibSet, batch_size: int = 256, 
 
 
 def initial_step_groups(qmodel: nn.Module, data: CalibSet, num_groups: int, init: str = "kmeans",
-                        batch_size: int = 256) -> torch.Tensor:
+                        batch_size: int = 256, max_items: int = 8) -> torch.Tensor:
     """The partition the search starts from: `uniform` runs, or `kmeans` of per-step log max|x|."""
     if init == "uniform" or num_groups <= 1:
         return uniform_step_groups(data.num_steps, num_groups)
     if init != "kmeans":
         raise AdpdmError(f"unknown group initialization {init!r}: uniform or kmeans")
-    sg = kmeans_step_groups(per_step_log_amax(qmodel, data, batch_size), num_groups)
+    sg = kmeans_step_groups(per_step_log_amax(qmodel, data, batch_size, max_items), num_groups)
     return canonical_groups(sg, data.timesteps)[0]
 
 
@@ -503,15 +507,16 @@ def search_groups(
     history: list[dict[str, float]] = []
 
     # a fixed evaluation subset for the loss reference (at most ~4 batches)
-    n_eval = min(n * data.num_items, 4 * cfg.eval_batch)
+    n_eval = min(n * data.num_items, int(cfg.loss_ref_items))
     perm = torch.randperm(n * data.num_items, generator=gen)[:n_eval]
     eval_pairs = (perm // data.num_items, perm % data.num_items)
 
     t0 = time.perf_counter()
     progress("init", 0, 1, None)
-    uni = initial_step_groups(qmodel, data, g, cfg.init, cfg.eval_batch)
+    uni = initial_step_groups(qmodel, data, g, cfg.init, cfg.eval_batch, cfg.init_items)
     g = int(uni.max()) + 1
-    initialize_groups(qmodel, data, uni, cfg.init_percentile, cfg.eval_batch)
+    init_pairs = data.all_pairs(items=torch.arange(min(data.num_items, int(cfg.init_items))))
+    initialize_groups(qmodel, data, uni, cfg.init_percentile, cfg.eval_batch, pairs=init_pairs)
     init_loss = _hard_loss(qmodel, data, eval_pairs, cfg.eval_batch)
     progress("init", 1, 1, init_loss)
     timings["init"] = time.perf_counter() - t0

@@ -33,8 +33,15 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from calibration.group_search import CalibSet, initialize_groups, step_errors, uniform_step_groups
-from calibration.quant_unet import fp_mode, forward_eps, quantized_layers
+from calibration.group_search import (
+    CalibSet,
+    install_partition,
+    set_scales_from_observer,
+    step_errors,
+    uniform_step_groups,
+)
+from calibration.observers import ActivationObserver
+from calibration.quant_unet import forward_eps, fp_mode, get_state, observe_mode, quantized_layers
 from engines.errors import AdpdmError
 
 Progress = Callable[[str, int, int, Optional[float]], None]
@@ -45,7 +52,9 @@ class SRMConfig:
     """num_candidates: candidate steps, evenly spaced over the trajectory, always including
         the last step (or `candidates`: explicit step indices).
     eval_steps: timesteps (evenly spaced steps) at which risk, MMD and oracle are measured.
-    heldout_items: trajectory items kept out of everything but the oracle.
+    heldout_items: trajectory items kept out of everything but the oracle (the last ones).
+    calib_items: items (the first ones) whose x0_hat / states give the risk and MMD (None: all
+        but the held-out ones).
     lambda_mmd: weight of MMD^2 (in units of the mean empirical risk).
     num_groups / percentile: the proxy quantizer (uniform groups, percentile scales).
     feature_modules: module names whose pooled outputs are the MMD features (None:
@@ -53,10 +62,11 @@ class SRMConfig:
     clip_x0: clamp x0_hat to [-1, 1] (the data range) before noising.
     """
 
-    num_candidates: int = 8
+    num_candidates: int = 6
     candidates: Optional[list[int]] = None
-    eval_steps: int = 10
+    eval_steps: int = 6
     heldout_items: int = 16
+    calib_items: Optional[int] = 24
     lambda_mmd: float = 1.0
     num_groups: int = 4
     percentile: Optional[float] = 99.99
@@ -203,15 +213,18 @@ class PooledFeatures:
 
 @torch.no_grad()
 def _fp_pass(qmodel: nn.Module, timesteps: torch.Tensor, x: torch.Tensor, cond: dict[str, torch.Tensor],
-             feats: PooledFeatures, batch_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """FP eps (S, B, ...) and pooled features {name: (S, B, C)} of inputs x (S, B, ...)."""
+             feats: PooledFeatures, batch_size: int, observer=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """FP eps (S, B, ...) and pooled features {name: (S, B, C)} of inputs x (S, B, ...).
+
+    With `observer`, the same FP pass also feeds the activation statistics (observe_mode).
+    """
     s, b = x.shape[:2]
     flat = x.reshape(s * b, *x.shape[2:])
     t = torch.as_tensor(timesteps, dtype=torch.int64).repeat_interleave(b)
     items = torch.arange(b).repeat(s)
     out = torch.empty_like(flat)
     feats.take()  # drop anything collected outside this pass
-    with fp_mode(qmodel):
+    with (fp_mode(qmodel) if observer is None else observe_mode(qmodel, observer)):
         for lo in range(0, s * b, batch_size):
             sl = slice(lo, min(s * b, lo + batch_size))
             out[sl] = forward_eps(qmodel, flat[sl], t[sl], **{k: v[items[sl]] for k, v in cond.items()}).float()
@@ -257,7 +270,8 @@ def select_calibration_timestep(
     h = int(cfg.heldout_items)
     if b - h < 2 or h < 1:
         raise AdpdmError(f"SRM needs >= 2 calibration items and >= 1 held-out item; have {b} items, {h} held out")
-    cal_items, held_items = torch.arange(b - h), torch.arange(b - h, b)
+    n_cal = b - h if cfg.calib_items is None else max(2, min(b - h, int(cfg.calib_items)))
+    cal_items, held_items = torch.arange(n_cal), torch.arange(b - h, b)
     cand = sorted(set(int(c) % n for c in cfg.candidates)) if cfg.candidates else evenly_spaced(n, cfg.num_candidates)
     ev = torch.tensor(evenly_spaced(n, cfg.eval_steps), dtype=torch.int64)
     ev_t = traj.timesteps[ev].to(torch.int64)
@@ -271,6 +285,8 @@ def select_calibration_timestep(
                     {k: v[held_items] for k, v in cond.items()})
     feats = PooledFeatures(qmodel, cfg.feature_modules or default_feature_modules(qmodel))
     sg = uniform_step_groups(ev.numel(), cfg.num_groups)
+    install_partition(qmodel, ev_t, sg)
+    hist = cfg.percentile is not None and cfg.percentile < 100
     rows = []
     try:
         _, true_f = _fp_pass(qmodel, ev_t, true_cal.x, cond_cal, feats, cfg.batch_size)
@@ -279,9 +295,10 @@ def select_calibration_timestep(
             if cfg.clip_x0:
                 x0 = x0.clamp(-1.0, 1.0)
             x = forward_noise(x0, ev_t, noise, alphas_cumprod)
-            eps_fp, f = _fp_pass(qmodel, ev_t, x, cond_cal, feats, cfg.batch_size)
+            obs = ActivationObserver(get_state(qmodel).num_groups, histogram=hist)
+            eps_fp, f = _fp_pass(qmodel, ev_t, x, cond_cal, feats, cfg.batch_size, observer=obs)
+            set_scales_from_observer(qmodel, obs, cfg.percentile)
             data = CalibSet(ev_t, x, eps_fp, cond_cal)
-            initialize_groups(qmodel, data, sg, cfg.percentile, cfg.batch_size)
             emp = float(step_errors(qmodel, data, cfg.batch_size).mean())
             orc = float(step_errors(qmodel, held, cfg.batch_size).mean())
             mmd, _ = _feature_mmd(f, true_f)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,3 +167,4 @@ def test_search_is_reproducible_and_installs_table():
         assert torch.equal(sa[n], q.scale), n
     assert torch.equal(get_state(qm).table, a.table)
     assert all(q.log_scale is None for q in activation_quantizers(qm).values())
+
