@@ -109,6 +109,7 @@ class GraphCheck:
     # "exact" | "within-tolerance" | "ties" (beyond the tolerance, but starting at rounding
     # ties: accepted) | "mismatch"
     forced_rel_l2: Optional[float] = None  # teacher-forced parity (probe_parity): float noise only
+    forced: Optional[dict] = None  # per-quantizer teacher-forced checks (worst input rel L2, bad outputs)
     verdict: str = ""
     divergence: Optional[dict] = None  # the first quantizer whose outputs differ, and why (probe_parity)
 
@@ -362,8 +363,10 @@ def _first_divergence(points, got, captured, group: int) -> dict[str, Any]:
         in_rel = float(np.abs(xo - xt).max() / max(np.abs(xt).max(), 1e-30))
         lo = np.minimum(xo, xt)[diff] / scale
         hi = np.maximum(xo, xt)[diff] / scale
-        boundary = np.floor(hi - 0.5) + 0.5  # the rounding boundary at or just below the larger input
-        tol = 1e-6 * np.maximum(np.abs(hi), 1.0)
+        # The rounding boundary between the two outputs, which the two inputs must straddle. Slack:
+        # PyTorch rounds x * float32(1/s), onnxruntime x / s: a few float32 ulps apart.
+        boundary = (yo + yt)[diff] / (2.0 * scale)
+        tol = 1e-6 * np.maximum(np.abs(boundary), 1.0)
         straddles = (lo <= boundary + tol) & (boundary - tol <= hi)
         info = {
             "quantizer": qn,
@@ -413,9 +416,11 @@ def probe_parity(
     two runs then legitimately diverge downstream. So besides the free-running comparison:
 
     * teacher-forced parity: the simulation is run with every quantizer's *input* replaced
-      by onnxruntime's input to the same QuantizeLinear; both then quantize identical
-      tensors, and any difference in scales, zero points, placement, weights or the float
-      ops between them shows; `forced_rel_l2` is the output difference (float noise);
+      by onnxruntime's input to the same QuantizeLinear. Then, per quantizer, (a) its output
+      must equal onnxruntime's DequantizeLinear output (exact ties aside: scales, zero
+      points), (b) the input the simulation computed itself, from forced upstream values,
+      must equal onnxruntime's up to float noise (weights, placement, the float ops
+      between quantizers), and (c) the final output too (`forced_rel_l2`);
     * first divergence: comparing each quantizer's output in graph order, the first
       difference must be a rounding tie: one grid step, at a boundary the two
       float-noise-close inputs straddle.
@@ -435,6 +440,8 @@ def probe_parity(
     forced_in = {}
     for qn, _, x_name, _ in points:
         forced_in.setdefault(qn, torch.from_numpy(np.ascontiguousarray(got[x_name])))
+    natural: dict[str, torch.Tensor] = {}  # what the simulation computed, before forcing
+    forced_out: dict[str, torch.Tensor] = {}
     hooks = []
     for name, q in acts.items():
         if name in forced_in:
@@ -442,9 +449,13 @@ def probe_parity(
                 x = forced_in[name]
                 if tuple(x.shape) != tuple(args[0].shape):
                     raise AdpdmError(f"{name}: onnxruntime tensor {tuple(x.shape)} vs {tuple(args[0].shape)} in the simulation")
+                natural.setdefault(name, args[0].detach().clone())
                 return (x.to(args[0].dtype),)
 
-            hooks.append(q.register_forward_pre_hook(pre))
+            def post(mod, args, out, name=name):
+                forced_out.setdefault(name, out.detach().clone())
+
+            hooks += [q.register_forward_pre_hook(pre), q.register_forward_hook(post)]
     try:
         with torch.no_grad(), quant_mode(qmodel, profile=profile):
             forced = _eps(qmodel(sample, timestep, **cond))
@@ -452,7 +463,39 @@ def probe_parity(
         for h in hooks:
             h.remove()
     out = torch.from_numpy(got[OUTPUT])
-    return {"forced_rel_l2": _rel_l2(out, forced), "first_divergence": first, "quantizers_probed": len(points)}
+
+    # Per quantizer, with identical inputs: the same quantized values (exact ties aside), and
+    # the simulation's own input (computed from the forced upstream values) equal to
+    # onnxruntime's up to float noise. The worst of each, by name.
+    worst_in = (0.0, "")
+    bad_out = (0, "")
+    for qn, scale, x_name, y_name in points:
+        if qn not in natural:
+            bad_out = (max(bad_out[0], 1), qn)
+            continue
+        r = _rel_l2(natural[qn], forced_in[qn])
+        if r > worst_in[0]:
+            worst_in = (r, qn)
+        yo = got[y_name].astype(np.float64)
+        yt = forced_out[qn].double().numpy()
+        x = forced_in[qn].double().numpy()
+        diff = yo != yt
+        if diff.any():
+            boundary = (yo + yt)[diff] / (2.0 * scale)
+            near = np.abs(x[diff] / scale - boundary) <= 1e-6 * np.maximum(np.abs(boundary), 1.0)
+            one_step = np.abs(np.abs(yo - yt)[diff] / scale - 1.0) < 1e-3
+            n_bad = int((~(near & one_step)).sum())
+            if n_bad > bad_out[0]:
+                bad_out = (n_bad, qn)
+    return {
+        "forced_rel_l2": _rel_l2(out, forced),
+        "forced_worst_input_rel_l2": worst_in[0],
+        "forced_worst_input_at": worst_in[1],
+        "forced_bad_outputs": bad_out[0],
+        "forced_bad_outputs_at": bad_out[1],
+        "first_divergence": first,
+        "quantizers_probed": len(points),
+    }
 
 
 def check_group_graph(
@@ -499,10 +542,28 @@ def check_group_graph(
     )
     probe = probe_parity(graph, qmodel, inputs, profile, group, captured)
     check.forced_rel_l2 = probe["forced_rel_l2"]
+    check.forced = {k: v for k, v in probe.items() if k.startswith("forced_") and k != "forced_rel_l2"}
     check.divergence = probe["first_divergence"]
     first = check.divergence["verdict"]
-    if check.forced_rel_l2 > parity_tol or first == "mismatch":
+    forced_bad = (
+        check.forced_rel_l2 > parity_tol
+        or probe["forced_worst_input_rel_l2"] > parity_tol
+        or probe["forced_bad_outputs"] > 0
+    )
+    if forced_bad or first == "mismatch":
         check.verdict = "mismatch"
+        if forced_bad and first != "mismatch":
+            at = probe["forced_bad_outputs_at"] if probe["forced_bad_outputs"] else probe["forced_worst_input_at"]
+            check.divergence = {
+                "verdict": "mismatch",
+                "quantizer": at or "(after the last quantizer)",
+                "reason": (
+                    f"with onnxruntime's inputs forced into the simulation: {probe['forced_bad_outputs']} quantized "
+                    f"values differ beyond ties, worst quantizer-input rel L2 {probe['forced_worst_input_rel_l2']:.2e}, "
+                    f"output rel L2 {check.forced_rel_l2:.2e}"
+                ),
+                "free_running": first,
+            }
     elif check.parity_rel_l2 == 0.0:
         check.verdict = "exact"
     elif check.parity_rel_l2 <= parity_tol:

@@ -10,4 +10,6 @@ COMMAND_MODULES = [
     "adpdm_export.commands.doctor_cmd",
     "adpdm_export.commands.calibrate_cmd",
     "adpdm_export.commands.eval_cmd",
+    "adpdm_export.commands.lint_cmd",
+    "adpdm_export.commands.inspect_cmd",
 ]

@@ -1,0 +1,337 @@
+"""QDQ export: per-group parity (UNet2DModel, UNet2DConditionModel), group graphs identical but
+for activation scales, one shared weights file, the quantization contract on the graphs,
+dedupe, refusals (W4A8 on TensorRT, A4), INT4 weights for onnxruntime, mismatches caught."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper as nh
+
+from adpdm_export import qdq_graph_passes as P
+from adpdm_export.onnx_export import example_inputs
+from adpdm_export.qdq_export import PARITY_TOL, REPORT_NAME, WEIGHTS_NAME, check_group_graph, export_qdq
+from adpdm_export.qdq_lint import lint_model
+from engines.errors import AdpdmError
+from tiny_models import tiny_cond_unet, tiny_unet2d
+
+T = 1000
+U2D = dict(sample_shape=(1, 16, 16), conditioning={})
+U2C = dict(sample_shape=(4, 16, 16), conditioning={"encoder_hidden_states": {"dim": 24}})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Two cores shared by many processes: torch's thread pool would spin against them."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def quick_result(unet, sample_shape, conditioning, groups=2, seed=0, **cfg):
+    """A CalibrationResult from max-abs statistics of a few random inputs per group (uniform groups)."""
+    from calibration.baselines import set_activation_scales, uniform_table
+    from calibration.observers import ActivationObserver
+    from calibration.qconfig import QuantConfig
+    from calibration.quant_unet import observe_mode, quantize_model
+    from calibration.result import result_from_model
+
+    qm = quantize_model(unet, QuantConfig(**cfg), table=uniform_table(groups, T))
+    obs = ActivationObserver(groups)
+    with observe_mode(qm, obs), torch.no_grad():
+        for g in range(groups):
+            inp = example_inputs(sample_shape, conditioning, batch=4, seed=seed + g, num_train_timesteps=T)
+            lo, hi = g * T // groups, (g + 1) * T // groups
+            inp["timestep"] = torch.randint(lo, hi, (4,), generator=torch.Generator().manual_seed(g))
+            v = list(inp.values())
+            qm(v[0], v[1], **dict(zip(list(inp)[2:], v[2:])))
+    set_activation_scales(qm, obs.amax())
+    return result_from_model(qm, "test-minmax", {})
+
+
+@pytest.fixture(scope="module")
+def u2d_export(tmp_path_factory):
+    unet = tiny_unet2d()
+    result = quick_result(unet, **U2D)
+    out = tmp_path_factory.mktemp("qdq-u2d")
+    exp = export_qdq(unet, result, out, profile="both", **U2D)
+    return unet, result, exp
+
+
+@pytest.fixture(scope="module")
+def u2c_export(tmp_path_factory):
+    unet = tiny_cond_unet()
+    result = quick_result(unet, **U2C)
+    out = tmp_path_factory.mktemp("qdq-u2c")
+    exp = export_qdq(unet, result, out, profile="trt", fusion=False, **U2C)
+    return unet, result, exp
+
+
+def _checks(exp, profile):
+    return [c for c in exp.checks if c.profile == profile]
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("which, profile", [("u2d", "trt"), ("u2d", "ort"), ("u2c", "trt")])
+def test_parity_per_group(which, profile, request):
+    unet, result, exp = request.getfixturevalue(f"{which}_export")
+    checks = _checks(exp, profile)
+    assert [c.group for c in checks] == list(range(result.num_groups))
+    for c in checks:
+        # every timestep used belongs to the group
+        assert all(int(result.timestep_to_group[t]) == c.group for t in c.timesteps)
+        # teacher-forced: with onnxruntime's quantizer inputs, every quantizer gives the same values
+        # and every quantizer input and the output agree up to float noise
+        assert c.forced_rel_l2 < 1e-5, c
+        assert c.forced["forced_bad_outputs"] == 0 and c.forced["forced_worst_input_rel_l2"] < 1e-5, c.forced
+        # free-running: within the tolerance, or beyond it only after a rounding tie
+        assert c.verdict in ("exact", "within-tolerance", "ties"), c
+        if c.parity_rel_l2 > PARITY_TOL:
+            d = c.divergence
+            assert d["verdict"] == "ties" and d["max_steps"] < 1.001 and d["elements_differing"] <= 3, d
+        # quantized vs FP: an honest INT8 error, not zero, not garbage
+        assert 1e-3 < c.fp_rel_l2 < 0.3, c
+        assert abs(c.fp_rel_l2 - c.sim_fp_rel_l2) < 0.05
+
+
+@pytest.mark.slow
+def test_parity_cond_unet_ort_profile(tmp_path):
+    unet = tiny_cond_unet()
+    result = quick_result(unet, **U2C)
+    exp = export_qdq(unet, result, tmp_path, profile="ort", **U2C)
+    for c in exp.checks:
+        assert c.forced_rel_l2 < 1e-5 and c.ok, c
+    assert exp.fusion["ort"]["ratio"] >= 0.95
+
+
+def test_a_wrong_scale_is_a_mismatch_not_a_tie(u2d_export, tmp_path):
+    """A group graph carrying another scale for one quantizer fails the check, naming it."""
+    unet, result, exp = u2d_export
+    from calibration.quant_unet import quantize_model
+
+    src = exp.graphs["trt"][0]
+    m = onnx.load(str(src), load_external_data=False)
+    victim = "up_blocks.1.resnets.0.conv1.input_quantizer.scale"
+    for t in m.graph.initializer:
+        if t.name == victim:
+            t.CopyFrom(nh.from_array(np.float32(nh.to_array(t) * 1.02), victim))
+    bad = src.parent / "bad.g0.onnx"
+    bad.write_bytes(m.SerializeToString())
+    try:
+        qm = quantize_model(unet, result=result)
+        c = check_group_graph(bad, qm, unet, result, 0, "trt", **U2D)
+    finally:
+        bad.unlink()
+    assert c.verdict == "mismatch"
+    assert c.divergence["quantizer"] == victim[: -len(".scale")]
+    assert c.forced["forced_bad_outputs"] > 0
+
+
+def test_group_graph_checked_against_another_group_is_a_mismatch(u2d_export):
+    unet, result, exp = u2d_export
+    from calibration.quant_unet import quantize_model
+
+    qm = quantize_model(unet, result=result)
+    c = check_group_graph(exp.graphs["trt"][1], qm, unet, result, 0, "trt", **U2D)
+    assert c.verdict == "mismatch"
+
+
+# --------------------------------------------------------------------------- files and structure
+
+
+def test_files_and_one_shared_weights_file(u2d_export):
+    _, result, exp = u2d_export
+    out = exp.out_dir
+    names = sorted(p.name for p in out.iterdir())
+    want = sorted([WEIGHTS_NAME, REPORT_NAME] + [f"unet.g{k}.onnx" for k in range(2)] + [f"unet.g{k}.ort.onnx" for k in range(2)])
+    assert names == want  # nothing staged left behind, no second data file
+    for f in exp.graphs["trt"] + exp.graphs["ort"]:
+        m = onnx.load(str(f), load_external_data=False)
+        locs = {e.value for t in m.graph.initializer if t.data_location == TensorProto.EXTERNAL
+                for e in t.external_data if e.key == "location"}
+        assert locs == {WEIGHTS_NAME}
+        onnx.checker.check_model(str(f))
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["num_groups"] == 2 and report["weights_file"] == WEIGHTS_NAME
+
+
+@pytest.mark.parametrize("profile", ["trt", "ort"])
+def test_group_graphs_identical_but_activation_scales(u2d_export, profile):
+    _, result, exp = u2d_export
+    models = [onnx.load(str(f), load_external_data=False) for f in exp.graphs[profile]]
+    scales = exp.activation_scales[profile]
+    P.assert_identical_but_scales(models, scales)
+    # ... and the scales do differ, with group k's calibrated values
+    by_name = [{t.name: t for t in m.graph.initializer} for m in models]
+    differing = [s for s in scales if nh.to_array(by_name[0][s]) != nh.to_array(by_name[1][s])]
+    assert len(differing) == len(scales)
+    for k in range(2):
+        for s in scales:
+            q = s[: -len(".scale")]
+            assert np.float32(nh.to_array(by_name[k][s])) == np.float32(result.activation_scales[q][k])
+            assert by_name[k][s].data_location != TensorProto.EXTERNAL  # inline, small
+    # a changed node is caught
+    models[1].graph.node[5].name += "_renamed"
+    with pytest.raises(AdpdmError, match="differs"):
+        P.assert_identical_but_scales(models, scales)
+
+
+def test_quantization_contract_on_trt_graphs(u2d_export):
+    _, result, exp = u2d_export
+    for f in exp.graphs["trt"]:
+        assert lint_model(f) == []
+    m = onnx.load(str(exp.graphs["trt"][0]))
+    assert P.opset_version(m) >= 19
+    ix = P.GraphIndex(m)
+    pairs = P.qdq_pairs(m, ix)
+    weights = [p for p in pairs if p.is_weight]
+    acts = [p for p in pairs if not p.is_weight]
+    assert len(weights) == exp.folded_weights == len(result.weight_scales)
+    for p in weights:
+        assert p.q is None  # folded: no Q on weights
+        w = ix.inits[p.dq.input[0]]
+        assert w.data_type == TensorProto.INT8
+        assert P.attr(p.dq, "axis") == 0
+        scale = nh.to_array(ix.inits[p.dq.input[1]])
+        assert scale.shape == (w.dims[0],) and (scale > 0).all()
+        assert not nh.to_array(ix.inits[p.dq.input[2]]).any()
+        q = p.dq.input[1][: -len(".scale")]
+        np.testing.assert_array_equal(scale, result.weight_scales[q].numpy())
+    for p in acts:
+        s = nh.to_array(ix.inits[p.q.input[1]])
+        z = nh.to_array(ix.inits[p.q.input[2]])
+        assert s.shape == () and s > 0 and z.dtype == np.int8 and z == 0
+
+
+def test_weights_are_the_simulated_weights_bit_for_bit(u2d_export):
+    """int8 * scale (what DequantizeLinear computes) == the wrapper's fake-quantized weight."""
+    unet, result, exp = u2d_export
+    from calibration.quant_unet import quantize_model, weight_quantizers
+
+    qm = quantize_model(unet, result=result)
+    m = onnx.load(str(exp.graphs["trt"][0]))
+    ix = P.GraphIndex(m)
+    wq = weight_quantizers(qm)
+    modules = dict(qm.named_modules())
+    for p in P.qdq_pairs(m, ix):
+        if not p.is_weight:
+            continue
+        q = p.dq.input[1][: -len(".scale")]
+        layer = modules[q.rsplit(".", 1)[0]]
+        with torch.no_grad():
+            sim = wq[q](layer.weight).numpy()
+        w = nh.to_array(ix.inits[p.dq.input[0]]).astype(np.float32)
+        s = nh.to_array(ix.inits[p.dq.input[1]]).reshape(-1, *[1] * (w.ndim - 1))
+        np.testing.assert_array_equal(w * s, sim)
+
+
+def test_every_simulated_quantizer_is_in_the_graph(u2d_export):
+    """Q/DQ exactly where the wrapper simulates them: the set of quantizers matches, per profile."""
+    unet, result, exp = u2d_export
+    roles = {q["name"]: q["role"] for q in result.activation_quantizers}
+    in_trt = {s[: -len(".scale")] for s in exp.activation_scales["trt"]}
+    in_ort = {s[: -len(".scale")] for s in exp.activation_scales["ort"]}
+    assert in_trt == {n for n, r in roles.items() if r != "output"}
+    assert in_ort == set(roles)
+
+
+def test_shared_qkv_input_has_one_qdq(u2d_export):
+    _, _, exp = u2d_export
+    m = onnx.load(str(exp.graphs["trt"][0]), load_external_data=False)
+    ix = P.GraphIndex(m)
+    for att in ("/unet/down_blocks.1/attentions.0/", "/unet/mid_block/attentions.0/"):
+        mm = [n for n in m.graph.node if n.op_type == "MatMul" and any(n.name.startswith(f"{att}to_{x}/") for x in "qkv")]
+        assert len(mm) == 3
+        sources = {ix.producer[n.input[0]].name for n in mm}
+        assert len(sources) == 1, sources  # one DequantizeLinear feeds q, k and v
+
+
+def test_dedupe_merges_identical_pairs_only():
+    """Two identical Q/DQ pairs on one tensor become one; a pair with another scale stays."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    outs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [2, 4]) for i in range(3)]
+    inits = [nh.from_array(np.float32(0.1), "a.scale"), nh.from_array(np.float32(0.1), "b.scale"),
+             nh.from_array(np.float32(0.2), "c.scale"), nh.from_array(np.int8(0), "zp")]
+    nodes = []
+    for i, s in enumerate(("a.scale", "b.scale", "c.scale")):
+        nodes += [helper.make_node("QuantizeLinear", ["x", s, "zp"], [f"q{i}"], name=f"Q{i}"),
+                  helper.make_node("DequantizeLinear", [f"q{i}", s, "zp"], [f"d{i}"], name=f"DQ{i}"),
+                  helper.make_node("Relu", [f"d{i}"], [f"y{i}"], name=f"R{i}")]
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], outs, inits), opset_imports=[helper.make_opsetid("", 19)])
+    assert P.dedupe_activation_qdq(m) == 1
+    ops = [n.name for n in m.graph.node]
+    assert "Q1" not in ops and "Q2" in ops
+    assert next(n for n in m.graph.node if n.name == "R1").input[0] == "d0"
+    assert "b.scale" not in {t.name for t in m.graph.initializer}
+
+
+def test_fold_weight_quantizer_matches_torch_rounding():
+    """quantize_weight rounds half to even on w * float32(1/s), as torch.fake_quantize does."""
+    rs = np.random.RandomState(0)
+    w = rs.randn(8, 3, 3, 3).astype(np.float32)
+    s = (np.abs(w).reshape(8, -1).max(1) / 127).astype(np.float32)
+    w[0, 0, 0, 0] = np.float32(2.5) * s[0]  # an exact tie
+    q = P.quantize_weight(w, s, 8)
+    ref = torch.fake_quantize_per_channel_affine(torch.from_numpy(w), torch.from_numpy(s), torch.zeros(8, dtype=torch.int32), 0, -128, 127)
+    np.testing.assert_array_equal(q.astype(np.float32) * s.reshape(-1, 1, 1, 1), ref.numpy())
+
+
+def test_rerun_replaces_stale_group_graphs(tmp_path):
+    """A second export with fewer groups into the same folder leaves no stale group graph."""
+    unet = tiny_unet2d()
+    (tmp_path / "unet.g7.onnx").write_bytes(b"stale")
+    (tmp_path / "manifest.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("user file")
+    exp = export_qdq(unet, quick_result(unet, groups=1, **U2D), tmp_path, profile="trt", check=False, **U2D)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["notes.txt", WEIGHTS_NAME, REPORT_NAME, "unet.g0.onnx"])
+    assert exp.num_groups == 1
+
+
+# --------------------------------------------------------------------------- refusals and INT4
+
+
+def test_w4a8_refused_for_tensorrt(tmp_path):
+    unet = tiny_unet2d()
+    result = quick_result(unet, w_bits=4, **U2D)
+    for profile in ("trt", "both"):
+        with pytest.raises(AdpdmError, match="W4A8 cannot go to TensorRT"):
+            export_qdq(unet, result, tmp_path, profile=profile, **U2D)
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_low_bit_activations_refused(tmp_path):
+    unet = tiny_unet2d()
+    result = quick_result(unet, a_bits=6, **U2D)
+    with pytest.raises(AdpdmError, match="A6 activations cannot be exported"):
+        export_qdq(unet, result, tmp_path, profile="ort", **U2D)
+
+
+def test_w4a8_for_onnxruntime(tmp_path):
+    unet = tiny_unet2d()
+    result = quick_result(unet, w_bits=4, **U2D)
+    exp = export_qdq(unet, result, tmp_path, profile="ort", fusion=False, **U2D)
+    m = onnx.load(str(exp.graphs["ort"][0]))
+    assert P.opset_version(m) >= 21
+    ix = P.GraphIndex(m)
+    weights = [p for p in P.qdq_pairs(m, ix) if p.is_weight]
+    assert weights and all(ix.inits[p.dq.input[0]].data_type == TensorProto.INT4 for p in weights)
+    assert all(P.attr(p.dq, "axis") == 0 for p in weights)
+    vals = nh.to_array(ix.inits[weights[0].dq.input[0]]).astype(np.int64)
+    assert vals.min() >= -8 and vals.max() <= 7
+    for c in exp.checks:
+        assert c.ok and c.forced_rel_l2 < 1e-5, c
+
+
+def test_unknown_profile_refused(u2d_export, tmp_path):
+    unet, result, _ = u2d_export
+    with pytest.raises(AdpdmError, match="unknown profile"):
+        export_qdq(unet, result, tmp_path, profile="tensorrt", **U2D)
