@@ -220,30 +220,63 @@ def config_from_options(groups: Optional[int], seed: int, percentile: Optional[f
     return cfg
 
 
+ENV_OPTIONS = "ADPDM_METHOD_OPTIONS"
+
+
+def env_options() -> dict[str, Any]:
+    """Options from $ADPDM_METHOD_OPTIONS (a JSON object), e.g. '{"search_iters": 10}' for quick runs.
+
+    The CLI has no per-method flags; this is how tests and experiments reach the ADP-DM
+    settings through `adpdm calibrate`. The settings used are recorded in the result.
+    """
+    import json
+    import os
+
+    text = os.environ.get(ENV_OPTIONS, "").strip()
+    if not text:
+        return {}
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise AdpdmError(f"${ENV_OPTIONS} is not valid JSON ({e})") from None
+    if not isinstance(opts, dict):
+        raise AdpdmError(f"${ENV_OPTIONS} must be a JSON object")
+    return opts
+
+
+def _stderr_line(text: str) -> None:
+    import sys
+
+    print(text, file=sys.stderr, flush=True)
+
+
 def adpdm_method(ctx):
     """`fn(ctx: CalibrationContext) -> MethodOutput` for `pipeline.register_method("adpdm", ...)`.
 
-    ctx.options may carry the keys of `config_from_options` and `log`: a callable taking one
-    line of text (the summary, and the loss every few search iterations).
+    ctx.options (over $ADPDM_METHOD_OPTIONS) may carry the keys of `config_from_options` and
+    `log`: a callable taking one line of text (the loss every few search iterations and the
+    summary; default: print to stderr; None: silent).
     """
     from calibration.pipeline import MethodOutput
 
-    cfg = config_from_options(ctx.groups, ctx.seed, ctx.percentile, max(ctx.batch_size, 256), ctx.options)
-    log = (ctx.options or {}).get("log")
+    options = {**env_options(), **dict(ctx.options or {})}
+    cfg = config_from_options(ctx.groups, ctx.seed, ctx.percentile, max(ctx.batch_size, 256), options)
+    log = options.get("log", _stderr_line)
     last_logged: dict[str, int] = {}
+
+    log = log or (lambda text: None)
 
     def progress(stage: str, step: int, total: int, loss: Optional[float]) -> None:
         if ctx.progress is not None:
             ctx.progress(stage, step, total)
-        if log is not None and loss is not None:
+        if loss is not None:
             every = max(1, total // 8)
             if step == total or step - last_logged.get(stage, 0) >= every:
                 last_logged[stage] = step
                 log(f"[adpdm] {stage} {step}/{total} loss {loss:.3e}")
 
     out = calibrate_adpdm(ctx.qmodel, ctx.trajectories, ctx.scheduler_config, cfg, progress)
-    if log is not None:
-        log(out.summary())
+    log(out.summary())
     return MethodOutput(
         calib_timesteps_by_group=out.calib_timesteps_by_group(),
         calib_timestep=out.calib_timestep,
@@ -273,4 +306,5 @@ __all__ = [
     "calibrate_adpdm",
     "calibrate_adpdm_result",
     "config_from_options",
+    "env_options",
 ]

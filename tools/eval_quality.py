@@ -1,0 +1,297 @@
+"""Quality evaluation of ADP-DM against every baseline on the bundled reference model.
+
+    .venv/bin/python tools/eval_quality.py                       # the full grid (slow on 2 cores)
+    .venv/bin/python tools/eval_quality.py --bits W8A6,W4A8 --methods percentile,per-step,adpdm-G4
+
+For each bit setting and each method variant: calibrate (shared, cached FP calibration
+trajectories: 64 seeds x 100 DDIM steps by default), then evaluate on held-out seeds
+(never used in calibration) with DDIM 50 steps:
+
+* noise-prediction relative L2 vs FP per timestep (teacher forced on the FP trajectory) and its mean;
+* final-sample PSNR vs the FP sample from the same noise, over all samples and per chunk of
+  16 seeds (the spread over seeds);
+* Frechet distance (bundled digits classifier features vs the real digits) and its change vs FP;
+* calibration time (trajectory sampling excluded and reported once).
+
+Variants (`--methods`): percentile, minmax, uniform-groups-G{2,4,8}, per-step, adpdm-G{2,4,8},
+adpdm-G4-last (calibration timestep fixed to the last step: the SRM ablation), and
+`<variant>+conv_in` (the input of conv_in quantized too; DESIGN.md keeps it FP by default).
+Grouped baselines use the percentile statistic, like `percentile`, so only the grouping differs.
+
+Results accumulate in --json (a variant already there is skipped unless --force), so a grid can
+be run in pieces; --report rewrites the tables, the per-timestep plot and the sample grids from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+ALL_VARIANTS = [
+    "percentile", "minmax", "uniform-groups-G2", "uniform-groups-G4", "uniform-groups-G8", "per-step",
+    "adpdm-G2", "adpdm-G4", "adpdm-G8", "adpdm-G4-last",
+    "percentile+conv_in", "per-step+conv_in", "adpdm-G4+conv_in",
+]
+ALL_BITS = ["W8A8", "W8A6", "W4A8"]
+CHUNK = 16
+
+
+def parse_variant(name: str) -> dict:
+    base, _, extra = name.partition("+")
+    spec = {"name": name, "quantize_conv_in": extra == "conv_in", "options": {}, "groups": None, "stat": None}
+    if extra not in ("", "conv_in"):
+        raise SystemExit(f"unknown variant suffix +{extra}")
+    if base in ("percentile", "minmax"):
+        spec["method"] = base
+    elif base == "per-step":
+        spec.update(method="per-step", stat="percentile")
+    elif base.startswith("uniform-groups-G"):
+        spec.update(method="uniform-groups", groups=int(base.rsplit("G", 1)[1]), stat="percentile")
+    elif base.startswith("adpdm-G"):
+        rest = base[len("adpdm-G"):]
+        g, _, tail = rest.partition("-")
+        spec.update(method="adpdm", groups=int(g))
+        if tail == "last":
+            spec["options"]["calib_step"] = "last"
+        elif tail:
+            raise SystemExit(f"unknown adpdm variant {name}")
+    else:
+        raise SystemExit(f"unknown variant {name}; known: {', '.join(ALL_VARIANTS)}")
+    return spec
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    t = text.upper()
+    if not (t.startswith("W") and "A" in t):
+        raise SystemExit(f"bits must look like W8A6, got {text}")
+    w, a = t[1:].split("A")
+    return int(w), int(a)
+
+
+def quant_config(w: int, a: int, quantize_conv_in: bool):
+    from calibration.qconfig import DEFAULT_FP_LAYERS, QuantConfig
+
+    fp = tuple(p for p in DEFAULT_FP_LAYERS if not (quantize_conv_in and p == "conv_in"))
+    return QuantConfig(w_bits=w, a_bits=a, fp_layers=fp)
+
+
+def evaluate_model(qmodel, scheduler_config, heldout, feature_fn, real_stats, batch_size: int) -> dict:
+    from calibration.metrics import frechet_of, noise_rel_l2, psnr, sample_like
+
+    nr = noise_rel_l2(qmodel, heldout, batch_size)
+    images = sample_like(qmodel, scheduler_config, heldout, batch_size)
+    fp = heldout.final
+    chunks = [psnr(images[i: i + CHUNK], fp[i: i + CHUNK]) for i in range(0, images.shape[0], CHUNK)]
+    out = {
+        "noise_rel_l2": nr["mean"],
+        "noise_rel_l2_per_timestep": dict(zip([str(t) for t in nr["timesteps"]], nr["rel_l2"])),
+        "psnr_vs_fp_db": psnr(images, fp),
+        "psnr_chunks_db": chunks,
+        "psnr_chunk_std_db": float(torch.tensor(chunks).std()) if len(chunks) > 1 else 0.0,
+        "fd": None, "fd_fp": None, "fd_delta": None, "fd_delta_pct": None,
+    }
+    if feature_fn is not None:
+        out["fd"] = frechet_of(images, feature_fn, real_stats)
+        out["fd_fp"] = frechet_of(fp, feature_fn, real_stats)
+        out["fd_delta"] = out["fd"] - out["fd_fp"]
+        out["fd_delta_pct"] = 100.0 * out["fd_delta"] / out["fd_fp"]
+    return out, images
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(args) -> None:
+    from adpdm_export.model_loading import load_model
+    from adpdm_export.reference import load_reference_classifier, reference_real_feature_stats
+    from calibration import pipeline
+    from calibration.adpdm import adpdm_method
+    from calibration.quant_unet import quantize_model
+    from calibration.trajectories import generate_trajectories, heldout_seed
+    from engines.images import save_grid
+
+    torch.set_num_threads(args.threads)
+    if pipeline.METHODS.get("adpdm") is not adpdm_method:
+        pipeline.register_method("adpdm", adpdm_method)
+    loaded = load_model(args.model)
+    unet, sc = loaded.unet, loaded.scheduler_config
+    clf = load_reference_classifier()
+    feature_fn, real_stats = clf.features, reference_real_feature_stats()
+    store = Path(args.json)
+    data = json.loads(store.read_text()) if store.is_file() else {"runs": {}, "meta": {}}
+    cache = str(Path(args.cache_dir))
+
+    t0 = time.perf_counter()
+    calib = generate_trajectories(unet, sc, num_samples=args.calib_samples, num_steps=args.calib_steps, seed=args.seed,
+                                  cond=loaded.default_condition(args.calib_samples), cache_dir=cache, model_sha=loaded.sha256)
+    t_traj = time.perf_counter() - t0
+    heldout = generate_trajectories(unet, sc, num_samples=args.samples, num_steps=args.eval_steps,
+                                    seed=heldout_seed(args.seed), cond=loaded.default_condition(args.samples),
+                                    cache_dir=cache, model_sha=loaded.sha256)
+    data["meta"].update({
+        "model": args.model, "model_sha256": loaded.sha256, "calib_samples": args.calib_samples,
+        "calib_steps": args.calib_steps, "eval_samples": args.samples, "eval_steps": args.eval_steps,
+        "seed": args.seed, "heldout_seed": heldout_seed(args.seed), "threads": args.threads,
+        "calib_trajectories_s": t_traj if not calib.from_cache else data["meta"].get("calib_trajectories_s"),
+    })
+    img_dir = Path(args.img_dir)
+    save_grid(heldout.final[:64], img_dir / "samples-fp.png", ncols=8, scale=3)
+    for bits in args.bits:
+        w, a = parse_bits(bits)
+        for name in args.methods:
+            key = f"{bits}/{name}"
+            if key in data["runs"] and not args.force:
+                log(f"skip {key} (in {store})")
+                continue
+            spec = parse_variant(name)
+            log(f"== {key}: calibrating ({spec['method']}, groups={spec['groups']}, options={spec['options']})")
+            opts = dict(spec["options"])
+            if spec["method"] == "adpdm":
+                opts["log"] = log
+                opts.update(args.adpdm_options)
+            t0 = time.perf_counter()
+            result = pipeline.calibrate(
+                unet, sc, method=spec["method"], groups=spec["groups"],
+                config=quant_config(w, a, spec["quantize_conv_in"]), trajectories=calib, seed=args.seed,
+                stat=spec["stat"], batch_size=args.batch_size, options=opts,
+            )
+            t_cal = time.perf_counter() - t0
+            qmodel = quantize_model(unet, result=result)
+            log(f"   calibrated in {t_cal:.1f} s ({result.num_groups} groups); evaluating")
+            t0 = time.perf_counter()
+            metrics, images = evaluate_model(qmodel, sc, heldout, feature_fn, real_stats, args.batch_size)
+            rec = {
+                "bits": bits, "variant": name, "method": spec["method"], "num_groups": result.num_groups,
+                "groups": result.groups, "calib_timestep": result.calib_timestep, "calibration_s": t_cal,
+                "eval_s": time.perf_counter() - t0, **metrics,
+            }
+            adp = (result.extra or {}).get("adpdm")
+            if adp:
+                rec["srm"] = adp.get("srm")
+                rec["adpdm_timings"] = result.timings
+                rec["group_ranges"] = adp.get("group_ranges")
+            data["runs"][key] = rec
+            save_grid(images[:64], img_dir / f"samples-{bits}-{name}.png", ncols=8, scale=3)
+            log(f"   {key}: rel-L2 {metrics['noise_rel_l2']:.4f}  PSNR {metrics['psnr_vs_fp_db']:.2f} dB "
+                f"(chunk std {metrics['psnr_chunk_std_db']:.2f})  FD {metrics['fd']:.3f} vs FP {metrics['fd_fp']:.3f} "
+                f"({metrics['fd_delta_pct']:+.1f}%)  calib {t_cal:.1f} s")
+            store.parent.mkdir(parents=True, exist_ok=True)
+            store.write_text(json.dumps(data, indent=1))
+    report(data, img_dir)
+
+
+# ----------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------
+def gap_closed(runs: dict, bits: str, variant: str) -> float | None:
+    try:
+        p = runs[f"{bits}/percentile"]["noise_rel_l2"]
+        s = runs[f"{bits}/per-step"]["noise_rel_l2"]
+        v = runs[f"{bits}/{variant}"]["noise_rel_l2"]
+    except KeyError:
+        return None
+    return (p - v) / (p - s) if p != s else None
+
+
+def report(data: dict, img_dir: Path) -> None:
+    runs = data["runs"]
+    lines = ["| bits | method | G | noise rel-L2 (mean) | rel-L2 at t=min | gap closed | PSNR vs FP (dB) | chunk std | FD | FD change | calib s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, r in runs.items():
+        per = r["noise_rel_l2_per_timestep"]
+        t_min = min(per, key=lambda t: int(t))
+        gc = gap_closed(runs, r["bits"], r["variant"])
+        lines.append(
+            f"| {r['bits']} | {r['variant']} | {r['num_groups']} | {r['noise_rel_l2']:.4f} | {per[t_min]:.4f} | "
+            f"{'' if gc is None else f'{100 * gc:.0f}%'} | {r['psnr_vs_fp_db']:.2f} | {r['psnr_chunk_std_db']:.2f} | "
+            f"{r['fd']:.3f} | {r['fd_delta_pct']:+.1f}% | {r['calibration_s']:.0f} |"
+        )
+    print("\n".join(lines))
+    for key, r in runs.items():
+        if r.get("srm"):
+            srm = r["srm"]
+            print(f"\nSRM candidates for {key} (tau* = {srm['tau']}, oracle gap {100 * srm['oracle_gap']:+.1f}%):")
+            print("| step | timestep | empirical risk | MMD^2 | structural risk | oracle (held-out) |")
+            print("|---:|---:|---:|---:|---:|---:|")
+            for k, row in enumerate(srm["rows"]):
+                mark = " (tau*)" if k == srm["best_index"] else ""
+                print(f"| {row['step']} | {row['timestep']}{mark} | {row['empirical_risk']:.5f} | {row['mmd2']:.4f} | "
+                      f"{row['structural_risk']:.5f} | {row['oracle']:.5f} |")
+        if r.get("group_ranges"):
+            print(f"\ngroups of {key}: " + "; ".join(
+                f"g{g}: " + ", ".join(f"{lo}-{hi}" for lo, hi in runs_) for g, runs_ in enumerate(r["group_ranges"])))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no plot")
+        return
+    bits_list = sorted({r["bits"] for r in runs.values()}, key=lambda b: ALL_BITS.index(b) if b in ALL_BITS else 9)
+    fig, axes = plt.subplots(1, len(bits_list), figsize=(6 * len(bits_list), 4.5), squeeze=False)
+    for ax, bits in zip(axes[0], bits_list):
+        for key, r in runs.items():
+            if r["bits"] != bits:
+                continue
+            per = r["noise_rel_l2_per_timestep"]
+            ts = sorted(per, key=int)
+            style = "-" if r["method"] == "adpdm" else "--"
+            ax.plot([int(t) for t in ts], [per[t] for t in ts], style, label=r["variant"], lw=1.2)
+        ax.set_yscale("log")
+        ax.set_xlabel("timestep")
+        ax.set_ylabel("noise-pred rel L2 vs FP")
+        ax.set_title(bits)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    img_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(img_dir / "per-timestep-error.png", dpi=110)
+    log(f"wrote {img_dir / 'per-timestep-error.png'}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="reference")
+    p.add_argument("--bits", default=",".join(ALL_BITS))
+    p.add_argument("--methods", default=",".join(ALL_VARIANTS))
+    p.add_argument("--samples", type=int, default=64, help="held-out seeds for evaluation")
+    p.add_argument("--eval-steps", type=int, default=50, help="DDIM steps of the evaluation")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-steps", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--adpdm-option", action="append", default=[], help="key=value passed to the ADP-DM method")
+    p.add_argument("--json", default=str(ROOT / "docs" / "results_data.json"))
+    p.add_argument("--img-dir", default=str(ROOT / "docs" / "img"))
+    p.add_argument("--cache-dir", default=str(ROOT / "runs" / "cache"))
+    p.add_argument("--force", action="store_true", help="recompute variants already in --json")
+    p.add_argument("--report", action="store_true", help="only print the tables and redraw the plot from --json")
+    args = p.parse_args(argv)
+    args.bits = [b for b in args.bits.split(",") if b]
+    args.methods = [m for m in args.methods.split(",") if m]
+    for m in args.methods:
+        parse_variant(m)
+    args.adpdm_options = {}
+    for kv in args.adpdm_option:
+        k, _, v = kv.partition("=")
+        args.adpdm_options[k] = v
+    if args.report:
+        report(json.loads(Path(args.json).read_text()), Path(args.img_dir))
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
