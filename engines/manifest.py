@@ -108,8 +108,7 @@ def check_relpath(name: Any, what: str = "path") -> str:
         raise AdpdmError(f"manifest {what} {name!r} must be a POSIX path relative to the build folder")
     if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
         raise AdpdmError(f"manifest {what} {name!r} is absolute: paths must stay inside the build folder")
-    parts = PurePosixPath(name).parts
-    if any(p in ("..", ".") for p in parts) or name.endswith("/"):
+    if any(p in ("..", ".", "") for p in name.split("/")):
         raise AdpdmError(f"manifest {what} {name!r} leaves the build folder (or is not a plain path)")
     return name
 
