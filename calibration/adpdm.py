@@ -39,13 +39,14 @@ class ADPDMConfig:
     """num_groups: G (default 4). calib_step: None (SRM chooses), "last" or a step index
     (fixed; the SRM ablation). srm / search: the two stages' settings (their num_groups
     and seed are overridden by this config's). search_items: trajectory items used as x0
-    sources of the search data (None: all). calibrate_weights: set weight scales first."""
+    sources of the search data (None: all; 16 x N steps inputs already exceed the
+    search_iters x batch_size pairs the search draws). calibrate_weights: set weight scales first."""
 
     num_groups: int = 4
     calib_step: Optional[Union[str, int]] = None
     srm: SRMConfig = field(default_factory=SRMConfig)
     search: GroupSearchConfig = field(default_factory=GroupSearchConfig)
-    search_items: Optional[int] = None
+    search_items: Optional[int] = 16
     batch_size: int = 256
     seed: int = 0
     calibrate_weights: bool = True
