@@ -14,13 +14,14 @@ Groups are numbered in increasing timestep order.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from calibration.observers import ActivationObserver
-from calibration.quant_unet import activation_quantizers, get_state, observe_mode
+from calibration.quant_unet import activation_quantizers, get_state, observe_mode, set_table
 from calibration.trajectories import TrajectorySet
 from engines.errors import AdpdmError
 
@@ -129,6 +130,61 @@ def set_activation_scales(qmodel: nn.Module, amax: dict[str, torch.Tensor]) -> l
     return unobserved
 
 
+# Histograms (percentile statistic) per calibration step are kept if they fit this budget.
+STEP_HIST_BINS = 1024
+STEP_HIST_MAX_BYTES = 256 << 20
+
+
+def step_histograms_fit(num_steps: int, num_quantizers: int) -> bool:
+    return num_steps * num_quantizers * STEP_HIST_BINS * 8 <= STEP_HIST_MAX_BYTES
+
+
+@dataclass
+class StepStats:
+    """Statistics observed per calibration step (group k = k-th smallest timestep in `timesteps`)."""
+
+    timesteps: list[int]  # ascending, one per per-step group
+    observer: ActivationObserver
+
+    def for_table(self, table: torch.Tensor, num_groups: int) -> ActivationObserver:
+        """The same statistics grouped by `table` (timestep -> group)."""
+        return self.observer.merge_groups([int(table[t]) for t in self.timesteps], num_groups)
+
+    def matches(self, traj: TrajectorySet) -> bool:
+        return sorted(self.timesteps) == sorted(set(int(t) for t in traj.timesteps))
+
+
+def step_observer(qmodel: nn.Module, num_steps: int, histogram: bool) -> ActivationObserver:
+    hist = histogram and step_histograms_fit(num_steps, len(activation_quantizers(qmodel)))
+    return ActivationObserver(num_steps, histogram=hist, bins=STEP_HIST_BINS)
+
+
+def observe_steps(
+    qmodel: nn.Module,
+    traj: TrajectorySet,
+    histogram: bool = False,
+    batch_size: int = 64,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> StepStats:
+    """Statistics of every activation quantizer per calibration step of `traj` (one FP pass).
+
+    The model's table is switched to one group per step for the pass and restored (with
+    G changing, activation scales are reset: set them afterwards).
+    """
+    st = get_state(qmodel)
+    old = st.table.clone()
+    step_ts = sorted(set(int(t) for t in traj.timesteps))
+    obs = step_observer(qmodel, len(step_ts), histogram)
+    set_table(qmodel, per_step_table(step_ts, old.numel()))
+    per_step = (traj.num_samples + batch_size - 1) // batch_size
+    try:
+        observe(qmodel, calibration_batches(traj, None, batch_size), obs, total=traj.num_steps * per_step,
+                progress=progress)
+    finally:
+        set_table(qmodel, old)
+    return StepStats(step_ts, obs)
+
+
 def calibrate_activations(
     qmodel: nn.Module,
     traj: TrajectorySet,
@@ -137,17 +193,32 @@ def calibrate_activations(
     steps: Optional[list[int]] = None,
     batch_size: int = 64,
     progress: Optional[Callable[[int, int], None]] = None,
-) -> dict[str, list[str]]:
-    """Observe `traj` (all steps or `steps`) and set every activation scale per group.
+    step_stats: Optional[StepStats] = None,
+) -> dict[str, Any]:
+    """Set every activation scale per group from `traj` (all steps or the step indices `steps`).
 
-    The model's timestep->group table decides which group each step feeds.
+    The model's timestep->group table decides which group each step feeds. With all steps,
+    statistics are gathered per step and merged by the table, so they are the same whether
+    they were observed while sampling `traj` (`step_stats`) or in a pass over it now.
+    Returns {"unobserved": [...], "step_stats": StepStats or None}.
     """
     if stat not in STATS:
         raise AdpdmError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
     st = get_state(qmodel)
-    obs = ActivationObserver(st.num_groups, histogram=(stat == "percentile"))
-    steps = list(range(traj.num_steps)) if steps is None else list(steps)
-    per_step = (traj.num_samples + batch_size - 1) // batch_size
-    observe(qmodel, calibration_batches(traj, steps, batch_size), obs, total=len(steps) * per_step, progress=progress)
+    table, g = st.table.clone(), st.num_groups
+    need_hist = stat == "percentile"
+    if steps is None:
+        if step_stats is None or not step_stats.matches(traj) or (need_hist and not step_stats.observer.histogram):
+            step_stats = observe_steps(qmodel, traj, need_hist, batch_size, progress)
+        elif progress is not None:
+            progress(1, 1)
+    if steps is None and (step_stats.observer.histogram or not need_hist):
+        obs = step_stats.for_table(table, g)
+    else:  # chosen steps, or per-step histograms too large: one pass with the model's groups
+        obs = ActivationObserver(g, histogram=need_hist, bins=STEP_HIST_BINS)
+        steps = list(range(traj.num_steps)) if steps is None else list(steps)
+        per_step = (traj.num_samples + batch_size - 1) // batch_size
+        observe(qmodel, calibration_batches(traj, steps, batch_size), obs, total=len(steps) * per_step,
+                progress=progress)
     amax = obs.amax() if stat == "minmax" else obs.percentile_amax(percentile)
-    return {"unobserved": set_activation_scales(qmodel, amax)}
+    return {"unobserved": set_activation_scales(qmodel, amax), "step_stats": step_stats}

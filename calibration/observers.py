@@ -4,12 +4,17 @@
 quantizer's input in `observe_mode`; it splits the batch by each item's group (the
 wrapper computed them from the timestep values) so a mixed-group batch feeds each
 group's statistics with its own items only.
+
+Histogram ranges are powers of two, so histograms of different groups merge exactly:
+statistics collected per calibration step (one group per step) can be reduced to any
+grouping of those steps afterwards (`merge_groups`), which lets calibration observe
+while the FP model samples its trajectories instead of in a second pass.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -17,8 +22,12 @@ from calibration.quantizers import ActQuantizer, per_item_rows
 from engines.errors import AdpdmError
 
 
+def _pow2_at_least(v: float) -> float:
+    return 2.0 ** math.ceil(math.log2(v))
+
+
 class _AbsHistogram:
-    """Histogram of |x| over [0, R] with R growing by powers of two (bins merge exactly)."""
+    """Histogram of |x| over [0, R], R a power of two that grows by doubling (bins merge exactly)."""
 
     def __init__(self, bins: int, max_samples: int = 1 << 18):
         self.bins = int(bins)
@@ -27,23 +36,29 @@ class _AbsHistogram:
         self.max_samples = int(max_samples)
         self.calls = 0
 
+    def _grow(self, new_range: float) -> None:
+        if self.range == 0.0:
+            self.range = new_range  # anything seen so far was 0: bin 0 stays right
+            return
+        factor = int(round(new_range / self.range))
+        if factor <= 1:
+            return
+        if factor >= self.bins:
+            total = self.counts.sum()
+            self.counts.zero_()
+            self.counts[0] = total
+        else:
+            merged = self.counts.view(self.bins // factor, factor).sum(1)
+            self.counts.zero_()
+            self.counts[: merged.numel()] = merged
+        self.range = new_range
+
     def add(self, a: torch.Tensor, amax: float) -> None:
+        """a: flat |x| values; amax: their max."""
         if self.counts is None:
             self.counts = torch.zeros(self.bins, dtype=torch.float64, device=a.device)
         if amax > self.range:
-            if self.range == 0.0:
-                self.range = amax if amax > 0 else 0.0
-            else:
-                factor = 2 ** math.ceil(math.log2(amax / self.range))
-                if factor >= self.bins:
-                    total = self.counts.sum()
-                    self.counts.zero_()
-                    self.counts[0] = total
-                else:
-                    merged = self.counts.view(self.bins // factor, factor).sum(1)
-                    self.counts.zero_()
-                    self.counts[: merged.numel()] = merged
-                self.range *= factor
+            self._grow(_pow2_at_least(amax))
         n = a.numel()
         self.calls += 1
         if self.range == 0.0:
@@ -54,6 +69,25 @@ class _AbsHistogram:
             a = a[self.calls % step :: step]
         idx = (a.float() * (self.bins / self.range)).to(torch.int64).clamp_(0, self.bins - 1)
         self.counts += torch.bincount(idx, minlength=self.bins).to(torch.float64) * (n / a.numel())
+
+    def merge(self, other: "_AbsHistogram") -> None:
+        if other.counts is None:
+            return
+        if self.counts is None:
+            self.counts = torch.zeros(self.bins, dtype=torch.float64, device=other.counts.device)
+        oc = other.counts.to(self.counts.device)
+        if other.range > self.range:
+            self._grow(other.range)
+        if other.range == 0.0:
+            self.counts[0] += oc.sum()
+            return
+        factor = int(round(self.range / other.range))  # a power of two >= 1
+        if factor == 1:
+            self.counts += oc
+        elif factor >= self.bins:
+            self.counts[0] += oc.sum()
+        else:
+            self.counts[: self.bins // factor] += oc.view(self.bins // factor, factor).sum(1)
 
     def quantile(self, q: float) -> float:
         if self.counts is None or self.range == 0.0:
@@ -70,7 +104,8 @@ class ActivationObserver:
 
     `histogram=True` keeps a `bins`-bin histogram of |x| per (quantizer, group) for
     `percentile_amax` (tensors above `max_samples` elements are histogrammed through a
-    strided subsample, weighted to their full size; the max-abs is always exact). Call it as `observer(quantizer, x)` (what `observe_mode` does).
+    strided subsample, weighted to their full size; the max-abs is always exact).
+    Call it as `observer(quantizer, x)` (what `observe_mode` does).
     """
 
     def __init__(self, num_groups: int, histogram: bool = False, bins: int = 2048, max_samples: int = 1 << 18):
@@ -101,23 +136,56 @@ class ActivationObserver:
             for g in torch.unique(rows).tolist():
                 self._add(name, int(g), x[rows == g])
 
-    def _add(self, name: str, group: int, x: torch.Tensor) -> None:
-        if not 0 <= group < self.num_groups:
-            raise AdpdmError(f"observer for {self.num_groups} groups got group {group}")
-        a = x.detach().abs()
-        m = float(a.max()) if a.numel() else 0.0
+    def _entry(self, name: str) -> None:
         if name not in self._amax:
             self._amax[name] = torch.full((self.num_groups,), float("nan"), dtype=torch.float64)
             self._count[name] = torch.zeros(self.num_groups, dtype=torch.int64)
             self._hist[name] = [None] * self.num_groups
+
+    def _add(self, name: str, group: int, x: torch.Tensor) -> None:
+        if not 0 <= group < self.num_groups:
+            raise AdpdmError(f"observer for {self.num_groups} groups got group {group}")
+        x = x.detach()
+        if x.numel():
+            lo, hi = torch.aminmax(x)
+            m = max(-float(lo), float(hi))
+        else:
+            m = 0.0
+        self._entry(name)
         cur = self._amax[name][group]
         self._amax[name][group] = m if torch.isnan(cur) else max(float(cur), m)
-        self._count[name][group] += a.numel()
+        self._count[name][group] += x.numel()
         if self.histogram:
             h = self._hist[name][group]
             if h is None:
                 h = self._hist[name][group] = _AbsHistogram(self.bins, self.max_samples)
-            h.add(a.reshape(-1), m)
+            h.add(x.reshape(-1).abs(), m)
+
+    # -- reduction ---------------------------------------------------------------------
+    def merge_groups(self, mapping: Sequence[int], num_groups: int) -> "ActivationObserver":
+        """A new observer whose group k holds the union of the groups g with mapping[g] == k.
+
+        Exact for max-abs, counts and histograms (power-of-two ranges).
+        """
+        if len(mapping) != self.num_groups:
+            raise AdpdmError(f"mapping has {len(mapping)} entries for {self.num_groups} groups")
+        out = ActivationObserver(num_groups, self.histogram, self.bins, self.max_samples)
+        for name in self._amax:
+            out._entry(name)
+            for g, k in enumerate(mapping):
+                if int(self._count[name][g]) == 0:
+                    continue
+                k = int(k)
+                a = float(self._amax[name][g])
+                cur = out._amax[name][k]
+                out._amax[name][k] = a if torch.isnan(cur) else max(float(cur), a)
+                out._count[name][k] += self._count[name][g]
+                h = self._hist[name][g]
+                if self.histogram and h is not None:
+                    if out._hist[name][k] is None:
+                        out._hist[name][k] = _AbsHistogram(self.bins, self.max_samples)
+                    out._hist[name][k].merge(h)
+        return out
 
     # -- results -----------------------------------------------------------------------
     @property

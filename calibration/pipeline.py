@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from calibration.baselines import (
+    StepStats,
+    step_observer,
     calib_timesteps_by_group,
     calibrate_activations,
     per_step_table,
@@ -25,12 +27,12 @@ from calibration.baselines import (
 )
 from calibration.fingerprint import model_sha256
 from calibration.qconfig import QuantConfig, check_bits
-from calibration.quant_unet import quantize_model, set_table
+from calibration.quant_unet import observe_mode, quantize_model, set_table
 from calibration.result import CalibrationResult, result_from_model
 from calibration.trajectories import DEFAULT_SAMPLES, DEFAULT_STEPS, TrajectorySet, generate_trajectories
 from calibration.weight_clipping import calibrate_weights
 from engines.errors import AdpdmError
-from engines.scheduling import num_train_timesteps
+from engines.scheduling import make_scheduler, num_train_timesteps
 
 METHOD_NAMES = ("adpdm", "minmax", "percentile", "uniform-groups", "per-step")
 DEFAULT_GROUPS = 4
@@ -55,6 +57,7 @@ class CalibrationContext:
     seed: int
     progress: Optional[Progress]
     options: dict[str, Any] = field(default_factory=dict)
+    step_stats: Optional[StepStats] = None  # per-step statistics observed while sampling, if any
 
 
 @dataclass
@@ -83,7 +86,7 @@ def _run_single(ctx: CalibrationContext, stat: str) -> MethodOutput:
     table = single_group_table(ctx.num_train_timesteps)
     set_table(ctx.qmodel, table)
     calibrate_activations(ctx.qmodel, ctx.trajectories, stat, ctx.percentile, batch_size=ctx.batch_size,
-                          progress=_step_progress(ctx.progress, "activations"))
+                          progress=_step_progress(ctx.progress, "activations"), step_stats=ctx.step_stats)
     return MethodOutput(calib_timesteps_by_group(table, _calib_timesteps(ctx)))
 
 
@@ -107,7 +110,7 @@ def _uniform_groups(ctx: CalibrationContext) -> MethodOutput:
         )
     set_table(ctx.qmodel, table)
     calibrate_activations(ctx.qmodel, ctx.trajectories, ctx.stat, ctx.percentile, batch_size=ctx.batch_size,
-                          progress=_step_progress(ctx.progress, "activations"))
+                          progress=_step_progress(ctx.progress, "activations"), step_stats=ctx.step_stats)
     return MethodOutput(by_group)
 
 
@@ -119,7 +122,7 @@ def _per_step(ctx: CalibrationContext) -> MethodOutput:
         raise AdpdmError(f"per-step uses one group per calibration step ({g}); drop --groups or set it to {g}")
     set_table(ctx.qmodel, table)
     calibrate_activations(ctx.qmodel, ctx.trajectories, ctx.stat, ctx.percentile, batch_size=ctx.batch_size,
-                          progress=_step_progress(ctx.progress, "activations"))
+                          progress=_step_progress(ctx.progress, "activations"), step_stats=ctx.step_stats)
     return MethodOutput(calib_timesteps_by_group(table, ts))
 
 
@@ -215,23 +218,35 @@ def calibrate(
     sha = model_sha256(unet)
     timings: dict[str, float] = {}
 
+    qmodel = quantize_model(unet, config, table=single_group_table(t_count))
     t0 = time.perf_counter()
+    step_stats = None
     if trajectories is None:
-        trajectories = generate_trajectories(
-            unet, scheduler_config, num_samples=calib_samples, num_steps=calib_steps, seed=seed, cond=cond,
-            batch_size=batch_size, cache_dir=cache_dir, model_sha=sha,
-            progress=_step_progress(progress, "trajectories"),
-        )
+        # Sample with the wrapped model in observe mode (bit-exact FP): statistics per
+        # calibration step come for free when the trajectories are not cached.
+        scheduler = make_scheduler(scheduler_config, "ddim")
+        scheduler.set_timesteps(int(calib_steps))
+        step_ts = sorted(set(int(t) for t in scheduler.timesteps))
+        observer = step_observer(qmodel, len(step_ts), histogram=(stat == "percentile"))
+        set_table(qmodel, per_step_table(step_ts, t_count))
+        with observe_mode(qmodel, observer):
+            trajectories = generate_trajectories(
+                qmodel, scheduler_config, num_samples=calib_samples, num_steps=calib_steps, seed=seed, cond=cond,
+                batch_size=batch_size, cache_dir=cache_dir, model_sha=sha,
+                progress=_step_progress(progress, "trajectories"),
+            )
+        set_table(qmodel, single_group_table(t_count))
+        if not trajectories.from_cache:
+            step_stats = StepStats(step_ts, observer)
     elif trajectories.settings.get("model_sha256") not in (None, sha):
         raise AdpdmError("the trajectories given were sampled from another model")
     timings["trajectories_s"] = time.perf_counter() - t0
 
-    qmodel = quantize_model(unet, config, table=single_group_table(t_count))
     ctx = CalibrationContext(
         qmodel=qmodel, unet=unet, scheduler_config=scheduler_config, trajectories=trajectories,
         num_train_timesteps=t_count, groups=None if groups is None else int(groups), stat=stat,
         percentile=float(percentile), batch_size=int(batch_size), seed=int(seed), progress=progress,
-        options=dict(options or {}),
+        options=dict(options or {}), step_stats=step_stats,
     )
     t0 = time.perf_counter()
     out = METHODS[method](ctx)
@@ -257,6 +272,7 @@ def calibrate(
         "cond_keys": sorted(trajectories.cond),
         "trajectory_key": trajectories.settings,
         "trajectories_cached": bool(trajectories.from_cache),
+        "observed_while_sampling": step_stats is not None,
         "device": str(dev),
         **(extra_settings or {}),
     }

@@ -310,7 +310,9 @@ def quantize_model(
     if is_quantized(unet):
         raise AdpdmError("model is already quantization-aware")
     if result is not None:
-        config = QuantConfig.from_dict(result.config["quant"]) if config is None else config
+        if config is None:
+            quant = (result.config or {}).get("quant") or {"w_bits": result.w_bits, "a_bits": result.a_bits}
+            config = QuantConfig.from_dict(quant)
         table = result.timestep_to_group
     config = QuantConfig() if config is None else QuantConfig.from_dict(config.to_dict())
     sha = model_sha256(unet)

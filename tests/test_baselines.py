@@ -149,3 +149,19 @@ def test_error_falls_as_bits_rise_reference(tmp_path):
     assert e[8] < e[6] < e[4]
     # per-step groups are the ceiling: no worse than one scale set at 6 bits
     assert _rel_l2(m.unet, m.scheduler_config, traj, held, 8, 6, "per-step") <= e[6] * 1.05
+
+
+@pytest.mark.parametrize("method, kw", [("percentile", {}), ("uniform-groups", {"groups": 2, "stat": "percentile"}),
+                                        ("per-step", {})])
+def test_observing_while_sampling_equals_a_separate_pass(tmp_path, method, kw):
+    from conftest import DDPM_CONFIG
+
+    unet = tiny_unet2d(seed=3)
+    args = dict(method=method, calib_samples=3, calib_steps=4, cache_dir=str(tmp_path), batch_size=2, **kw)
+    first = calibrate(unet, DDPM_CONFIG, **args)  # samples (and observes while sampling)
+    second = calibrate(unet, DDPM_CONFIG, **args)  # trajectories from the cache: a separate pass
+    assert first.config["calibration"]["observed_while_sampling"]
+    assert not second.config["calibration"]["observed_while_sampling"]
+    assert second.config["calibration"]["trajectories_cached"]
+    for n, s in first.activation_scales.items():
+        assert torch.equal(s, second.activation_scales[n]), n

@@ -208,3 +208,21 @@ def test_percentile_with_subsampled_histograms():
         a, b = full.percentile_amax(p)["q"].item(), sub.percentile_amax(p)["q"].item()
         assert b == pytest.approx(a, rel=0.05)
     assert sub.amax()["q"].item() == full.amax()["q"].item()  # the max is always exact
+
+
+def test_observer_merge_groups_is_exact():
+    q = ActQuantizer(8, 4)
+    q.qname = "q"
+    per_step = ActivationObserver(4, histogram=True, bins=256)
+    direct = ActivationObserver(2, histogram=True, bins=256)
+    g = torch.Generator().manual_seed(0)
+    st = q._state
+    for step, scale in enumerate([0.3, 5.0, 1.0, 40.0]):
+        x = torch.randn(3, 500, generator=g) * scale
+        st.set_groups(torch.tensor([step]))
+        per_step(q, x)
+        direct._add("q", step // 2, x)
+    merged = per_step.merge_groups([0, 0, 1, 1], 2)
+    assert torch.equal(merged.amax()["q"], direct.amax()["q"])
+    assert torch.allclose(merged.percentile_amax(90.0)["q"], direct.percentile_amax(90.0)["q"])
+    assert torch.allclose(merged.percentile_amax(99.9)["q"], direct.percentile_amax(99.9)["q"])
