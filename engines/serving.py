@@ -1,0 +1,464 @@
+"""`adpdm serve`: a build folder's runner on Triton Inference Server, through PyTriton.
+
+Two Triton models:
+
+- ``unet``: one noise prediction, ``(sample, timestep[, class_labels | encoder_hidden_states])
+  -> out_sample``, with Triton's dynamic batcher. Requests at *different* timesteps are
+  batched together; `TimestepDispatchRunner` splits each batch by timestep group and
+  reassembles it, so each request gets exactly what it would get alone.
+- ``generate``: ``(seed, n, steps[, scheduler, class_labels | encoder_hidden_states]) -> images``:
+  the whole sampling loop (the build manifest's scheduler config) runs in the server, no
+  step crosses the network. ``images`` are in model space ([-1, 1], (n, C, H, W) float32);
+  `engines.images.to_uint8` turns them into pixels. Same seed, same images as
+  `generate_images` in process.
+
+Safe defaults: HTTP, gRPC and metrics listen on 127.0.0.1 only (PyTriton's own default
+is 0.0.0.0 for whatever address is not given, so all three are always set); binding
+elsewhere takes an explicit host. n, steps, batch and sequence length are bounded
+(`ServeLimits`); wrong shapes and dtypes are refused by Triton itself (strict model
+configs), bad values (NaN, out-of-range timesteps, negative seeds, unknown schedulers)
+by the model, both as Triton error responses. Stop: `stop()` / SIGINT / SIGTERM, with a
+short exit timeout (an open client connection otherwise stretches shutdown to 30 s).
+
+Known limitation of Triton's Python models (PyTriton included): an error is reported for
+the whole executed batch, so a request with a bad *value* (NaN, timestep out of range)
+that the dynamic batcher put in the same batch as good requests fails those too. Shape
+and dtype errors are refused per request, before batching.
+
+PyTriton is an optional dependency (extra ``serve``): this module imports it only inside
+`AdpdmServer.start`, so the rest (`generate_images`, `ServeLimits`) works without it.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sysconfig
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from engines.errors import AdpdmError
+
+LOGGER = logging.getLogger("adpdm.serve")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_GRPC_PORT = 8001
+DEFAULT_METRICS_PORT = 8002
+UNET_MODEL = "unet"
+GENERATE_MODEL = "generate"
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """Bounds every request is checked against (defaults sized for a CPU server)."""
+
+    max_batch: int = 16  # unet: Triton max_batch_size (items per executed batch and per request)
+    max_queue_delay_us: int = 2000  # unet: how long the dynamic batcher waits to fill a batch
+    max_n: int = 16  # generate: images per request
+    max_steps: int = 250  # generate: sampling steps per request
+    max_sequence_length: int = 256  # encoder_hidden_states tokens
+    exit_timeout_s: int = 3  # how long stop() waits for in-flight requests
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_n", "max_steps", "max_sequence_length", "exit_timeout_s"):
+            if int(getattr(self, name)) < 1:
+                raise AdpdmError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue_delay_us < 0:
+            raise AdpdmError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A TCP port free on `host` right now (for tests and tools)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def python_libdir_env(env: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """`env` with this interpreter's LIBDIR first on LD_LIBRARY_PATH.
+
+    Triton's Python backend stub links libpython3.X dynamically; without this it may load
+    a different installation's libpython (pyenv, conda, system) than the venv's and crash
+    or fail to import the venv's packages.
+    """
+    env = dict(os.environ if env is None else env)
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir and Path(libdir).is_dir():
+        parts = [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p]
+        if libdir not in parts:
+            env["LD_LIBRARY_PATH"] = ":".join([libdir, *parts])
+    return env
+
+
+# --------------------------------------------------------------------------- the sampling loop
+
+
+def generate_images(
+    runner,
+    seed: int,
+    n: int,
+    steps: int,
+    scheduler: str = "ddim",
+    cond: Optional[Mapping[str, Any]] = None,
+) -> torch.Tensor:
+    """The `generate` model's computation, in process: (n, C, H, W) float32 in model space.
+
+    The initial noise is `initial_noise(n, runner.sample_shape, seed)` and the scheduler is
+    built from the build manifest's scheduler config, so the server and this function give
+    the same images for the same arguments.
+    """
+    from engines.sampler import initial_noise, sample
+    from engines.scheduling import make_scheduler
+
+    sched = make_scheduler(runner.manifest.scheduler, scheduler)
+    noise = initial_noise(int(n), runner.sample_shape, int(seed))
+    return sample(runner, sched, noise, int(steps), cond=dict(cond or {}), seed=int(seed)).images
+
+
+# --------------------------------------------------------------------------- model callables
+
+
+def _scalar(req: Mapping[str, np.ndarray], name: str, lo: int, hi: int) -> int:
+    v = np.asarray(req[name])
+    if v.size != 1:
+        raise AdpdmError(f"{name} must hold exactly one value, got shape {tuple(v.shape)}")
+    x = int(v.reshape(-1)[0])
+    if not lo <= x <= hi:
+        raise AdpdmError(f"{name} must be in [{lo}, {hi}], got {x}")
+    return x
+
+
+class BatchStats:
+    """Executed batch sizes of the unet model (items per runner call) and groups per batch."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.batch_sizes: collections.Counter = collections.Counter()
+        self.groups_per_batch: collections.Counter = collections.Counter()
+
+    def record(self, items: int, groups: int) -> None:
+        with self._lock:
+            self.batch_sizes[items] += 1
+            self.groups_per_batch[groups] += 1
+
+
+class UnetModel:
+    """The ``unet`` model callable: a list of Triton requests -> one runner call -> split."""
+
+    def __init__(self, runner, limits: ServeLimits, stats: Optional[BatchStats] = None):
+        self.runner, self.limits = runner, limits
+        self.cond_names = tuple(runner.cond_names)
+        self.stats = stats or BatchStats()
+
+    def _one(self, i: int, req: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        try:
+            x = torch.from_numpy(np.ascontiguousarray(req["sample"]))
+            t = torch.from_numpy(np.ascontiguousarray(req["timestep"])).reshape(-1)
+            cond = {}
+            for name in self.cond_names:
+                if name not in req:
+                    raise AdpdmError(f"missing input {name!r}: this model needs {', '.join(self.cond_names)}")
+                v = torch.from_numpy(np.ascontiguousarray(req[name]))
+                cond[name] = v.reshape(-1) if name == "class_labels" else v
+            return self.runner.check_inputs(x, t, **cond)
+        except AdpdmError as e:
+            raise AdpdmError(f"request {i} of the batch: {e}") from None
+
+    def __call__(self, requests: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        checked = [self._one(i, r) for i, r in enumerate(requests)]
+        sizes = [c[0].shape[0] for c in checked]
+        x = torch.cat([c[0] for c in checked])
+        t = torch.cat([c[1] for c in checked])
+        cond = {n: torch.cat([c[2][n] for c in checked]) for n in self.cond_names}
+        if x.shape[0] > self.limits.max_batch:  # Triton already bounds this; belt and braces
+            raise AdpdmError(f"batch of {x.shape[0]} items is above --max-batch {self.limits.max_batch}")
+        self.stats.record(int(x.shape[0]), int(torch.unique(self.runner.group_of(t)).numel()))
+        y = self.runner(x, t, **cond).numpy()
+        out, start = [], 0
+        for b in sizes:
+            out.append({"out_sample": y[start:start + b]})
+            start += b
+        return out
+
+
+class GenerateModel:
+    """The ``generate`` model callable: the sampling loop in the server (one request at a time)."""
+
+    def __init__(self, runner, limits: ServeLimits):
+        from engines.scheduling import SCHEDULERS
+
+        self.runner, self.limits = runner, limits
+        self.schedulers = tuple(SCHEDULERS)
+        self.cond_names = tuple(runner.cond_names)
+
+    def _one(self, req: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        L = self.limits
+        seed = _scalar(req, "seed", 0, MAX_SEED)
+        n = _scalar(req, "n", 1, L.max_n)
+        steps = _scalar(req, "steps", 1, L.max_steps)
+        scheduler = "ddim"
+        if "scheduler" in req:
+            v = np.asarray(req["scheduler"]).reshape(-1)
+            if v.size != 1:
+                raise AdpdmError(f"scheduler must hold one string, got {v.size}")
+            s = v[0]
+            scheduler = s.decode("utf-8", "replace") if isinstance(s, (bytes, np.bytes_)) else str(s)
+            if scheduler not in self.schedulers:
+                raise AdpdmError(f"unknown scheduler {scheduler[:40]!r}: choose one of {', '.join(self.schedulers)}")
+        cond: dict[str, torch.Tensor] = {}
+        for name in self.cond_names:
+            if name not in req:
+                raise AdpdmError(f"missing input {name!r}: this model needs {', '.join(self.cond_names)}")
+            v = torch.from_numpy(np.ascontiguousarray(req[name]))
+            if name == "class_labels":
+                v = v.reshape(-1)
+                if v.numel() not in (1, n):
+                    raise AdpdmError(f"class_labels has {v.numel()} values for n={n} (give 1 or n)")
+                v = v.expand(n).clone() if v.numel() == 1 else v
+            else:
+                if v.dim() == 2:
+                    v = v.unsqueeze(0)
+                if v.dim() != 3 or v.shape[0] not in (1, n):
+                    raise AdpdmError(f"encoder_hidden_states must be (1 or n={n}, sequence, dim), got {tuple(v.shape)}")
+                if v.shape[1] > L.max_sequence_length:
+                    raise AdpdmError(f"encoder_hidden_states has {v.shape[1]} tokens, above {L.max_sequence_length}")
+                v = v.expand(n, -1, -1).contiguous() if v.shape[0] == 1 else v
+            cond[name] = v
+        # Check the conditioning (and NaN) once before running `steps` steps.
+        C, H, W = self.runner.sample_shape
+        self.runner.check_inputs(torch.zeros((n, C, H, W)), torch.zeros(n, dtype=torch.int64), **cond)
+        images = generate_images(self.runner, seed, n, steps, scheduler, cond)
+        return {"images": images.numpy().astype(np.float32)}
+
+    def __call__(self, requests: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        return [self._one(r) for r in requests]
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class AdpdmServer:
+    """A build folder served by Triton (PyTriton): models ``unet`` and ``generate``.
+
+    Usage::
+
+        with AdpdmServer("runs/reference/build") as server:   # starts, returns when ready
+            print(server.http_url, server.grpc_url)
+            ...                                                 # serve requests
+        # or: AdpdmServer(build).serve_forever()                # blocks until SIGINT/SIGTERM
+
+    runner: an existing `TimestepDispatchRunner` to serve (else one is made from `build`).
+    host: address for HTTP, gRPC and metrics; anything but loopback needs allow_remote=True.
+    Port 0 picks a free port.
+    """
+
+    def __init__(
+        self,
+        build: Any = None,
+        *,
+        runner=None,
+        backend: str = "auto",
+        threads: Optional[int] = None,
+        host: str = DEFAULT_HOST,
+        http_port: int = DEFAULT_HTTP_PORT,
+        grpc_port: int = DEFAULT_GRPC_PORT,
+        metrics_port: int = DEFAULT_METRICS_PORT,
+        limits: ServeLimits = ServeLimits(),
+        allow_remote: bool = False,
+        log_verbose: int = 0,
+    ):
+        if not is_loopback(host) and not allow_remote:
+            raise AdpdmError(
+                f"refusing to listen on {host}: the server has no authentication; pass allow_remote=True "
+                f"(`adpdm serve --host {host} --allow-remote`) to bind to a non-loopback address"
+            )
+        if runner is None:
+            if build is None:
+                raise AdpdmError("give a build folder or a runner")
+            from engines.runner import TimestepDispatchRunner
+
+            runner = TimestepDispatchRunner(build, backend=backend, threads=threads)
+            self._own_runner = True
+        else:
+            self._own_runner = False
+        self.runner = runner
+        self.limits = limits
+        if runner.max_batch is not None and limits.max_batch > runner.max_batch:
+            raise AdpdmError(
+                f"--max-batch {limits.max_batch} is above the largest batch the TensorRT engines take ({runner.max_batch})"
+            )
+        self.host = host
+        self.ports = {
+            "http": http_port or free_port(host),
+            "grpc": grpc_port or free_port(host),
+            "metrics": metrics_port or free_port(host),
+        }
+        self.log_verbose = int(log_verbose)
+        self.stats = BatchStats()
+        self._triton = None
+        self._lock = threading.Lock()
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self._url_host}:{self.ports['http']}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"grpc://{self._url_host}:{self.ports['grpc']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._url_host}:{self.ports['metrics']}/metrics"
+
+    @property
+    def _url_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "localhost") else (f"[{self.host}]" if ":" in self.host else self.host)
+
+    # ------------------------------------------------------------------ model configs
+    def _tensors(self):
+        from pytriton.model_config import Tensor
+
+        C, H, W = self.runner.sample_shape
+        specs = self.runner.cond_specs
+        unet_in = [
+            Tensor(name="sample", dtype=np.float32, shape=(C, H, W)),
+            Tensor(name="timestep", dtype=np.int64, shape=(1,)),
+        ]
+        gen_in = [
+            Tensor(name="seed", dtype=np.int64, shape=(1,)),
+            Tensor(name="n", dtype=np.int64, shape=(1,)),
+            Tensor(name="steps", dtype=np.int64, shape=(1,)),
+            Tensor(name="scheduler", dtype=bytes, shape=(1,), optional=True),
+        ]
+        if "class_labels" in specs:
+            unet_in.append(Tensor(name="class_labels", dtype=np.int64, shape=(1,)))
+            gen_in.append(Tensor(name="class_labels", dtype=np.int64, shape=(-1,)))
+        if "encoder_hidden_states" in specs:
+            D = int(specs["encoder_hidden_states"]["dim"])
+            unet_in.append(Tensor(name="encoder_hidden_states", dtype=np.float32, shape=(-1, D)))
+            gen_in.append(Tensor(name="encoder_hidden_states", dtype=np.float32, shape=(-1, -1, D)))
+        unet_out = [Tensor(name="out_sample", dtype=np.float32, shape=(C, H, W))]
+        gen_out = [Tensor(name="images", dtype=np.float32, shape=(-1, C, H, W))]
+        return unet_in, unet_out, gen_in, gen_out
+
+    def _triton_config(self):
+        from pytriton.triton import TritonConfig
+
+        return TritonConfig(
+            http_address=self.host,
+            grpc_address=self.host,
+            metrics_address=self.host,
+            http_port=self.ports["http"],
+            grpc_port=self.ports["grpc"],
+            metrics_port=self.ports["metrics"],
+            exit_timeout_secs=self.limits.exit_timeout_s,
+            log_verbose=self.log_verbose,
+        )
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self) -> "AdpdmServer":
+        """Start Triton and load both models; returns when they are ready."""
+        try:
+            from pytriton.model_config import DynamicBatcher, ModelConfig
+            from pytriton.triton import Triton
+        except ImportError as e:
+            raise AdpdmError(
+                f"serving needs PyTriton ({e}): pip install 'adpdm-export[serve]' "
+                f"(nvidia-pytriton; it needs numpy<2)"
+            ) from None
+        with self._lock:
+            if self._triton is not None:
+                return self
+            os.environ.update(python_libdir_env())  # Triton and the backend stub inherit it
+            unet_in, unet_out, gen_in, gen_out = self._tensors()
+            triton = Triton(config=self._triton_config())
+            try:
+                triton.bind(
+                    model_name=UNET_MODEL,
+                    infer_func=UnetModel(self.runner, self.limits, self.stats),
+                    inputs=unet_in,
+                    outputs=unet_out,
+                    config=ModelConfig(
+                        max_batch_size=self.limits.max_batch,
+                        batcher=DynamicBatcher(max_queue_delay_microseconds=self.limits.max_queue_delay_us),
+                    ),
+                    strict=True,
+                )
+                triton.bind(
+                    model_name=GENERATE_MODEL,
+                    infer_func=GenerateModel(self.runner, self.limits),
+                    inputs=gen_in,
+                    outputs=gen_out,
+                    config=ModelConfig(max_batch_size=0, batching=False),
+                    strict=True,
+                )
+                triton.run()
+            except BaseException:
+                triton.stop()
+                raise
+            self._triton = triton
+        LOGGER.info("serving %s on %s and %s", self.runner, self.http_url, self.grpc_url)
+        return self
+
+    def is_alive(self) -> bool:
+        return self._triton is not None and self._triton.is_alive()
+
+    def stop(self) -> None:
+        """Stop Triton (waits at most limits.exit_timeout_s for in-flight requests)."""
+        with self._lock:
+            triton, self._triton = self._triton, None
+        if triton is not None:
+            triton.stop()
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_runner:
+            self.runner.close()
+
+    def serve_forever(self, poll_s: float = 0.5) -> None:
+        """Start (if needed) and block until SIGINT/SIGTERM or until Triton dies; then stop."""
+        done = threading.Event()
+        old = {}
+
+        def handler(signum, frame):
+            LOGGER.info("signal %s: stopping", signum)
+            done.set()
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old[sig] = signal.signal(sig, handler)
+        try:
+            self.start()
+            while not done.wait(poll_s):
+                if not self.is_alive():
+                    raise AdpdmError("Triton Inference Server stopped unexpectedly (see the log above)")
+        finally:
+            self.close()
+            for sig, h in old.items():
+                signal.signal(sig, h)
+
+    def __enter__(self) -> "AdpdmServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
