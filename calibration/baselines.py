@@ -154,6 +154,80 @@ class StepStats:
         return sorted(self.timesteps) == sorted(set(int(t) for t in traj.timesteps))
 
 
+def _stats_path(cache_dir, traj: TrajectorySet, qmodel: nn.Module, histogram: bool, batch_size: int):
+    import hashlib
+    import json
+    from pathlib import Path
+
+    key = {
+        "trajectories": traj.settings,
+        "quantizers": sorted(activation_quantizers(qmodel)),
+        "histogram": bool(histogram),
+        "bins": STEP_HIST_BINS,
+        "batch_size": int(batch_size),
+        "version": 1,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return Path(cache_dir) / f"stepstats-{digest[:32]}.safetensors", key
+
+
+def save_step_stats(stats: StepStats, cache_dir, traj: TrajectorySet, qmodel: nn.Module, batch_size: int) -> None:
+    """Cache per-step statistics next to the trajectories (keyed by them, the quantizer set and settings)."""
+    import json
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from calibration.observers import observer_to_tensors
+
+    if not traj.settings:
+        return
+    path, key = _stats_path(cache_dir, traj, qmodel, stats.observer.histogram, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors, meta = observer_to_tensors(stats.observer)
+    tensors["timesteps"] = torch.tensor(stats.timesteps, dtype=torch.int64)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"key": json.dumps(key, sort_keys=True, default=str), "meta": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_step_stats(cache_dir, traj: TrajectorySet, qmodel: nn.Module, histogram: bool, batch_size: int):
+    """Cached per-step statistics for exactly these settings, else None (unreadable files are ignored)."""
+    import json
+    import warnings
+
+    from safetensors import safe_open
+
+    from calibration.observers import observer_from_tensors
+
+    if not traj.settings:
+        return None
+    if not histogram:  # statistics with histograms serve max-abs too
+        found = load_step_stats(cache_dir, traj, qmodel, True, batch_size)
+        if found is not None:
+            return found
+    path, key = _stats_path(cache_dir, traj, qmodel, histogram, batch_size)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if json.loads(md["key"]) != json.loads(json.dumps(key, sort_keys=True, default=str)):
+            return None
+        obs = observer_from_tensors(tensors, json.loads(md["meta"]))
+        return StepStats([int(t) for t in tensors["timesteps"].tolist()], obs)
+    except Exception as e:  # truncated or foreign: observe again
+        warnings.warn(f"ignoring unreadable statistics cache {path}: {type(e).__name__}: {e}", stacklevel=2)
+        return None
+
+
 def step_observer(qmodel: nn.Module, num_steps: int, histogram: bool) -> ActivationObserver:
     hist = histogram and step_histograms_fit(num_steps, len(activation_quantizers(qmodel)))
     return ActivationObserver(num_steps, histogram=hist, bins=STEP_HIST_BINS)
@@ -194,12 +268,14 @@ def calibrate_activations(
     batch_size: int = 64,
     progress: Optional[Callable[[int, int], None]] = None,
     step_stats: Optional[StepStats] = None,
+    cache_dir: Optional[str] = None,
 ) -> dict[str, Any]:
     """Set every activation scale per group from `traj` (all steps or the step indices `steps`).
 
     The model's timestep->group table decides which group each step feeds. With all steps,
     statistics are gathered per step and merged by the table, so they are the same whether
-    they were observed while sampling `traj` (`step_stats`) or in a pass over it now.
+    they were observed while sampling `traj` (`step_stats`), read from `cache_dir` (keyed by
+    the trajectories, the quantizer set and the settings) or gathered in a pass over it now.
     Returns {"unobserved": [...], "step_stats": StepStats or None}.
     """
     if stat not in STATS:
@@ -209,7 +285,13 @@ def calibrate_activations(
     need_hist = stat == "percentile"
     if steps is None:
         if step_stats is None or not step_stats.matches(traj) or (need_hist and not step_stats.observer.histogram):
-            step_stats = observe_steps(qmodel, traj, need_hist, batch_size, progress)
+            step_stats = None
+            if cache_dir is not None:
+                step_stats = load_step_stats(cache_dir, traj, qmodel, need_hist, batch_size)
+            if step_stats is None:
+                step_stats = observe_steps(qmodel, traj, need_hist, batch_size, progress)
+                if cache_dir is not None:
+                    save_step_stats(step_stats, cache_dir, traj, qmodel, batch_size)
         elif progress is not None:
             progress(1, 1)
     if steps is None and (step_stats.observer.histogram or not need_hist):

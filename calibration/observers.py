@@ -213,3 +213,42 @@ class ActivationObserver:
                     v[g] = min(h.quantile(percentile / 100.0), float(self._amax[n][g]))
             out[n] = v
         return out
+
+
+# ----------------------------------------------------------------------------------------
+# (de)serialization, for the per-step statistics cache
+# ----------------------------------------------------------------------------------------
+def observer_to_tensors(obs: ActivationObserver) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Tensors and JSON-able metadata that `observer_from_tensors` turns back into `obs`."""
+    tensors: dict[str, torch.Tensor] = {}
+    for i, name in enumerate(obs.names):
+        tensors[f"{i}.amax"] = obs._amax[name].clone()
+        tensors[f"{i}.count"] = obs._count[name].clone()
+        if obs.histogram:
+            ranges = torch.zeros(obs.num_groups, dtype=torch.float64)
+            counts = torch.zeros(obs.num_groups, obs.bins, dtype=torch.float64)
+            present = torch.zeros(obs.num_groups, dtype=torch.int64)
+            for g, h in enumerate(obs._hist[name]):
+                if h is not None and h.counts is not None:
+                    ranges[g], counts[g], present[g] = h.range, h.counts.cpu(), 1
+            tensors[f"{i}.range"], tensors[f"{i}.hist"], tensors[f"{i}.present"] = ranges, counts, present
+    meta = {"names": obs.names, "num_groups": obs.num_groups, "histogram": obs.histogram, "bins": obs.bins,
+            "max_samples": obs.max_samples}
+    return tensors, meta
+
+
+def observer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> ActivationObserver:
+    obs = ActivationObserver(int(meta["num_groups"]), bool(meta["histogram"]), int(meta["bins"]),
+                             int(meta["max_samples"]))
+    for i, name in enumerate(meta["names"]):
+        obs._entry(name)
+        obs._amax[name] = tensors[f"{i}.amax"].to(torch.float64).clone()
+        obs._count[name] = tensors[f"{i}.count"].to(torch.int64).clone()
+        if obs.histogram:
+            for g in range(obs.num_groups):
+                if int(tensors[f"{i}.present"][g]):
+                    h = _AbsHistogram(obs.bins, obs.max_samples)
+                    h.range = float(tensors[f"{i}.range"][g])
+                    h.counts = tensors[f"{i}.hist"][g].to(torch.float64).clone()
+                    obs._hist[name][g] = h
+    return obs

@@ -18,6 +18,7 @@ from torch import nn
 
 from calibration.baselines import (
     StepStats,
+    save_step_stats,
     step_observer,
     calib_timesteps_by_group,
     calibrate_activations,
@@ -58,6 +59,7 @@ class CalibrationContext:
     progress: Optional[Progress]
     options: dict[str, Any] = field(default_factory=dict)
     step_stats: Optional[StepStats] = None  # per-step statistics observed while sampling, if any
+    cache_dir: Optional[str] = None  # where per-step statistics may be cached (beside the trajectories)
 
 
 @dataclass
@@ -86,7 +88,8 @@ def _run_single(ctx: CalibrationContext, stat: str) -> MethodOutput:
     table = single_group_table(ctx.num_train_timesteps)
     set_table(ctx.qmodel, table)
     calibrate_activations(ctx.qmodel, ctx.trajectories, stat, ctx.percentile, batch_size=ctx.batch_size,
-                          progress=_step_progress(ctx.progress, "activations"), step_stats=ctx.step_stats)
+                          progress=_step_progress(ctx.progress, "activations"), step_stats=ctx.step_stats,
+                          cache_dir=ctx.cache_dir)
     return MethodOutput(calib_timesteps_by_group(table, _calib_timesteps(ctx)))
 
 
@@ -110,7 +113,8 @@ def _uniform_groups(ctx: CalibrationContext) -> MethodOutput:
         )
     set_table(ctx.qmodel, table)
     calibrate_activations(ctx.qmodel, ctx.trajectories, ctx.stat, ctx.percentile, batch_size=ctx.batch_size,
-                          progress=_step_progress(ctx.progress, "activations"), step_stats=ctx.step_stats)
+                          progress=_step_progress(ctx.progress, "activations"), step_stats=ctx.step_stats,
+                          cache_dir=ctx.cache_dir)
     return MethodOutput(by_group)
 
 
@@ -122,7 +126,8 @@ def _per_step(ctx: CalibrationContext) -> MethodOutput:
         raise AdpdmError(f"per-step uses one group per calibration step ({g}); drop --groups or set it to {g}")
     set_table(ctx.qmodel, table)
     calibrate_activations(ctx.qmodel, ctx.trajectories, ctx.stat, ctx.percentile, batch_size=ctx.batch_size,
-                          progress=_step_progress(ctx.progress, "activations"), step_stats=ctx.step_stats)
+                          progress=_step_progress(ctx.progress, "activations"), step_stats=ctx.step_stats,
+                          cache_dir=ctx.cache_dir)
     return MethodOutput(calib_timesteps_by_group(table, ts))
 
 
@@ -238,6 +243,8 @@ def calibrate(
         set_table(qmodel, single_group_table(t_count))
         if not trajectories.from_cache:
             step_stats = StepStats(step_ts, observer)
+            if cache_dir is not None and step_stats.matches(trajectories):
+                save_step_stats(step_stats, cache_dir, trajectories, qmodel, batch_size)
     elif trajectories.settings.get("model_sha256") not in (None, sha):
         raise AdpdmError("the trajectories given were sampled from another model")
     timings["trajectories_s"] = time.perf_counter() - t0
@@ -246,7 +253,7 @@ def calibrate(
         qmodel=qmodel, unet=unet, scheduler_config=scheduler_config, trajectories=trajectories,
         num_train_timesteps=t_count, groups=None if groups is None else int(groups), stat=stat,
         percentile=float(percentile), batch_size=int(batch_size), seed=int(seed), progress=progress,
-        options=dict(options or {}), step_stats=step_stats,
+        options=dict(options or {}), step_stats=step_stats, cache_dir=cache_dir,
     )
     t0 = time.perf_counter()
     out = METHODS[method](ctx)

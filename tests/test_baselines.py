@@ -7,7 +7,8 @@ import torch
 
 from calibration.baselines import nearest_table, per_step_table, uniform_table
 from calibration.metrics import noise_rel_l2
-from calibration.pipeline import calibrate, check_method_args, register_method, METHODS
+from calibration.pipeline import METHODS, calibrate, check_method_args, register_method
+from calibration.qconfig import QuantConfig
 from calibration.quant_unet import activation_quantizers, quantize_model
 from calibration.trajectories import generate_trajectories, heldout_seed
 from engines.errors import AdpdmError
@@ -159,9 +160,20 @@ def test_observing_while_sampling_equals_a_separate_pass(tmp_path, method, kw):
     unet = tiny_unet2d(seed=3)
     args = dict(method=method, calib_samples=3, calib_steps=4, cache_dir=str(tmp_path), batch_size=2, **kw)
     first = calibrate(unet, DDPM_CONFIG, **args)  # samples (and observes while sampling)
-    second = calibrate(unet, DDPM_CONFIG, **args)  # trajectories from the cache: a separate pass
+    assert len(list(tmp_path.glob("stepstats-*.safetensors"))) == 1
+    second = calibrate(unet, DDPM_CONFIG, **args)  # trajectories and statistics from the cache
+    other = tmp_path / "only-trajectories"
+    other.mkdir()
+    for f in tmp_path.glob("trajectories-*.safetensors"):
+        (other / f.name).write_bytes(f.read_bytes())
+    third = calibrate(unet, DDPM_CONFIG, **{**args, "cache_dir": str(other)})  # a separate observation pass
     assert first.config["calibration"]["observed_while_sampling"]
     assert not second.config["calibration"]["observed_while_sampling"]
-    assert second.config["calibration"]["trajectories_cached"]
+    assert second.config["calibration"]["trajectories_cached"] and third.config["calibration"]["trajectories_cached"]
+    assert second.timings["activations_s"] < third.timings["activations_s"]
     for n, s in first.activation_scales.items():
         assert torch.equal(s, second.activation_scales[n]), n
+        assert torch.equal(s, third.activation_scales[n]), n
+    # other quantizers (config) are another statistics key
+    calibrate(unet, DDPM_CONFIG, **{**args, "config": QuantConfig(quantize_attention_bmm=True)})
+    assert len(list(tmp_path.glob("stepstats-*.safetensors"))) == 2
