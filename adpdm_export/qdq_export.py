@@ -47,8 +47,8 @@ from adpdm_export.qdq_lint import Violation, lint_model, raise_on_violations
 from engines.errors import AdpdmError
 from engines.ort_backend import OUTPUT_NAME as OUTPUT
 
-WEIGHTS_NAME = "unet.weights.data"
-REPORT_NAME = "qdq_report.json"
+WEIGHTS_NAME = P.WEIGHTS_NAME
+REPORT_NAME = P.REPORT_NAME
 PARITY_TOL = 1e-3
 PROFILES = ("trt", "ort")
 OPSET = 19

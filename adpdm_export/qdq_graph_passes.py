@@ -45,6 +45,8 @@ ACT_ZERO_POINT = "qdq.act.zero_point"
 SCALE_SUFFIX = ".scale"
 EXPORT_ROOT = "unet"  # the export wrapper's attribute holding the UNet (onnx_export.UNetForExport)
 WEIGHTS_ALIGN = 64
+WEIGHTS_NAME = "unet.weights.data"  # the one external weights file of a QDQ export
+REPORT_NAME = "qdq_report.json"  # the export's checks (parity, lint, fusion), listed in the manifest
 
 
 # --------------------------------------------------------------------------- graph index

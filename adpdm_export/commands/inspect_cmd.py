@@ -29,7 +29,7 @@ def inspect_build(
     from rich.table import Table
 
     from adpdm_export.progress import console
-    from adpdm_export.qdq_export import REPORT_NAME
+    from adpdm_export.qdq_graph_passes import REPORT_NAME
     from engines.manifest import load_manifest
 
     m = load_manifest(build_dir, verify=verify)
