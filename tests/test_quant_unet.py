@@ -167,6 +167,19 @@ def test_mixed_batch_with_attention_bmm_quantized(tiny_unet):
         assert torch.allclose(eps(q, x, t), eps(tiny_unet, x, t), atol=1e-5)
 
 
+def test_cross_attention_bmm(tiny_cond):
+    q = two_group_model(tiny_cond, QuantConfig(a_bits=8, quantize_attention_bmm=True))
+    b = "mid_block.attentions.0.transformer_blocks.0.attn2"
+    assert f"{b}.qk_matmul.other_quantizer" in activation_quantizers(q)
+    x, t, ehs = torch.randn(2, 4, 16, 16), torch.tensor([900, 100]), torch.randn(2, 5, 24)
+    with fp_mode(q):
+        assert torch.allclose(eps(q, x, t, encoder_hidden_states=ehs), eps(tiny_cond, x, t, encoder_hidden_states=ehs),
+                              atol=1e-5)
+    both = eps(q, x, t, encoder_hidden_states=ehs)
+    one = eps(q, x[1:], t[1:], encoder_hidden_states=ehs[1:])
+    assert torch.allclose(both[1], one[0], atol=1e-5)
+
+
 def test_residual_option(tiny_unet, tiny_cond):
     q = quantize_model(tiny_unet, QuantConfig(quantize_residual=True))
     aq = activation_quantizers(q)

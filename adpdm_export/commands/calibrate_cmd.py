@@ -94,6 +94,12 @@ def model_conditions(loaded, n: int, class_labels: Optional[list[int]] = None, p
     return cond
 
 
+def _absolute_source(source: str) -> str:
+    """Local folders as absolute paths (so `adpdm eval` works from any directory); names as given."""
+    p = Path(source).expanduser()
+    return str(p.resolve()) if source != "reference" and p.exists() else source
+
+
 def calibrate(
     model: str = typer.Argument(..., help="'reference', a diffusers UNet or pipeline folder, or a hub repo id."),
     out: Path = typer.Option(..., "--out", help="Folder for calibration.json + calibration.safetensors."),
@@ -156,7 +162,7 @@ def calibrate(
             calib_samples=calib_samples, calib_steps=calib_steps, seed=seed, cond=cond, device=device,
             cache_dir=None if cache is None else str(cache), stat=stat, percentile=percentile,
             batch_size=batch_size, progress=on_progress,
-            extra_settings={"model_source": loaded.source, "model_kind": loaded.kind},
+            extra_settings={"model_source": _absolute_source(loaded.source), "model_kind": loaded.kind},
         )
     result.save(out)
     t = result.timings
