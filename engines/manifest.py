@@ -614,3 +614,9 @@ def with_tensorrt(m: Manifest, info: TensorrtInfo, engines: Sequence[str]) -> Ma
     """A copy of `m` describing a TensorRT build (engines per group)."""
     groups = [replace(g, engine=e) for g, e in zip(m.groups, engines)]
     return replace(m, backend="trt", tensorrt=info, groups=groups, files=[], created="")
+
+
+def without_tensorrt(m: Manifest) -> Manifest:
+    """A copy of `m` describing only its ONNX graphs (backend "ort")."""
+    groups = [replace(g, engine=None) for g in m.groups]
+    return replace(m, backend="ort", tensorrt=None, groups=groups, files=[], created="")

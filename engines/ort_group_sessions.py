@@ -10,7 +10,9 @@ Python API (checked against 1.32; numbers in docs/runtime.md, `tools/measure_ort
   sessions reference one buffer instead of each reading its own copy. onnxruntime only
   uses that buffer as is where no graph transform rewrites the weight: at optimization
   level "all" the CPU NCHWc layout transform makes a per-session reordered copy of every
-  Conv weight, so sharing pays off at level "extended" (the default here).
+  float Conv weight, so sharing pays off at level "extended" (the default here). INT8
+  weights read only by DequantizeLinear are not shared: onnxruntime fuses them into
+  QLinearConv/MatMulInteger, pre-packs them per session and drops the original.
 - Pre-packed weights: the C/C++/C# APIs have `PrepackedWeightsContainer` (sessions reuse
   each other's pre-packed copies of shared initializers); the Python package does not
   expose it (no `onnxruntime.PrepackedWeightsContainer`, no `prepacked_weights_container`
@@ -94,12 +96,28 @@ def _external_initializers(graph: Path) -> dict[str, _ExtInfo]:
     return out
 
 
+def _dequantize_only(graph: Path) -> set[str]:
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    consumers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, set()).add(node.op_type if i == 0 else f"{node.op_type}:{i}")
+    return {n for n, ops in consumers.items() if ops == {"DequantizeLinear"}}
+
+
 def shared_initializers(graphs: Sequence[Path]) -> dict[str, np.ndarray]:
     """Arrays (views into read-only memory maps) for initializers every graph takes from the same bytes."""
     import onnx
 
     infos = [_external_initializers(Path(g)) for g in graphs]
     common = {n: i for n, i in infos[0].items() if all(other.get(n) == i for other in infos[1:])}
+    # Weights read only by DequantizeLinear are fused into QLinearConv/MatMulInteger and
+    # pre-packed per session, after which onnxruntime drops the original; a shared copy
+    # would only stay resident beside the packed ones (measured: +1x the INT8 weights).
+    for name in _dequantize_only(Path(graphs[0])):
+        common.pop(name, None)
     maps: dict[Path, np.memmap] = {}
     arrays = {}
     for name, i in common.items():
@@ -189,11 +207,14 @@ class OrtGroupSessions:
             for name, value in self._shared.items():
                 so.add_initializer(name, value)
             self.sessions.append(self._session(ort, g, so, container))
-        self._predictors = [OrtNoisePredictor(s) for s in self.sessions]
-        self.input_names = self._predictors[0].input_names
-        for g, p in zip(self.graphs, self._predictors):
-            if p.input_names != self.input_names:
-                raise AdpdmError(f"group graph {g.name} has inputs {p.input_names}, group 0 has {self.input_names}")
+        self._predictors: dict[int, OrtNoisePredictor] = {}
+        outs = [o.name for o in self.sessions[0].get_outputs()]
+        self.output_name = OUTPUT_NAME if OUTPUT_NAME in outs else outs[0]
+        self.input_names = [i.name for i in self.sessions[0].get_inputs()]
+        for g, sess in zip(self.graphs, self.sessions):
+            names = [i.name for i in sess.get_inputs()]
+            if names != self.input_names:
+                raise AdpdmError(f"group graph {g.name} has inputs {names}, group 0 has {self.input_names}")
 
     def _session(self, ort, graph: Path, so, container):
         try:
@@ -213,11 +234,14 @@ class OrtGroupSessions:
         return len(self.sessions)
 
     def predictor(self, k: int) -> OrtNoisePredictor:
+        """Group k's session as a noise predictor (UNet graph I/O contract of engines.ort_backend)."""
+        if k not in self._predictors:
+            self._predictors[k] = OrtNoisePredictor(self.sessions[k])
         return self._predictors[k]
 
     def run(self, k: int, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        (out,) = self.sessions[k].run([OUTPUT_NAME], dict(feeds))
-        return out
+        """Group k's first output (`out_sample` for UNet graphs) for numpy feeds."""
+        return self.sessions[k].run([self.output_name], dict(feeds))[0]
 
     def close(self) -> None:
         self.sessions.clear()

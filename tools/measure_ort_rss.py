@@ -229,6 +229,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--graphs", default="", help="comma list of fp,qdq (default: fp, plus qdq with --qdq)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--sub", default="fp", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="plain", help=argparse.SUPPRESS)
@@ -240,7 +241,8 @@ def main() -> None:
     workdir = Path(args.workdir)
     info = prepare(workdir, args.small, args.qdq, 4)
     results = []
-    for sub in ["fp"] + (["qdq"] if args.qdq else []):
+    subs = args.graphs.split(",") if args.graphs else ["fp"] + (["qdq"] if args.qdq else [])
+    for sub in subs:
         for mode in args.modes.split(","):
             for G in (1, 4):
                 cmd = [sys.executable, __file__, "--child", "--workdir", str(workdir), "--sub", sub, "--mode", mode,
