@@ -53,6 +53,7 @@ PARITY_TOL = 1e-3
 PROFILES = ("trt", "ort")
 OPSET = 19
 OPSET_INT4 = 21
+TORCHSCRIPT_MAX_OPSET = 20  # torch.onnx.export(dynamo=False) traces up to opset 20
 GRAPH_RE = re.compile(r"^unet\.g\d+(\.ort)?\.onnx$")
 
 
@@ -214,8 +215,9 @@ def build_trt_template(
     t_count = int(result.num_train_timesteps)
     inputs = _example_inputs(sample_shape, conditioning, 2, 0, t_count)
     raw = workdir / "traced.onnx"
+    traced_opset = min(int(opset), TORCHSCRIPT_MAX_OPSET)
     with export_mode(qmodel, group=0, profile="trt", zero_point="int8"), _weight_bits_for_trace(qmodel):
-        export_onnx(qmodel, raw, inputs, opset=OPSET, weights_name="traced.onnx.data")
+        export_onnx(qmodel, raw, inputs, opset=traced_opset, weights_name="traced.onnx.data")
     model = onnx.load(str(raw))
     for f in (raw, workdir / "traced.onnx.data"):
         f.unlink(missing_ok=True)
@@ -265,10 +267,11 @@ def build_trt_template(
 
     merged = P.dedupe_activation_qdq(model, key_of)
     scale_to_q = {s: q for s, q in scale_to_q.items() if s in {t.name for t in model.graph.initializer}}
-    if int(result.w_bits) == 4:
-        P.set_opset(model, OPSET_INT4)
-    elif opset != OPSET:
-        P.set_opset(model, opset)
+    # INT4 weights need DequantizeLinear-21. The ops a traced UNet uses did not change meaning
+    # between opsets 19 and 21 (only new types were added); parity is checked on the result.
+    target = max(int(opset), OPSET_INT4) if int(result.w_bits) == 4 else int(opset)
+    if target != traced_opset:
+        P.set_opset(model, target)
     info = {"scale_to_quantizer": scale_to_q, "folded": folded, "merged": merged}
     return model, info
 
