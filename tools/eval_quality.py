@@ -108,6 +108,10 @@ def evaluate_model(qmodel, scheduler_config, heldout, feature_fn, real_stats, ba
     return out, images
 
 
+def _f(v, fmt: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -126,8 +130,12 @@ def run(args) -> None:
         pipeline.register_method("adpdm", adpdm_method)
     loaded = load_model(args.model)
     unet, sc = loaded.unet, loaded.scheduler_config
-    clf = load_reference_classifier()
-    feature_fn, real_stats = clf.features, reference_real_feature_stats()
+    try:
+        clf = load_reference_classifier()
+        feature_fn, real_stats = clf.features, reference_real_feature_stats()
+    except Exception as e:  # no classifier: no Frechet distance (reported as missing)
+        log(f"no Frechet distance: {e}")
+        feature_fn, real_stats = None, None
     store = Path(args.json)
     data = json.loads(store.read_text()) if store.is_file() else {"runs": {}, "meta": {}}
     cache = str(Path(args.cache_dir))
@@ -184,8 +192,8 @@ def run(args) -> None:
             data["runs"][key] = rec
             save_grid(images[:64], img_dir / f"samples-{bits}-{name}.png", ncols=8, scale=3)
             log(f"   {key}: rel-L2 {metrics['noise_rel_l2']:.4f}  PSNR {metrics['psnr_vs_fp_db']:.2f} dB "
-                f"(chunk std {metrics['psnr_chunk_std_db']:.2f})  FD {metrics['fd']:.3f} vs FP {metrics['fd_fp']:.3f} "
-                f"({metrics['fd_delta_pct']:+.1f}%)  calib {t_cal:.1f} s")
+                f"(chunk std {metrics['psnr_chunk_std_db']:.2f})  FD {_f(metrics['fd'])} vs FP {_f(metrics['fd_fp'])} "
+                f"({_f(metrics['fd_delta_pct'], '+.1f')}%)  calib {t_cal:.1f} s")
             store.parent.mkdir(parents=True, exist_ok=True)
             store.write_text(json.dumps(data, indent=1))
     report(data, img_dir)
@@ -195,9 +203,10 @@ def run(args) -> None:
 # report
 # ----------------------------------------------------------------------------------------
 def gap_closed(runs: dict, bits: str, variant: str) -> float | None:
+    suffix = "+conv_in" if variant.endswith("+conv_in") else ""
     try:
-        p = runs[f"{bits}/percentile"]["noise_rel_l2"]
-        s = runs[f"{bits}/per-step"]["noise_rel_l2"]
+        p = runs[f"{bits}/percentile{suffix}"]["noise_rel_l2"]
+        s = runs[f"{bits}/per-step{suffix}"]["noise_rel_l2"]
         v = runs[f"{bits}/{variant}"]["noise_rel_l2"]
     except KeyError:
         return None
@@ -215,7 +224,7 @@ def report(data: dict, img_dir: Path) -> None:
         lines.append(
             f"| {r['bits']} | {r['variant']} | {r['num_groups']} | {r['noise_rel_l2']:.4f} | {per[t_min]:.4f} | "
             f"{'' if gc is None else f'{100 * gc:.0f}%'} | {r['psnr_vs_fp_db']:.2f} | {r['psnr_chunk_std_db']:.2f} | "
-            f"{r['fd']:.3f} | {r['fd_delta_pct']:+.1f}% | {r['calibration_s']:.0f} |"
+            f"{_f(r['fd'])} | {_f(r['fd_delta_pct'], '+.1f')}% | {r['calibration_s']:.0f} |"
         )
     print("\n".join(lines))
     for key, r in runs.items():
