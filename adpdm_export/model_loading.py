@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from calibration.fingerprint import model_sha256
+from engines.conditioning import default_condition
 from engines.errors import AdpdmError
 
 SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
@@ -66,20 +67,9 @@ class LoadedModel:
     def sample_shape(self) -> tuple[int, int, int]:
         return (self.in_channels, *self.sample_size)
 
-    def default_condition(self, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Conditioning inputs for `batch` items when the user gives none.
-
-        Cross-attention models get a null (all-zero) embedding of one token;
-        class-conditional models get labels 0, 1, 2, ... cycling over the classes.
-        """
-        cond: dict[str, torch.Tensor] = {}
-        if "encoder_hidden_states" in self.conditioning:
-            dim = self.conditioning["encoder_hidden_states"]["dim"]
-            cond["encoder_hidden_states"] = torch.zeros(batch, 1, dim)
-        if "class_labels" in self.conditioning:
-            n = self.conditioning["class_labels"]["num_classes"]
-            cond["class_labels"] = torch.arange(batch, dtype=torch.int64) % n
-        return cond
+    def default_condition(self, batch: int) -> dict[str, torch.Tensor]:
+        """Null conditioning for `batch` items (engines.conditioning.default_condition)."""
+        return default_condition(self.conditioning, batch)
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -135,7 +125,9 @@ def _load_unet_folder(folder: Path, source: str) -> tuple[torch.nn.Module, str, 
     except Exception as e:  # corrupted or mismatched weights: name the folder and the cause
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AdpdmError(f"could not load {kind} weights from {folder}: {msg[:300]}") from None
-    unet = unet.to(torch.float32).eval()
+    if any(p.dtype != torch.float32 for p in unet.parameters()):
+        unet = unet.to(torch.float32)
+    unet = unet.eval()
     unet.requires_grad_(False)
     return unet, kind, config
 

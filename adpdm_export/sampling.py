@@ -20,7 +20,8 @@ from engines.errors import AdpdmError
 from engines.sampler import initial_noise, sample
 from engines.scheduling import make_scheduler
 
-BACKENDS = ("torch", "ort")
+MODEL_BACKENDS = ("torch", "ort")
+BUILD_BACKENDS = ("auto", "ort", "trt")
 
 
 def cache_dir() -> Path:
@@ -45,7 +46,46 @@ def predictor_for(model: LoadedModel, backend: str, threads: int | None = None):
         return TorchNoisePredictor(model.unet)
     if backend == "ort":
         return OrtNoisePredictor(make_session(fp_graph_for(model), threads=threads))
-    raise AdpdmError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    raise AdpdmError(f"unknown backend {backend!r} for a model; choose one of {', '.join(MODEL_BACKENDS)}")
+
+
+@dataclass
+class Source:
+    """What sampling needs from a model or a build folder."""
+
+    predictor: Callable[..., torch.Tensor]
+    scheduler_config: dict[str, Any]
+    sample_shape: tuple[int, int, int]
+    conditioning: dict[str, Any]
+    description: str
+
+
+def is_build_folder(path: str | os.PathLike) -> bool:
+    from engines.manifest import MANIFEST_NAME
+
+    return Path(path).is_dir() and (Path(path) / MANIFEST_NAME).is_file()
+
+
+def open_source(model_or_build: str, backend: str = "auto", threads: int | None = None) -> Source:
+    """A build folder runs through the timestep-dispatching runner; a model through torch or onnxruntime.
+
+    backend: for a model `torch` (also what `auto` means) or `ort`; for a build `auto`, `ort` or `trt`.
+    """
+    if is_build_folder(model_or_build):
+        from engines.runner import TimestepDispatchRunner
+
+        if backend not in BUILD_BACKENDS:
+            raise AdpdmError(f"unknown backend {backend!r} for a build folder; choose one of {', '.join(BUILD_BACKENDS)}")
+        runner = TimestepDispatchRunner(model_or_build, backend=backend, threads=threads)
+        m = runner.manifest
+        return Source(runner, dict(m.scheduler), runner.sample_shape, dict(m.model.conditioning),
+                      f"build {model_or_build} ({runner.backend}, {m.calibration.method}, {m.num_groups} groups)")
+    from adpdm_export.model_loading import load_model
+
+    loaded = load_model(model_or_build)
+    backend = "torch" if backend == "auto" else backend
+    return Source(predictor_for(loaded, backend, threads), loaded.scheduler_config, loaded.sample_shape,
+                  loaded.conditioning, f"{loaded.kind} {model_or_build} ({backend})")
 
 
 @dataclass

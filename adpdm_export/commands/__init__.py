@@ -12,4 +12,8 @@ COMMAND_MODULES = [
     "adpdm_export.commands.eval_cmd",
     "adpdm_export.commands.lint_cmd",
     "adpdm_export.commands.inspect_cmd",
+    "adpdm_export.commands.serve_cmd",
+    "adpdm_export.commands.generate_cmd",
+    "adpdm_export.commands.export_triton_cmd",
+    "adpdm_export.commands.build_engine_cmd",
 ]

@@ -10,37 +10,38 @@ from engines.scheduling import SCHEDULERS
 
 
 def sample_images(
-    model: str = typer.Argument(..., help="'reference', a diffusers UNet or pipeline folder, or a hub repo id."),
+    model: str = typer.Argument(..., help="A build folder (manifest.json), 'reference', a diffusers UNet or pipeline folder, or a hub repo id."),
     n: int = typer.Option(16, "--n", help="Number of images."),
     steps: int = typer.Option(50, "--steps", help="Sampling steps."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial noise (same seed, same images on every backend)."),
     out: Path = typer.Option(Path("samples.png"), "--out", help="PNG grid to write."),
-    backend: str = typer.Option("torch", "--backend", help="torch | ort (onnxruntime on the FP graph)."),
+    backend: str = typer.Option(
+        "auto", "--backend",
+        help="Model: torch (auto) | ort (onnxruntime on the FP graph). Build folder: auto | ort | trt.",
+    ),
     scheduler: str = typer.Option("ddim", "--scheduler", help=f"One of: {', '.join(SCHEDULERS)}."),
     threads: int = typer.Option(0, "--threads", help="onnxruntime intra-op threads (0: its default)."),
     scale: int = typer.Option(4, "--scale", help="Upscale factor of the PNG (nearest neighbour)."),
 ) -> None:
-    """Sample N images with the model's scheduler config and write them as a PNG grid."""
-    from adpdm_export.model_loading import load_model
+    """Sample N images from a model or a build and write them as a PNG grid."""
     from adpdm_export.progress import console, step_progress
-    from adpdm_export.sampling import BACKENDS, generate, predictor_for
+    from adpdm_export.sampling import generate, open_source
+    from engines.conditioning import default_condition
     from engines.errors import AdpdmError
     from engines.images import save_grid
 
-    if backend not in BACKENDS:
-        raise AdpdmError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if scheduler not in SCHEDULERS:
         raise AdpdmError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if out.suffix.lower() != ".png":
         raise AdpdmError(f"--out must name a .png file (got {out})")
     if n < 1 or steps < 1:
         raise AdpdmError(f"--n and --steps must be >= 1 (got --n {n}, --steps {steps})")
-    loaded = load_model(model)
-    predictor = predictor_for(loaded, backend, threads=threads or None)
-    with step_progress(f"sampling {n} x {steps} steps ({backend})", steps) as on_step:
+    src = open_source(model, backend, threads=threads or None)
+    console.print(f"sampling {n} images x {steps} steps from {src.description}")
+    with step_progress("sampling", steps) as on_step:
         result = generate(
-            predictor, loaded.scheduler_config, loaded.sample_shape, n, steps, seed,
-            cond=loaded.default_condition(n), scheduler=scheduler, on_step=on_step,
+            src.predictor, src.scheduler_config, src.sample_shape, n, steps, seed,
+            cond=default_condition(src.conditioning, n), scheduler=scheduler, on_step=on_step,
         )
     path = save_grid(result.images, out, scale=scale)
     console.print(f"wrote {path}")

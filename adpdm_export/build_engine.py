@@ -1,0 +1,201 @@
+"""`build-engine`: calibrate -> export -> build, resumable, with the manifest written last.
+
+Stages and what each writes into the build folder:
+
+1. calibrate  `calibration/` (calibration.json + .safetensors), keyed by the model's hash
+   and the calibration settings;
+2. export     `unet.g{k}.onnx` (TensorRT profile) and `unet.g{k}.ort.onnx` (onnxruntime CPU
+   profile), one shared `unet.weights.data`, `qdq_report.json`; keyed by the calibration's
+   file hashes and the export settings;
+3. engines    (`--backend trt` only) `unet.g{k}.plan` + the timing cache, keyed by the
+   graphs' hashes, the build settings and the GPU/TensorRT version.
+
+`manifest.json` is removed before any stage reruns and written last, so a folder with a
+manifest is always a finished build; an interrupted one resumes at the first stage whose
+record (`.adpdm-stages.json`) is missing or stale.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from adpdm_export.build_stages import StageLedger, StageRecord, stage_key
+from adpdm_export.model_loading import LoadedModel, load_model
+from engines.errors import AdpdmError
+from engines.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
+
+CALIBRATION_DIR = "calibration"
+DEFAULT_BATCH_SIZES = (1, 4, 16)
+
+
+@dataclass
+class CalibrationSettings:
+    """The calibration flags `build-engine` shares with `adpdm calibrate`."""
+
+    method: str = "adpdm"
+    groups: Optional[int] = None
+    w_bits: int = 8
+    a_bits: int = 8
+    calib_samples: int = 64
+    calib_steps: int = 100
+    seed: int = 0
+    device: str = "cpu"
+    stat: Optional[str] = None
+    percentile: float = 99.99
+    quantize_residual: bool = False
+    quantize_attention_bmm: bool = False
+
+    def key_parts(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BuildSummary:
+    out: Path
+    backend: str
+    manifest: Manifest
+    stages: list[StageRecord]
+    export_report: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _calibrate_stage(loaded: LoadedModel, settings: CalibrationSettings, out: Path, cond, cache_dir, progress):
+    from calibration.pipeline import calibrate
+    from calibration.qconfig import QuantConfig
+
+    config = QuantConfig(
+        w_bits=settings.w_bits, a_bits=settings.a_bits,
+        quantize_residual=settings.quantize_residual, quantize_attention_bmm=settings.quantize_attention_bmm,
+    )
+    result = calibrate(
+        loaded.unet, loaded.scheduler_config, method=settings.method, groups=settings.groups, config=config,
+        calib_samples=settings.calib_samples, calib_steps=settings.calib_steps, seed=settings.seed, cond=cond,
+        device=settings.device, cache_dir=cache_dir, stat=settings.stat, percentile=settings.percentile,
+        progress=progress, extra_settings={"model_source": loaded.source, "model_kind": loaded.kind},
+    )
+    loaded.unet.to("cpu")
+    folder = result.save(out / CALIBRATION_DIR)
+    return sorted(p for p in Path(folder).iterdir() if p.is_file())
+
+
+def _files_digest(paths: Sequence[Path]) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(paths)}
+
+
+def build_engine(
+    model: str,
+    out: str | Path,
+    calibration: CalibrationSettings | None = None,
+    *,
+    backend: str = "auto",
+    profiles: Sequence[str] = ("trt", "ort"),
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    resolution: Optional[tuple[int, int]] = None,
+    opt_level: int = 3,
+    cond: Optional[dict] = None,
+    cache_dir: Optional[str] = None,
+    force: bool = False,
+    progress: Optional[Callable[[str, int, int], None]] = None,
+    say: Callable[[str], None] = lambda msg: None,
+    loaded: Optional[LoadedModel] = None,
+) -> BuildSummary:
+    """Build (or resume) the folder `out` for `model`; returns what each stage did."""
+    from adpdm_export.qdq_export import REPORT_NAME, export_qdq_for, parse_profiles, write_qdq_manifest
+    from calibration.result import CalibrationResult
+    from engines.platform import pick_backend
+
+    t_start = time.perf_counter()
+    settings = calibration or CalibrationSettings()
+    chosen = pick_backend(backend)  # one clear line where --backend trt cannot run here
+    profiles = parse_profiles(profiles)
+    if chosen == "trt" and "trt" not in profiles:
+        raise AdpdmError("--backend trt needs the TensorRT-profile graphs: include 'trt' in the profiles")
+    if chosen == "ort" and "ort" not in profiles:
+        raise AdpdmError("--backend ort runs the onnxruntime-profile graphs: include 'ort' in the profiles")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AdpdmError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = loaded or load_model(model)
+    if cond is None:
+        cond = loaded.default_condition(settings.calib_samples)
+    ledger = StageLedger(out)
+    manifest_path = out / MANIFEST_NAME
+
+    def unfinished() -> None:
+        manifest_path.unlink(missing_ok=True)  # a folder with a manifest is a finished build
+
+    # 1. calibrate
+    key = stage_key(stage="calibrate", model=loaded.sha256, settings=settings.key_parts(),
+                    cond={k: getattr(v, "shape", v) for k, v in cond.items()})
+    if force or ledger.current("calibrate", key) is None:
+        unfinished()
+        say("calibrate: running")
+    calib = ledger.run("calibrate", key, lambda: _calibrate_stage(loaded, settings, out, cond, cache_dir, progress),
+                       force=force)
+    result = CalibrationResult.load(out / CALIBRATION_DIR, expected_model_sha256=loaded.sha256)
+    say(f"calibrate: {'reused' if calib.reused else 'done'} ({result.method}, {result.num_groups} group(s))")
+
+    # 2. export
+    key = stage_key(stage="export", calibration=calib.outputs, profiles=list(profiles))
+    exported: dict[str, Any] = {}
+
+    def run_export():
+        exp = export_qdq_for(loaded, result, out, profile=profiles, manifest=False,
+                             progress=lambda msg: say(f"export: {msg}"))
+        exported["exp"] = exp
+        files = [g for gs in exp.graphs.values() for g in gs] + [exp.weights, out / REPORT_NAME]
+        return files
+
+    if force or ledger.current("export", key) is None:
+        unfinished()
+    exp_rec = ledger.run("export", key, run_export, force=force)
+    report = json.loads((out / REPORT_NAME).read_text())
+    say(f"export: {'reused' if exp_rec.reused else 'done'} ({len(exp_rec.outputs)} files)")
+
+    # the ONNX manifest: needed by the engine stage, and the final manifest of an ort build
+    if "exp" in exported or not manifest_path.is_file():
+        if "exp" not in exported:  # export reused but the manifest is gone: rebuild its description
+            exported["exp"] = _export_from_report(out, report)
+        write_qdq_manifest(exported["exp"], loaded, result)
+    stages = [calib, exp_rec]
+
+    # 3. engines
+    if chosen == "trt":
+        from engines.build import build_trt_engines
+        from engines.platform import gpu_identity, require_tensorrt
+
+        trt_version = require_tensorrt().__version__
+        onnx_manifest = load_manifest(out)
+        key = stage_key(stage="engines", graphs=exp_rec.outputs, batch_sizes=sorted(batch_sizes),
+                        resolution=resolution, opt_level=opt_level, gpu=gpu_identity(), trt=trt_version)
+        rec = ledger.current("engines", key)
+        if force or rec is None or onnx_manifest.backend != "trt":
+            t0 = time.perf_counter()
+            m = build_trt_engines(out, onnx_manifest, batch_sizes=batch_sizes, resolution=resolution,
+                                  opt_level=opt_level, on_group=lambda k, n, s: say(f"engines: group {k + 1}/{n} {s:.1f} s"))
+            engine_files = [out / g.engine for g in m.groups if g.engine]
+            rec = ledger.record("engines", key, engine_files, time.perf_counter() - t0)
+        else:
+            rec.reused = True
+        stages.append(rec)
+    manifest = load_manifest(out)
+    return BuildSummary(out=out, backend=manifest.backend, manifest=manifest, stages=stages,
+                        export_report=report, seconds=time.perf_counter() - t_start)
+
+
+def _export_from_report(out: Path, report: dict[str, Any]):
+    """The QdqExport description of graphs already on disk (export stage reused)."""
+    from adpdm_export.qdq_export import QdqExport
+
+    return QdqExport(
+        out_dir=out, weights=out / report["weights_file"], profiles=tuple(report["profiles"]),
+        num_groups=int(report["num_groups"]), opset=int(report["opset"]), w_bits=int(report["w_bits"]),
+        a_bits=int(report["a_bits"]), graphs={p: [out / g for g in gs] for p, gs in report["graphs"].items()},
+        timestep_ranges=report["timestep_ranges"], activation_scales={}, folded_weights=int(report["folded_weights"]),
+        deduped_qdq=int(report["deduped_qdq_pairs"]),
+    )
