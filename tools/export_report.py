@@ -94,6 +94,7 @@ def main(argv=None) -> int:
         result = calibrate(
             loaded.unet, loaded.scheduler_config, method=a.method, groups=a.groups, w_bits=a.w_bits,
             calib_samples=a.samples, calib_steps=a.steps, cache_dir=str(a.out / "cache"),
+            cond=loaded.default_condition(1) or None,  # null prompt embedding / labels 0.. when conditional
         )
     t_cal = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -134,6 +135,19 @@ def main(argv=None) -> int:
     for prof, graphs in exp.graphs.items():
         lat[prof] = latency_ms(graphs[0], inputs, a.threads, a.reps)
     fusion = {prof: fusion_counts(graphs[0]).to_dict() for prof, graphs in exp.graphs.items()}
+    if "trt" in exp.graphs:  # DESIGN.md's ablation: output Q/DQ but int8 zero points
+        import onnx
+
+        from adpdm_export.ort_profile import add_output_qdq
+
+        m = onnx.load(str(exp.graphs["trt"][0]), load_external_data=False)
+        add_output_qdq(m, lambda q: float(result.activation_scales[q][0]))
+        tmp = exp.graphs["trt"][0].with_name(".int8-output-qdq.onnx")
+        tmp.write_bytes(m.SerializeToString())
+        try:
+            fusion["trt+output-qdq (int8 zero points)"] = fusion_counts(tmp).to_dict()
+        finally:
+            tmp.unlink()
     params = sum(p.numel() for p in loaded.unet.parameters())
 
     report = {
