@@ -2,9 +2,12 @@
 
 Takes a module and a scheduler config (never model paths; `cache_dir` is only the
 trajectory cache), returns a `CalibrationResult`. Used by `adpdm calibrate` and by the
-`build-engine` orchestration. Methods are looked up in `METHODS`; ADP-DM (issue 4)
-plugs in with `register_method("adpdm", fn)` where
-`fn(ctx: CalibrationContext) -> MethodOutput`.
+`build-engine` orchestration. Methods are looked up in `METHODS`
+(`fn(ctx: CalibrationContext) -> MethodOutput`; `register_method` replaces one); "adpdm"
+runs `calibration.adpdm.adpdm_method`, imported on first use.
+
+Order: trajectories (observing activations per step while sampling), weights (MSE
+clipping), then the method's activation scales and timestep->group table.
 """
 
 from __future__ import annotations
@@ -131,11 +134,25 @@ def _per_step(ctx: CalibrationContext) -> MethodOutput:
     return MethodOutput(calib_timesteps_by_group(table, ts))
 
 
+def _load_adpdm() -> Optional[Callable[[CalibrationContext], MethodOutput]]:
+    try:
+        from calibration.adpdm import adpdm_method
+    except ImportError:
+        return None
+    return adpdm_method
+
+
 def _adpdm_missing(ctx: Optional[CalibrationContext]) -> MethodOutput:
-    raise AdpdmError(
-        "--method adpdm (the ADP-DM group search) is not implemented yet; "
-        "use minmax, percentile, uniform-groups or per-step"
-    )
+    """ADP-DM from calibration.adpdm (loaded on first use); refused while that module is absent."""
+    fn = _load_adpdm()
+    if fn is None:
+        raise AdpdmError(
+            "--method adpdm (the ADP-DM group search) is not available in this installation; "
+            "use minmax, percentile, uniform-groups or per-step"
+        )
+    if ctx is None:
+        return None  # type: ignore[return-value]  (availability check only)
+    return fn(ctx)
 
 
 METHODS: dict[str, Callable[[CalibrationContext], MethodOutput]] = {
@@ -159,7 +176,7 @@ def check_method_args(method: str, groups: Optional[int], w_bits: Any, a_bits: A
     if method not in METHODS:
         raise AdpdmError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if METHODS[method] is _adpdm_missing:
-        _adpdm_missing(None)  # refuse before any sampling
+        _adpdm_missing(None)  # refuse before any sampling when ADP-DM is not installed
     check_bits(w_bits, "w_bits")
     check_bits(a_bits, "a_bits")
     if groups is not None and int(groups) < 1:
@@ -255,14 +272,15 @@ def calibrate(
         percentile=float(percentile), batch_size=int(batch_size), seed=int(seed), progress=progress,
         options=dict(options or {}), step_stats=step_stats, cache_dir=cache_dir,
     )
-    t0 = time.perf_counter()
-    out = METHODS[method](ctx)
-    timings["activations_s"] = time.perf_counter() - t0
-
+    # Weights first: methods that measure the quantized model's error (ADP-DM) see final weights.
     t0 = time.perf_counter()
     calibrate_weights(qmodel, config.weight_clip_search, config.weight_clip_grid, config.weight_clip_min,
                       progress=_step_progress(progress, "weights"))
     timings["weights_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    out = METHODS[method](ctx)
+    timings["activations_s"] = time.perf_counter() - t0
     timings.update(out.timings)
     timings["total_s"] = time.perf_counter() - t_start
 

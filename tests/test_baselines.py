@@ -95,13 +95,22 @@ def test_bad_arguments(setup):
         check_method_args("uniform-groups", 0, 8, 8)
     with pytest.raises(AdpdmError, match="one scale set"):
         calibrate(unet, cfg, method="minmax", groups=4, trajectories=traj)
-    with pytest.raises(AdpdmError, match="not implemented"):
-        calibrate(unet, cfg, method="adpdm", trajectories=traj)
     with pytest.raises(AdpdmError, match="per-step"):
         calibrate(unet, cfg, method="per-step", groups=3, trajectories=traj)
     if not torch.cuda.is_available():
         with pytest.raises(AdpdmError, match="cuda"):
             check_method_args("minmax", None, 8, 8, device="cuda")
+
+
+def test_adpdm_refused_when_not_installed(setup, monkeypatch):
+    import calibration.pipeline as pl
+
+    unet, cfg, traj, _ = setup
+    monkeypatch.setattr(pl, "_load_adpdm", lambda: None)
+    with pytest.raises(AdpdmError, match="not available"):
+        check_method_args("adpdm", 4, 8, 8)
+    with pytest.raises(AdpdmError, match="not available"):
+        calibrate(unet, cfg, method="adpdm", trajectories=traj)
 
 
 def test_register_method(setup):

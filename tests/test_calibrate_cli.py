@@ -111,7 +111,6 @@ def test_eval_errors(folders, run_inproc, tmp_path):
         (["--w-bits", 9], "w_bits must be from 2 to 8"),
         (["--a-bits", 1], "a_bits must be from 2 to 8"),
         (["--method", "uniform-groups", "--groups", 0], "groups must be >= 1"),
-        (["--method", "adpdm"], "not implemented yet"),
         (["--method", "minmax", "--groups", 3], "one scale set"),
         (["--profile", "tflite"], "profile"),
     ],
@@ -122,6 +121,15 @@ def test_calibrate_bad_inputs(folders, run_inproc, args, message):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert message in r.stderr
     assert not (root / "bad" / "calibration.json").exists()
+
+
+def test_adpdm_refused_when_not_installed(folders, run_inproc, monkeypatch):
+    import calibration.pipeline as pl
+
+    root, unet, _ = folders
+    monkeypatch.setattr(pl, "_load_adpdm", lambda: None)
+    r = run_inproc("calibrate", unet, "--out", root / "bad", "--method", "adpdm")
+    assert r.returncode == 2 and "not available" in r.stderr
 
 
 def test_bad_input_is_one_line_through_the_script(folders):
