@@ -235,8 +235,12 @@ def calibrate(
     if not 0.0 < float(percentile) <= 100.0:
         raise AdpdmError(f"percentile must be in (0, 100], got {percentile}")
     dev = resolve_device(device)
-    unet = unet.to(dev).eval()
     t_count = num_train_timesteps(scheduler_config)
+    if trajectories is None and not 1 <= int(calib_steps) <= t_count:
+        raise AdpdmError(f"calibration steps must be from 1 to the model's {t_count} training timesteps, got {calib_steps}")
+    if trajectories is None and int(calib_samples) < 1:
+        raise AdpdmError(f"calibration samples must be >= 1, got {calib_samples}")
+    unet = unet.to(dev).eval()
     sha = model_sha256(unet)
     timings: dict[str, float] = {}
 

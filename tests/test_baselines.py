@@ -97,6 +97,12 @@ def test_bad_arguments(setup):
         calibrate(unet, cfg, method="minmax", groups=4, trajectories=traj)
     with pytest.raises(AdpdmError, match="per-step"):
         calibrate(unet, cfg, method="per-step", groups=3, trajectories=traj)
+    with pytest.raises(AdpdmError, match="calibration steps"):
+        calibrate(unet, cfg, calib_steps=1001)
+    with pytest.raises(AdpdmError, match="calibration samples"):
+        calibrate(unet, cfg, calib_samples=0)
+    with pytest.raises(AdpdmError, match="percentile"):
+        calibrate(unet, cfg, method="percentile", percentile=0, trajectories=traj)
     if not torch.cuda.is_available():
         with pytest.raises(AdpdmError, match="cuda"):
             check_method_args("minmax", None, 8, 8, device="cuda")
