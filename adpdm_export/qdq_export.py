@@ -749,11 +749,28 @@ def _move_into_place(stage: Path, out_dir: Path, names: Sequence[str]) -> None:
         os.replace(stage / n, out_dir / n)
 
 
-def qdq_manifest(exp: QdqExport, loaded, result, source: Optional[str] = None):
-    """The engines.manifest.Manifest describing a QDQ export (files are hashed when written)."""
+def qdq_manifest(
+    exp: QdqExport,
+    loaded,
+    result,
+    source: Optional[str] = None,
+    fp_graph: Optional[str] = None,
+    fp_weights: Optional[str] = None,
+):
+    """The engines.manifest.Manifest describing a QDQ export (files are hashed when written).
+
+    fp_graph / fp_weights: an FP graph (and its weights file) in the same folder to list as
+    profile "fp" of every group (e.g. `unet.onnx` / `unet.onnx.data` from `export_onnx`).
+    """
     from engines.manifest import CalibrationSummary, Manifest, ModelInfo, make_groups
 
     table = [int(x) for x in result.timestep_to_group.tolist()]
+    graphs = {p: [g.name for g in gs] for p, gs in exp.graphs.items()}
+    weights = {p: exp.weights.name for p in exp.graphs}
+    if fp_graph:
+        graphs["fp"] = [fp_graph] * int(result.num_groups)
+        if fp_weights:
+            weights["fp"] = fp_weights
     cfg = dict(getattr(loaded.unet, "config", {}) or {})
     return Manifest(
         model=ModelInfo(
@@ -776,18 +793,28 @@ def qdq_manifest(exp: QdqExport, loaded, result, source: Optional[str] = None):
             extra={"calibration_profile": result.profile},
         ),
         timestep_to_group=table,
-        groups=make_groups(table, {p: [g.name for g in gs] for p, gs in exp.graphs.items()}),
-        weights={p: exp.weights.name for p in exp.graphs},
+        groups=make_groups(table, graphs),
+        weights=weights,
         backend="ort",
     )
 
 
-def write_qdq_manifest(exp: QdqExport, loaded, result, source: Optional[str] = None, extra_files: Sequence[str] = ()) -> Path:
-    """Write manifest.json LAST (atomically), recording every graph, the weights and the report."""
+def write_qdq_manifest(
+    exp: QdqExport,
+    loaded,
+    result,
+    source: Optional[str] = None,
+    extra_files: Sequence[str] = (),
+    fp_graph: Optional[str] = None,
+    fp_weights: Optional[str] = None,
+) -> Path:
+    """Write manifest.json LAST (atomically), recording every graph, the weights and the report
+    (plus `extra_files`, e.g. scheduler_config.json, and an optional FP graph as profile "fp")."""
     from engines.manifest import write_manifest
 
     extra = [REPORT_NAME] + [f for f in extra_files if f != REPORT_NAME]
-    return write_manifest(exp.out_dir, qdq_manifest(exp, loaded, result, source), extra_files=extra)
+    m = qdq_manifest(exp, loaded, result, source, fp_graph=fp_graph, fp_weights=fp_weights)
+    return write_manifest(exp.out_dir, m, extra_files=extra)
 
 
 def export_qdq_for(
@@ -796,6 +823,9 @@ def export_qdq_for(
     out_dir: str | os.PathLike,
     profile: str | Sequence[str] = "trt",
     manifest: bool = True,
+    manifest_extra_files: Sequence[str] = (),
+    fp_graph: Optional[str] = None,
+    fp_weights: Optional[str] = None,
     **kw,
 ) -> QdqExport:
     """`export_qdq` for a `model_loading.LoadedModel`, then the manifest (unless manifest=False).
@@ -816,7 +846,7 @@ def export_qdq_for(
         loaded.unet, result, out_dir, sample_shape=loaded.sample_shape, conditioning=loaded.conditioning, profile=profile, **kw
     )
     if manifest:
-        write_qdq_manifest(exp, loaded, result)
+        write_qdq_manifest(exp, loaded, result, extra_files=manifest_extra_files, fp_graph=fp_graph, fp_weights=fp_weights)
     return exp
 
 
