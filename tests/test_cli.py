@@ -72,3 +72,16 @@ def test_unknown_option_is_a_usage_error(unet_folder):
     r = run("sample", unet_folder, "--bogus")
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
+
+
+def test_doctor_reports_versions_and_backend():
+    r = run("doctor")
+    assert r.returncode == 0, r.stderr
+    text = " ".join((r.stdout + r.stderr).split())
+    assert "onnxruntime" in text and "torch" in text
+    assert "build-engine --backend auto" in text
+    from engines.platform import pick_backend
+
+    assert pick_backend("auto") in text.split("build-engine --backend auto", 1)[1]
+    if "not installed" in text:
+        assert "adpdm-export[gpu]" in text  # the install hint survives rich markup

@@ -9,6 +9,7 @@ import typer
 
 def doctor() -> None:
     """Print Python/torch/onnxruntime versions and providers, TensorRT and GPU status, the build backend."""
+    from rich.markup import escape
     from rich.table import Table
 
     from adpdm_export import __version__
@@ -18,22 +19,25 @@ def doctor() -> None:
     import torch
 
     table = Table(show_header=False, box=None)
-    table.add_row("adpdm-export", __version__)
-    table.add_row("python", platform.python_version())
-    table.add_row("torch", torch.__version__)
+
+    def row(name: str, value: str) -> None:
+        table.add_row(name, escape(value))  # messages hold pip extras such as [gpu]: not markup
+    row("adpdm-export", __version__)
+    row("python", platform.python_version())
+    row("torch", torch.__version__)
     try:
         import onnxruntime as ort
 
-        table.add_row("onnxruntime", f"{ort.__version__} (providers: {', '.join(ort.get_available_providers())})")
+        row("onnxruntime", f"{ort.__version__} (providers: {', '.join(ort.get_available_providers())})")
     except ImportError:
-        table.add_row("onnxruntime", "not installed: pip install 'adpdm-export[cpu]'")
+        row("onnxruntime", "not installed: pip install 'adpdm-export[cpu]'")
     gpu_ok, gpu_msg = cuda_status()
     trt_ok, trt_msg = tensorrt_status()
-    table.add_row("CUDA GPU", gpu_msg)
-    table.add_row("TensorRT", trt_msg)
+    row("CUDA GPU", gpu_msg)
+    row("TensorRT", trt_msg)
     backend = pick_backend("auto")
     why = "TensorRT and a GPU are present" if backend == "trt" else "TensorRT or a GPU is missing"
-    table.add_row("build-engine --backend auto", f"{backend} ({why})")
+    row("build-engine --backend auto", f"{backend} ({why})")
     console.print(table, soft_wrap=True)
 
 
