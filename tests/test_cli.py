@@ -85,3 +85,22 @@ def test_doctor_reports_versions_and_backend():
     assert pick_backend("auto") in text.split("build-engine --backend auto", 1)[1]
     if "not installed" in text:
         assert "adpdm-export[gpu]" in text  # the install hint survives rich markup
+
+
+def test_export_with_calibration_writes_group_graphs_and_manifest(unet_folder, tmp_path):
+    from adpdm_export.model_loading import load_model
+    from calibration.pipeline import calibrate
+    from engines.manifest import load_manifest
+
+    m = load_model(unet_folder)
+    result = calibrate(m.unet, m.scheduler_config, method="uniform-groups", groups=2, calib_samples=2,
+                       calib_steps=6, cache_dir=str(tmp_path / "cache"))
+    result.save(tmp_path / "calib")
+    r = run("export", unet_folder, "--calibration", tmp_path / "calib", "--out", tmp_path / "qdq", "--profile", "ort")
+    assert r.returncode == 0, r.stderr
+    manifest = load_manifest(tmp_path / "qdq")
+    assert manifest.num_groups == 2 and manifest.profiles() == ["ort"]
+    # a calibration made for another model is refused in one line
+    other = save_unet_folder(tiny_unet2d(seed=3), tmp_path / "other")
+    r = run("export", other, "--calibration", tmp_path / "calib", "--out", tmp_path / "qdq2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr

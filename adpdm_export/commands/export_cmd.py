@@ -1,4 +1,4 @@
-"""`adpdm export`: a model to ONNX (the FP graph; QDQ graphs per group with --calibration)."""
+"""`adpdm export`: a model to ONNX: the FP graph, or with --calibration one QDQ graph per timestep group."""
 
 from __future__ import annotations
 
@@ -12,15 +12,40 @@ import typer
 def export(
     model: str = typer.Argument(..., help="'reference', a diffusers UNet or pipeline folder, or a hub repo id."),
     out: Path = typer.Option(..., "--out", help="Output folder (created if missing)."),
+    calibration: Optional[Path] = typer.Option(
+        None, "--calibration", help="A calibration folder (adpdm calibrate): export QDQ graphs per timestep group."
+    ),
+    profile: str = typer.Option("both", "--profile", help="QDQ graphs for: trt | ort (onnxruntime CPU) | both."),
     opset: int = typer.Option(19, help="ONNX opset (>= 19)."),
-    check: bool = typer.Option(True, help="Compare onnxruntime against PyTorch on random inputs."),
+    check: bool = typer.Option(True, help="Compare onnxruntime against PyTorch (parity per group with --calibration)."),
 ) -> None:
-    """Export MODEL's UNet to an FP ONNX graph with its weights in one external file."""
+    """Export MODEL's UNet to ONNX with its weights in one external file (QDQ per group with --calibration)."""
     from adpdm_export.model_loading import load_model
-    from adpdm_export.onnx_export import check_opset, check_parity, example_inputs, export_onnx
+    from adpdm_export.onnx_export import check_opset
     from adpdm_export.progress import console
 
     check_opset(opset)
+    if calibration is not None:
+        from adpdm_export.qdq_export import check_supported, export_qdq_for, parse_profiles
+        from calibration.result import CalibrationResult
+
+        profiles = parse_profiles(profile)
+        loaded = load_model(model)
+        result = CalibrationResult.load(calibration, expected_model_sha256=loaded.sha256)
+        check_supported(result, profiles)
+        exp = export_qdq_for(loaded, result, out, profile=profiles, check=check,
+                             progress=lambda msg: console.print(f"  {msg}"))
+        console.print(
+            f"wrote {exp.num_groups} group graph(s) x {', '.join(exp.profiles)} profile(s), {exp.weights.name} and "
+            f"manifest.json to {out}"
+        )
+        for p in exp.profiles:
+            if check:
+                console.print(f"  {p}: worst parity rel L2 {exp.worst(p):.1e}, worst error vs FP {exp.worst(p, 'fp_rel_l2'):.1e}")
+        return
+
+    from adpdm_export.onnx_export import check_parity, example_inputs, export_onnx
+
     loaded = load_model(model)
     with console.status(f"exporting {loaded.kind} ({model}) to ONNX"):
         exported = export_onnx(
