@@ -419,11 +419,13 @@ def probe_parity(
     two runs then legitimately diverge downstream. So besides the free-running comparison:
 
     * teacher-forced parity: the simulation is run with every quantizer's *input* replaced
-      by onnxruntime's input to the same QuantizeLinear. Then, per quantizer, (a) its output
-      must equal onnxruntime's DequantizeLinear output (exact ties aside: scales, zero
-      points), (b) the input the simulation computed itself, from forced upstream values,
-      must equal onnxruntime's up to float noise (weights, placement, the float ops
-      between quantizers), and (c) the final output too (`forced_rel_l2`);
+      by onnxruntime's input to the same QuantizeLinear (and, once its own result is
+      recorded, its output by onnxruntime's DequantizeLinear output, so an exact tie does
+      not perturb what follows). Then, per quantizer, (a) its own output must equal
+      onnxruntime's (exact ties aside: scales, zero points), (b) the input the simulation
+      computed itself from the forced upstream values must equal onnxruntime's up to float
+      noise (weights, placement, the float ops between quantizers), and (c) the final output
+      too (`forced_rel_l2`);
     * first divergence: comparing each quantizer's output in graph order, the first
       difference must be a rounding tie: one grid step, at a boundary the two
       float-noise-close inputs straddle.
@@ -440,9 +442,10 @@ def probe_parity(
             qmodel(sample, timestep, **cond)
     first = _first_divergence(points, got, captured, group)
 
-    forced_in = {}
-    for qn, _, x_name, _ in points:
+    forced_in, forced_y = {}, {}
+    for qn, _, x_name, y_name in points:
         forced_in.setdefault(qn, torch.from_numpy(np.ascontiguousarray(got[x_name])))
+        forced_y.setdefault(qn, torch.from_numpy(np.ascontiguousarray(got[y_name])))
     natural: dict[str, torch.Tensor] = {}  # what the simulation computed, before forcing
     forced_out: dict[str, torch.Tensor] = {}
     hooks = []
@@ -456,7 +459,11 @@ def probe_parity(
                 return (x.to(args[0].dtype),)
 
             def post(mod, args, out, name=name):
+                # Record the simulation's quantized values (compared below), then continue with
+                # onnxruntime's: an exact tie at this quantizer must not perturb what follows.
                 forced_out.setdefault(name, out.detach().clone())
+                y = forced_y[name]
+                return y.to(out.dtype) if tuple(y.shape) == tuple(out.shape) else out
 
             hooks += [q.register_forward_pre_hook(pre), q.register_forward_hook(post)]
     try:

@@ -96,6 +96,7 @@ def main(argv=None) -> int:
             calib_samples=a.samples, calib_steps=a.steps, cache_dir=str(a.out / "cache"),
             cond=loaded.default_condition(1) or None,  # null prompt embedding / labels 0.. when conditional
         )
+        result.save(a.out / "calibration")
     t_cal = time.perf_counter() - t0
     t0 = time.perf_counter()
     exp = export_qdq_for(loaded, result, a.out, profile=a.profile, progress=lambda m: print(m, file=sys.stderr))
