@@ -163,6 +163,27 @@ class QdqExport:
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
+    def summary_lines(self) -> list[str]:
+        """One human-readable line per profile: parity (teacher-forced and free-running), error vs FP, fusion."""
+        lines = []
+        for p in self.profiles:
+            cs = [c for c in self.checks if c.profile == p]
+            parts = [f"{p}: {len(self.graphs.get(p, []))} group graph(s)"]
+            if cs:
+                forced = max(max(c.forced_rel_l2 or 0.0, (c.forced or {}).get("forced_worst_input_rel_l2", 0.0)) for c in cs)
+                ties = sum(c.verdict == "ties" for c in cs)
+                parts.append(f"parity teacher-forced <= {forced:.1e}")
+                parts.append(
+                    f"free-running <= {self.worst(p):.1e}"
+                    + (f" ({ties} group(s) diverge after a rounding tie, see docs/export.md)" if ties else "")
+                )
+                parts.append(f"error vs FP <= {self.worst(p, 'fp_rel_l2'):.3f}")
+            f = self.fusion.get(p)
+            if f and p == "ort":
+                parts.append(f"onnxruntime fuses {f['fused_total']}/{f['total']} quantized ops")
+            lines.append(", ".join(parts))
+        return lines
+
     def worst(self, profile: str, key: str = "parity_rel_l2") -> float:
         vals = [getattr(c, key) for c in self.checks if c.profile == profile and getattr(c, key) is not None]
         return max(vals) if vals else float("nan")
