@@ -202,6 +202,38 @@ def canonical_groups(step_groups: torch.Tensor, calib_timesteps: torch.Tensor) -
     return torch.tensor([remap[g] for g in sg.tolist()], dtype=torch.int64), old_ids
 
 
+def contiguous_partition(cost: torch.Tensor, max_segments: int, segment_penalty: float = 0.0) -> torch.Tensor:
+    """Best split of steps (rows of cost (N, G), in timestep order) into <= max_segments runs.
+
+    Each run takes the label (column) of least total cost; the total (sum of the chosen costs
+    + segment_penalty per run) is minimized exactly by dynamic programming. Returns the run
+    index (0..K-1) of every step, in the row order given.
+    """
+    c = cost.to(torch.float64)
+    n, g = c.shape
+    k_max = max(1, min(int(max_segments), n))
+    pre = torch.cat([torch.zeros(1, g, dtype=torch.float64), c.cumsum(0)])  # (N+1, G)
+    # seg[a, b] = min_g sum_{a <= i < b} c[i, g]
+    seg = (pre[None, :, :] - pre[:, None, :]).min(-1).values  # (N+1, N+1)
+    inf = float("inf")
+    best = torch.full((k_max + 1, n + 1), inf, dtype=torch.float64)
+    arg = torch.zeros((k_max + 1, n + 1), dtype=torch.int64)
+    best[0, 0] = 0.0
+    for k in range(1, k_max + 1):
+        for b in range(1, n + 1):
+            cand = best[k - 1, :b] + seg[:b, b] + segment_penalty
+            a = int(torch.argmin(cand))
+            best[k, b], arg[k, b] = cand[a], a
+    k = int(torch.argmin(best[1:, n])) + 1
+    out = torch.empty(n, dtype=torch.int64)
+    b = n
+    while k > 0:
+        a = int(arg[k, b])
+        out[a:b] = k - 1
+        b, k = a, k - 1
+    return out
+
+
 def group_ranges(step_groups: torch.Tensor, calib_timesteps: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Per group, its runs of calibration timesteps as (lo, hi) inclusive, ascending."""
     ct = torch.as_tensor(calib_timesteps, dtype=torch.int64)
@@ -330,6 +362,8 @@ class GroupSearchConfig:
     init: the partition giving the initial per-group scales: `kmeans` (of the per-step
         log max|x| profiles over all quantizers) or `uniform` (G equal runs of steps).
     init_items: items per step observed for the initial partition and scales.
+    contiguous: hard partition = the best split into <= G runs of consecutive timesteps under
+        cost -log softmax(A) (else the plain per-step argmax, groups possibly fragmented).
     loss_ref_items: (step, item) pairs giving the loss normalization (loss at the initial scales).
     eval_batch: batch size of no-grad passes.
     seed: batch sampling and logit noise.
@@ -351,6 +385,7 @@ class GroupSearchConfig:
     init_prior: float = 0.0
     init: str = "kmeans"
     init_items: int = 8
+    contiguous: bool = True
     loss_ref_items: int = 128
     eval_batch: int = 256
     seed: int = 0
@@ -572,8 +607,20 @@ def search_groups(
 
     # ---- hard partition: drop empty groups, renumber, carry the searched scales -----------
     t0 = time.perf_counter()
-    step_groups, old_ids = canonical_groups(relaxed, data.timesteps)
     searched = {name: q.scale.detach().clone() for name, q in activation_quantizers(qmodel).items()}
+    if cfg.contiguous and g > 1:
+        # argmax constrained to <= G runs of consecutive timesteps; cost = -log softmax(A) at T = 1
+        order = torch.argsort(data.timesteps)
+        cost = -torch.log_softmax(logits.detach(), dim=-1)[order]
+        runs = contiguous_partition(cost, g)
+        labels = torch.empty(n, dtype=torch.int64)
+        labels[order] = runs
+        # each run starts from the searched scales of the group most of its steps chose
+        src = [int(torch.mode(relaxed[labels == r]).values) for r in range(int(runs.max()) + 1)]
+        step_groups, old_runs = canonical_groups(labels, data.timesteps)
+        old_ids = [src[r] for r in old_runs]
+    else:
+        step_groups, old_ids = canonical_groups(relaxed, data.timesteps)
     table = install_partition(qmodel, data.timesteps, step_groups)
     for name, q in activation_quantizers(qmodel).items():
         q.set_scale(searched[name][old_ids])
@@ -620,6 +667,7 @@ __all__ = [
     "GroupSearchOutcome",
     "Progress",
     "canonical_groups",
+    "contiguous_partition",
     "fp_predictions",
     "group_ranges",
     "initial_step_groups",

@@ -67,7 +67,7 @@ class SRMConfig:
     eval_steps: int = 6
     heldout_items: int = 16
     calib_items: Optional[int] = 24
-    lambda_mmd: float = 1.0
+    lambda_mmd: float = 15.0
     num_groups: int = 4
     percentile: Optional[float] = 99.99
     feature_modules: Optional[list[str]] = None

@@ -168,3 +168,19 @@ def test_search_is_reproducible_and_installs_table():
     assert torch.equal(get_state(qm).table, a.table)
     assert all(q.log_scale is None for q in activation_quantizers(qm).values())
 
+
+
+def test_contiguous_partition_dp():
+    from calibration.group_search import contiguous_partition
+
+    # noisy per-step preferences for 3 runs: 0 0 0 1 0 1 1 2 2 2 (one stray vote in run 1)
+    pref = [0, 0, 0, 1, 0, 1, 1, 2, 2, 2]
+    cost = torch.ones(10, 3)
+    for i, p in enumerate(pref):
+        cost[i, p] = 0.0
+    runs = contiguous_partition(cost, 3)
+    assert runs.tolist() in ([0, 0, 0, 1, 1, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 1, 1, 2, 2, 2])
+    assert contiguous_partition(cost, 1).tolist() == [0] * 10
+    # runs never exceed the budget and are contiguous
+    r = contiguous_partition(torch.rand(30, 4, generator=torch.Generator().manual_seed(0)), 4)
+    assert int(r.max()) <= 3 and bool((r.diff() >= 0).all())
