@@ -180,7 +180,8 @@ class QdqExport:
                 parts.append(f"error vs FP <= {self.worst(p, 'fp_rel_l2'):.3f}")
             f = self.fusion.get(p)
             if f and p == "ort":
-                parts.append(f"onnxruntime fuses {f['fused_total']}/{f['total']} quantized ops")
+                low = "" if f.get("ok", True) else f" (below {MIN_FUSED_RATIO:.0%}: slow on CPU)"
+                parts.append(f"onnxruntime fuses {f['fused_total']}/{f['total']} quantized ops{low}")
             lines.append(", ".join(parts))
         return lines
 
@@ -751,6 +752,9 @@ def export_qdq(
             say("counting onnxruntime fusions in the CPU profile")
             fc = fusion_counts(files["ort"][0])
             exp.fusion["ort"] = fc.to_dict()
+            exp.fusion["ort"]["ok"] = fc.ratio >= MIN_FUSED_RATIO
+            if fc.ratio < MIN_FUSED_RATIO:
+                say(f"warning: onnxruntime fuses only {fc.summary()}; unfused: {', '.join(fc.unfused[:5])}")
             if "trt" in files:
                 exp.fusion["trt"] = fusion_counts(files["trt"][0]).to_dict()
             timings["fusion_s"] = time.perf_counter() - t1
