@@ -151,6 +151,22 @@ class AdpdmClient:
         except Exception:
             return False
 
+    def models_ready(self) -> bool:
+        """Both models loaded (the server answers `ready` a moment before its models are)."""
+        try:
+            return all(bool(self._client.is_model_ready(m)) for m in (self.unet_model, self.generate_model))
+        except Exception:
+            return False
+
+    def wait_ready(self, timeout_s: float = 60.0, poll_s: float = 0.3) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while not self.models_ready():
+            if time.monotonic() > deadline:
+                raise AdpdmError(f"{self.url}: models not ready after {timeout_s:.0f} s")
+            time.sleep(poll_s)
+
     def batch_stats(self, model: Optional[str] = None) -> dict[int, int]:
         """Executed batches per batch size, from Triton's statistics API ({batch_size: count})."""
         model = model or self.unet_model

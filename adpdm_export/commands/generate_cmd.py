@@ -1,0 +1,42 @@
+"""`adpdm generate --url`: images from a running `adpdm serve` (the sampling loop runs on the server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def generate(
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="Server: http://host:port or grpc://host:port."),
+    n: int = typer.Option(4, "--n", help="Number of images."),
+    steps: int = typer.Option(50, "--steps", help="Sampling steps."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial noise (same seed, same images)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim | ddpm | dpmsolver (server default: ddim)."),
+    class_label: Optional[int] = typer.Option(None, "--class-label", help="Class label for class-conditional models."),
+    out: Path = typer.Option(Path("generated.png"), "--out", help="PNG grid to write."),
+    scale: int = typer.Option(4, "--scale", help="Upscale factor of the PNG (nearest neighbour)."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Request timeout in seconds."),
+) -> None:
+    """Ask a running `adpdm serve` for N images and write them as a PNG grid."""
+    from engines.errors import AdpdmError
+
+    if out.suffix.lower() != ".png":
+        raise AdpdmError(f"--out must name a .png file (got {out})")
+    if n < 1 or steps < 1 or seed < 0:
+        raise AdpdmError(f"--n and --steps must be >= 1 and --seed >= 0 (got {n}, {steps}, {seed})")
+    import torch
+
+    from engines.images import save_grid
+    from engines.serving_client import AdpdmClient
+
+    cond = {} if class_label is None else {"class_labels": [class_label]}
+    with AdpdmClient(url, timeout_s=timeout) as client:
+        images = client.generate(seed=seed, n=n, steps=steps, scheduler=scheduler, **cond)
+    path = save_grid(torch.from_numpy(images.copy()), out, scale=scale)
+    typer.echo(f"wrote {path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)

@@ -1,0 +1,310 @@
+"""`adpdm export-triton`: a build folder as a standard Triton model repository (NGC Triton container).
+
+Layout written (G = number of timestep groups)::
+
+    REPO/
+      unet_g0/ config.pbtxt  1/model.plan        # platform tensorrt_plan, KIND_GPU (default)
+      ...                                         # or 1/model.onnx + weights (--platform onnxruntime)
+      unet_g{G-1}/ ...
+      generate/ config.pbtxt  1/model.py  1/adpdm_generate.json
+                                                  # Python backend: the sampling loop, each step
+                                                  # sent to unet_g{k} by timestep (BLS)
+
+Every config.pbtxt is parsed back with Triton's own `ModelConfig` protobuf (shipped in
+tritonclient as `tritonclient.grpc.model_config_pb2`) and checked (name = folder,
+platform/backend, inputs/outputs, batch sizes) before the repository is renamed into place.
+
+The `generate` model's model.py needs `torch`, `diffusers` and this package's `engines`
+(for the very same sampling loop as `adpdm serve`) in the container's Python; see
+docs/serving.md for the two-line image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from engines.errors import AdpdmError
+from engines.manifest import Manifest, load_manifest
+
+PLATFORMS = ("tensorrt", "onnxruntime")
+GENERATE_MODEL = "generate"
+GROUP_MODEL = "unet_g{k}"
+GENERATE_CONFIG = "adpdm_generate.json"
+_ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 3: "TYPE_INT8",
+                   2: "TYPE_UINT8", 9: "TYPE_BOOL", 16: "TYPE_BF16"}
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    name: str
+    data_type: str  # TYPE_FP32 ...
+    dims: tuple[int, ...]  # without the batch dimension; -1 = variable
+
+
+def _pb_io(kind: str, specs: Sequence[IOSpec], optional: Sequence[str] = ()) -> str:
+    out = []
+    for s in specs:
+        lines = [f'    name: "{s.name}"', f"    data_type: {s.data_type}"]
+        if s.dims:
+            lines.append(f"    dims: [ {', '.join(str(d) for d in s.dims)} ]")
+        else:  # a (batch,) tensor: Triton wants dims [1] reshaped to [] for the model
+            lines.append("    dims: [ 1 ]")
+            lines.append("    reshape: { shape: [ ] }")
+        if s.name in optional:
+            lines.append("    optional: true")
+        out.append("  {\n" + "\n".join(lines) + "\n  }")
+    return f"{kind} [\n" + ",\n".join(out) + "\n]\n"
+
+
+def group_model_config(
+    name: str,
+    inputs: Sequence[IOSpec],
+    outputs: Sequence[IOSpec],
+    max_batch_size: int,
+    platform: str = "tensorrt",
+    cuda_graphs: bool = False,
+    instances: int = 1,
+    max_queue_delay_us: int = 1000,
+) -> str:
+    """config.pbtxt of one group's UNet model (tensorrt_plan on the GPU, or onnxruntime_onnx on the CPU)."""
+    if platform not in PLATFORMS:
+        raise AdpdmError(f"unknown platform {platform!r}: choose one of {', '.join(PLATFORMS)}")
+    trt = platform == "tensorrt"
+    text = f'name: "{name}"\n'
+    text += f'platform: "{"tensorrt_plan" if trt else "onnxruntime_onnx"}"\n'
+    text += f"max_batch_size: {int(max_batch_size)}\n"
+    text += _pb_io("input", inputs) + _pb_io("output", outputs)
+    text += f"instance_group [ {{ kind: {'KIND_GPU' if trt else 'KIND_CPU'} count: {int(instances)} }} ]\n"
+    if max_batch_size > 0:
+        text += f"dynamic_batching {{ max_queue_delay_microseconds: {int(max_queue_delay_us)} }}\n"
+    if trt and cuda_graphs:
+        text += "optimization { cuda { graphs: true } }\n"
+    return text
+
+
+def generate_model_config(cond_inputs: Sequence[IOSpec], sample_dims: Sequence[int], instances: int = 1,
+                          kind: str = "KIND_CPU") -> str:
+    """config.pbtxt of the Python-backend `generate` model (not batched: n is an input)."""
+    ins = [IOSpec("seed", "TYPE_INT64", (1,)), IOSpec("n", "TYPE_INT64", (1,)), IOSpec("steps", "TYPE_INT64", (1,)),
+           IOSpec("scheduler", "TYPE_STRING", (1,)), *cond_inputs]
+    outs = [IOSpec("images", "TYPE_FP32", (-1, *sample_dims))]
+    text = f'name: "{GENERATE_MODEL}"\nbackend: "python"\nmax_batch_size: 0\n'
+    text += _pb_io("input", ins, optional=["scheduler", *[c.name for c in cond_inputs]]) + _pb_io("output", outs)
+    # The sampling loop itself is light (the UNet runs in the group models): CPU instances suffice.
+    text += f"instance_group [ {{ kind: {kind} count: {int(instances)} }} ]\n"
+    return text
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def parse_config(text: str):
+    """Parse config.pbtxt text with Triton's ModelConfig protobuf (needs tritonclient[grpc])."""
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as e:
+        raise AdpdmError(f"validating config.pbtxt needs tritonclient[grpc] ({e}): pip install 'tritonclient[grpc]'") from None
+    cfg = model_config_pb2.ModelConfig()
+    try:
+        text_format.Parse(text, cfg)
+    except text_format.ParseError as e:
+        raise AdpdmError(f"config.pbtxt does not parse as Triton's ModelConfig: {e}") from None
+    return cfg
+
+
+def validate_config(text: str, folder_name: str) -> Any:
+    """Parse and check one config.pbtxt; returns the ModelConfig message."""
+    cfg = parse_config(text)
+    where = f"{folder_name}/config.pbtxt"
+    if cfg.name != folder_name:
+        raise AdpdmError(f"{where}: name {cfg.name!r} is not the folder name")
+    if cfg.platform not in ("tensorrt_plan", "onnxruntime_onnx") and cfg.backend != "python":
+        raise AdpdmError(f"{where}: unexpected platform/backend {cfg.platform or cfg.backend!r}")
+    if not cfg.input or not cfg.output:
+        raise AdpdmError(f"{where}: no inputs or no outputs")
+    if cfg.max_batch_size < 0:
+        raise AdpdmError(f"{where}: max_batch_size must be >= 0")
+    names = [t.name for t in (*cfg.input, *cfg.output)]
+    if len(set(names)) != len(names):
+        raise AdpdmError(f"{where}: duplicate tensor names {names}")
+    for t in (*cfg.input, *cfg.output):
+        if not t.dims or any(d < -1 or d == 0 for d in t.dims):
+            raise AdpdmError(f"{where}: tensor {t.name!r} has bad dims {list(t.dims)}")
+    if cfg.platform == "tensorrt_plan" and not any(g.kind == g.KIND_GPU for g in cfg.instance_group):
+        raise AdpdmError(f"{where}: a tensorrt_plan model needs a KIND_GPU instance group")
+    return cfg
+
+
+def validate_repository(repo: str | os.PathLike) -> dict[str, Any]:
+    """Parse and check every model's config.pbtxt in a repository; {model name: ModelConfig}."""
+    repo = Path(repo)
+    out = {}
+    for d in sorted(p for p in repo.iterdir() if p.is_dir()):
+        cfg_path = d / "config.pbtxt"
+        if not cfg_path.is_file():
+            raise AdpdmError(f"{d.name}: no config.pbtxt")
+        cfg = validate_config(cfg_path.read_text(), d.name)
+        if not any(v.is_dir() and v.name.isdigit() for v in d.iterdir()):
+            raise AdpdmError(f"{d.name}: no version folder (1/)")
+        out[d.name] = cfg
+    if GENERATE_MODEL in out:
+        meta = json.loads((repo / GENERATE_MODEL / "1" / GENERATE_CONFIG).read_text())
+        missing = [m for m in meta["group_models"] if m not in out]
+        if missing:
+            raise AdpdmError(f"generate dispatches to {missing}, which the repository lacks")
+    return out
+
+
+# --------------------------------------------------------------------------- the writer
+
+
+def _graph_io(path: Path) -> tuple[list[IOSpec], list[IOSpec]]:
+    """Inputs and outputs of an ONNX group graph, batch dimension dropped, named dims -> -1."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    init = {i.name for i in g.initializer}
+
+    def spec(v) -> IOSpec:
+        tt = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim][1:]
+        try:
+            dt = _ONNX_TO_TRITON[tt.elem_type]
+        except KeyError:
+            raise AdpdmError(f"{path.name}: tensor {v.name!r} has an ONNX type Triton's config cannot name ({tt.elem_type})") from None
+        return IOSpec(v.name, dt, tuple(dims))
+
+    return [spec(v) for v in g.input if v.name not in init], [spec(v) for v in g.output]
+
+
+def _trt_dims(spec: IOSpec, m: Manifest) -> IOSpec:
+    """Fixed dims where the TensorRT profile pins them (a fixed resolution / sequence length)."""
+    p = m.tensorrt.profile  # type: ignore[union-attr]
+    if spec.name == "sample" or spec.name == "out_sample":
+        C = spec.dims[0]
+        H = p.height[0] if p.height[0] == p.height[2] else -1
+        W = p.width[0] if p.width[0] == p.width[2] else -1
+        return IOSpec(spec.name, spec.data_type, (C, H, W))
+    if spec.name == "encoder_hidden_states" and p.sequence_length:
+        return IOSpec(spec.name, spec.data_type, (int(p.sequence_length), spec.dims[-1]))
+    return spec
+
+
+def write_repository(
+    build: str | os.PathLike | Manifest,
+    out: str | os.PathLike,
+    platform: str = "tensorrt",
+    max_batch: Optional[int] = None,
+    cuda_graphs: bool = False,
+    instances: int = 1,
+    generate_instances: int = 1,
+    limits: Optional[Mapping[str, int]] = None,
+    overwrite: bool = False,
+    verify: bool | str = True,
+) -> Path:
+    """Write a Triton model repository for `build` at `out` (atomically: temp folder, then rename).
+
+    platform: "tensorrt" (one tensorrt_plan model per group engine; the build must have engines)
+        or "onnxruntime" (the build's ORT-profile group graphs as onnxruntime_onnx models, CPU).
+    max_batch: the group models' max_batch_size (default: the TensorRT profile's largest batch, or 16).
+    limits: bounds the generate model enforces (max_n, max_steps); defaults as `adpdm serve`.
+    """
+    if platform not in PLATFORMS:
+        raise AdpdmError(f"unknown platform {platform!r}: choose one of {', '.join(PLATFORMS)}")
+    m = build if isinstance(build, Manifest) else load_manifest(build, verify=verify)
+    if m.root is None:
+        raise AdpdmError("export-triton needs a manifest loaded from its build folder")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise AdpdmError(f"{out} exists: pass --overwrite to replace it")
+    if platform == "tensorrt":
+        if m.backend != "trt" or m.tensorrt is None or any(g.engine is None for g in m.groups):
+            raise AdpdmError(
+                "this build has no TensorRT engines: run `adpdm build-engine --backend trt` on a GPU machine first, "
+                "or export with --platform onnxruntime (CPU)"
+            )
+        graph_profile = m.tensorrt.graph_profile
+        top = m.tensorrt.profile.batch[2]
+        if max_batch is not None and max_batch > top:
+            raise AdpdmError(f"--max-batch {max_batch} is above the engines' largest batch ({top})")
+        mb = int(max_batch or top)
+    else:
+        graph_profile = next((p for p in ("ort", "trt", "fp") if p in m.profiles()), None)
+        if graph_profile is None:
+            raise AdpdmError(f"the build has no ONNX group graphs (profiles: {m.profiles()})")
+        mb = int(max_batch or 16)
+    if mb < 1:
+        raise AdpdmError(f"--max-batch must be >= 1, got {mb}")
+    inputs, outputs = _graph_io(m.graph_paths(graph_profile)[0])
+    if platform == "tensorrt":
+        inputs = [_trt_dims(s, m) for s in inputs]
+        outputs = [_trt_dims(s, m) for s in outputs]
+    C, H, W = m.model.in_channels, *m.model.sample_size
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        names = []
+        for g in m.groups:
+            name = GROUP_MODEL.format(k=g.id)
+            names.append(name)
+            vdir = tmp / name / "1"
+            vdir.mkdir(parents=True)
+            if platform == "tensorrt":
+                shutil.copyfile(m.path(g.engine), vdir / "model.plan")  # type: ignore[arg-type]
+            else:
+                shutil.copyfile(m.path(g.graphs[graph_profile]), vdir / "model.onnx")
+                weights = m.weights.get(graph_profile)
+                if weights:  # external data is resolved relative to model.onnx
+                    dst = vdir / weights
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(m.path(weights), dst)
+            text = group_model_config(name, inputs, outputs, mb, platform, cuda_graphs, instances)
+            validate_config(text, name)
+            (tmp / name / "config.pbtxt").write_text(text)
+
+        cond = [s for s in inputs if s.name not in ("sample", "timestep")]
+        gen_cond = []
+        for s in cond:
+            if s.name == "class_labels":
+                gen_cond.append(IOSpec("class_labels", "TYPE_INT64", (-1,)))
+            else:
+                gen_cond.append(IOSpec(s.name, s.data_type, (-1, -1, s.dims[-1])))
+        gdir = tmp / GENERATE_MODEL / "1"
+        gdir.mkdir(parents=True)
+        text = generate_model_config(gen_cond, (C, H, W), generate_instances)
+        validate_config(text, GENERATE_MODEL)
+        (tmp / GENERATE_MODEL / "config.pbtxt").write_text(text)
+        template = resources.files("engines").joinpath("triton_templates/generate_model.py").read_text()
+        (gdir / "model.py").write_text(template)
+        lim = {"max_n": 16, "max_steps": 250, **dict(limits or {})}
+        timestep_dtype = next(s.data_type for s in inputs if s.name == "timestep")
+        meta = {
+            "format": "adpdm-triton-generate",
+            "format_version": 1,
+            "group_models": names,
+            "max_batch": mb,
+            "timestep_to_group": list(m.timestep_to_group),
+            "scheduler": dict(m.scheduler),
+            "sample_shape": [C, H, W],
+            "conditioning": dict(m.model.conditioning),
+            "timestep_dtype": timestep_dtype,
+            "limits": lim,
+        }
+        (gdir / GENERATE_CONFIG).write_text(json.dumps(meta, indent=1))
+        validate_repository(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
