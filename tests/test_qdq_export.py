@@ -335,3 +335,24 @@ def test_unknown_profile_refused(u2d_export, tmp_path):
     unet, result, _ = u2d_export
     with pytest.raises(AdpdmError, match="unknown profile"):
         export_qdq(unet, result, tmp_path, profile="tensorrt", **U2D)
+
+
+@pytest.mark.slow
+def test_reference_model_both_profiles(tmp_path):
+    """The bundled reference UNet: 4 groups, both profiles, parity and fusion."""
+    from adpdm_export.model_loading import REFERENCE_DIR, load_model
+    from adpdm_export.qdq_export import export_qdq_for
+
+    if not (REFERENCE_DIR / "unet" / "config.json").is_file():
+        pytest.skip("the bundled reference model is not installed")
+    loaded = load_model("reference")
+    result = quick_result(loaded.unet, loaded.sample_shape, loaded.conditioning, groups=4)
+    exp = export_qdq_for(loaded, result, tmp_path, profile="both")
+    assert len(exp.checks) == 8
+    for c in exp.checks:
+        assert c.ok and c.forced_rel_l2 < 1e-5 and c.forced["forced_bad_outputs"] == 0, c
+        assert c.fp_rel_l2 < 0.1, c
+    assert exp.fusion["ort"]["ratio"] >= 0.95
+    from engines.manifest import load_manifest
+
+    assert load_manifest(tmp_path).profiles() == ["trt", "ort"]
