@@ -5,7 +5,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.adpdm-installed
-OUT ?= runs/reference
 
 .PHONY: run test venv clean
 
@@ -20,10 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/adpdm build-engine reference --out $(OUT)
+	$(VENV)/bin/adpdm build-engine reference
+	$(VENV)/bin/adpdm sample build/reference --n 16 --steps 50 --out build/reference/samples.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) build

@@ -1,15 +1,19 @@
-"""Which diffusers schedulers the sampler drives, built from a model's scheduler config."""
+"""Which diffusers schedulers the sampler drives, built from a model's scheduler config.
+
+`SCHEDULERS` names them without importing diffusers, so CLIs can list them cheaply.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Mapping
 
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from engines.errors import AdpdmError
 
 SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "ddpm": DDPMScheduler,
-    "dpmsolver": DPMSolverMultistepScheduler,
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpmsolver": "DPMSolverMultistepScheduler",
 }
 DEFAULT_SCHEDULER = "ddim"
 
@@ -20,10 +24,9 @@ def make_scheduler(config: Mapping[str, Any], name: str = DEFAULT_SCHEDULER):
     Keys the target class does not know are ignored by diffusers, so a DDPM
     training config can drive DDIM sampling (the usual diffusers practice).
     """
-    try:
-        cls = SCHEDULERS[name]
-    except KeyError:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}") from None
+    if name not in SCHEDULERS:
+        raise AdpdmError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    cls = getattr(importlib.import_module("diffusers"), SCHEDULERS[name])
     return cls.from_config(dict(config))
 
 

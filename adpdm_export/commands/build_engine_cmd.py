@@ -96,7 +96,7 @@ def print_summary(summary) -> None:
     m = summary.manifest
     groups = Table(title=f"{summary.out} ({m.backend}, {m.calibration.method}, "
                          f"W{m.calibration.weight_bits}A{m.calibration.act_bits}, tau*={m.calibration.tau_star})")
-    for col in ("group", "timesteps", "files", "parity rel L2 (trt / ort)", "error vs FP (trt / ort)"):
+    for col in ("group", "timesteps", "files", "parity trt / ort (teacher-forced)", "error vs FP (trt / ort)"):
         groups.add_column(col)
     checks = summary.export_report.get("checks", [])
 
@@ -110,9 +110,13 @@ def print_summary(summary) -> None:
         files = ", ".join(f"{n} ({sizes.get(n, 0) / 1e3:.0f} kB)" for n in names)
         ranges = ", ".join(f"{a}-{b}" for a, b in g.timestep_ranges)
         groups.add_row(str(g.id), ranges, files,
-                       f"{worst(g.id, 'trt', 'parity_rel_l2')} / {worst(g.id, 'ort', 'parity_rel_l2')}",
+                       f"{worst(g.id, 'trt', 'forced_rel_l2')} / {worst(g.id, 'ort', 'forced_rel_l2')}",
                        f"{worst(g.id, 'trt', 'fp_rel_l2')} / {worst(g.id, 'ort', 'fp_rel_l2')}")
     console.print(groups)
+    verdicts = sorted({c.get("verdict", "") for c in checks})
+    if verdicts:
+        console.print(f"parity verdicts: {', '.join(verdicts)} (free-running differences after a rounding tie are "
+                      "accepted; see docs/export.md)")
     weights = sorted(set(m.weights.values()))
     console.print("weights: " + ", ".join(f"{w} ({sizes.get(w, 0) / 1e6:.2f} MB)" for w in weights))
     stages = Table(title="stages")

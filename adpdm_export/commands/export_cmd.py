@@ -39,9 +39,8 @@ def export(
             f"wrote {exp.num_groups} group graph(s) x {', '.join(exp.profiles)} profile(s), {exp.weights.name} and "
             f"manifest.json to {out}"
         )
-        for p in exp.profiles:
-            if check:
-                console.print(f"  {p}: worst parity rel L2 {exp.worst(p):.1e}, worst error vs FP {exp.worst(p, 'fp_rel_l2'):.1e}")
+        for line in exp.summary_lines():
+            console.print(f"  {line}")
         return
 
     from adpdm_export.onnx_export import check_parity, example_inputs, export_onnx
