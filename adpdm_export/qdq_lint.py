@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from adpdm_export.qdq_graph_passes import GraphIndex
 from engines.errors import AdpdmError
 
 MIN_OPSET = 19
@@ -77,21 +78,13 @@ def _dtype_name(t: int) -> str:
         return str(t)
 
 
-class _Graph:
+class _Graph(GraphIndex):
+    """The graph index plus the element types and folder the rules need."""
+
     def __init__(self, model: onnx.ModelProto, folder: Path | None):
-        self.model = model
+        super().__init__(model)
         self.folder = folder
         g = model.graph
-        self.inits = {t.name: t for t in g.initializer}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in g.node:
-            for o in n.output:
-                if o:
-                    self.producer[o] = n
-            for i in n.input:
-                if i:
-                    self.consumers.setdefault(i, []).append(n)
         self.types: dict[str, int] = {}
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             if vi.type.HasField("tensor_type"):
