@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -12,22 +12,19 @@ console = Console(stderr=True)
 
 
 @contextlib.contextmanager
-def step_progress(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """Yields an `on_step(done, total)` callback that drives one progress bar."""
+def stage_progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
+    """A `progress(stage, done, total)` callback drawing one rich bar per stage (on stderr)."""
     if not enabled:
-        yield lambda done, total: None
+        yield lambda stage, done, total: None
         return
     with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
+        TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as progress:
-        task = progress.add_task(description, total=total)
+        tasks: dict[str, Any] = {}
 
-        def on_step(done: int, total_: int) -> None:
-            progress.update(task, completed=done, total=total_)
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
 
-        yield on_step
+        yield update

@@ -51,7 +51,8 @@ def build_engine(
     """Calibrate MODEL with ADP-DM, export one QDQ graph per timestep group, build the engines."""
     from adpdm_export.build_engine import CalibrationSettings
     from adpdm_export.build_engine import build_engine as run_build
-    from adpdm_export.commands.calibrate_cmd import load_prompt_embeds, model_conditions, parse_class_labels, stage_progress
+    from adpdm_export.commands.calibrate_cmd import load_prompt_embeds, model_conditions, parse_class_labels
+    from adpdm_export.progress import stage_progress
     from adpdm_export.model_loading import load_model
     from adpdm_export.progress import console
     from calibration.pipeline import check_method_args

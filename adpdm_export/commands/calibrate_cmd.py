@@ -2,36 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Optional
 
 import typer
 
-METHOD_CHOICES = ("adpdm", "minmax", "percentile", "uniform-groups", "per-step")
-
-
-@contextlib.contextmanager
-def stage_progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
-    """A `progress(stage, done, total)` callback drawing one rich bar per stage (on stderr)."""
-    if not enabled:
-        yield lambda stage, done, total: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from adpdm_export.progress import console
-
-    with Progress(
-        TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as progress:
-        tasks: dict[str, Any] = {}
-
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total)
-            progress.update(tasks[stage], completed=done, total=total)
-
-        yield update
+from adpdm_export.commands import calibration_options as opt
+from adpdm_export.commands.calibration_options import METHOD_CHOICES
 
 
 def parse_class_labels(text: Optional[str], loaded) -> Optional[list[int]]:
@@ -103,29 +80,25 @@ def _absolute_source(source: str) -> str:
 def calibrate(
     model: str = typer.Argument(..., help="'reference', a diffusers UNet or pipeline folder, or a hub repo id."),
     out: Path = typer.Option(..., "--out", help="Folder for calibration.json + calibration.safetensors."),
-    method: str = typer.Option("minmax", "--method", help=f"One of: {', '.join(METHOD_CHOICES)}."),
-    groups: Optional[int] = typer.Option(None, "--groups", help="Timestep groups (uniform-groups / adpdm; default 4)."),
-    w_bits: int = typer.Option(8, "--w-bits", help="Weight bits (2..8)."),
-    a_bits: int = typer.Option(8, "--a-bits", help="Activation bits (2..8)."),
-    calib_samples: int = typer.Option(64, "--calib-samples", help="Seeds sampled by the FP model (data-free)."),
-    calib_steps: int = typer.Option(100, "--calib-steps", help="DDIM steps of the calibration trajectories."),
-    seed: int = typer.Option(0, "--seed", help="First calibration seed (item i uses seed + i)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    method: opt.Method = "minmax",
+    groups: opt.Groups = None,
+    w_bits: opt.WBits = 8,
+    a_bits: opt.ABits = 8,
+    calib_samples: opt.CalibSamples = 64,
+    calib_steps: opt.CalibSteps = 100,
+    seed: opt.Seed = 0,
+    device: opt.Device = "cpu",
     profile: str = typer.Option("trt", "--profile", help="trt (Q/DQ on inputs) or ort (also on Conv/MatMul outputs)."),
-    stat: Optional[str] = typer.Option(None, "--stat", help="Range statistic for grouped baselines: minmax | percentile."),
-    percentile: float = typer.Option(99.99, "--percentile", help="Percentile of |x| for the percentile statistic."),
-    class_labels: Optional[str] = typer.Option(None, "--class-labels", help="Comma-separated class labels, used in turn."),
-    prompt_embeds: Optional[Path] = typer.Option(
-        None, "--prompt-embeds", help="safetensors with prompt embeddings (K, L, D), used in turn."
-    ),
-    quantize_residual: bool = typer.Option(False, "--quantize-residual", help="Also quantize residual-add inputs."),
-    quantize_attention_bmm: bool = typer.Option(False, "--quantize-attention-bmm", help="Also quantize attention BMM inputs."),
-    cache_dir: Optional[Path] = typer.Option(
-        None, "--cache-dir", help="Trajectory cache (default $ADPDM_CACHE_DIR/trajectories or ~/.cache/adpdm/trajectories)."
-    ),
+    stat: opt.Stat = None,
+    percentile: opt.Percentile = 99.99,
+    class_labels: opt.ClassLabels = None,
+    prompt_embeds: opt.PromptEmbeds = None,
+    quantize_residual: opt.QuantizeResidual = False,
+    quantize_attention_bmm: opt.QuantizeAttentionBmm = False,
+    cache_dir: opt.CacheDir = None,
     no_cache: bool = typer.Option(False, "--no-cache", help="Sample trajectories again and do not cache them."),
     batch_size: int = typer.Option(64, "--batch-size", help="UNet batch size during calibration."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+    progress: opt.ShowProgress = True,
 ) -> None:
     """Calibrate MODEL's UNet for INT8 (data-free) and write the calibration to --out."""
     from engines.errors import AdpdmError
@@ -148,7 +121,7 @@ def calibrate(
     if out.exists() and not out.is_dir():
         raise AdpdmError(f"--out {out} exists and is not a folder")
     from adpdm_export.model_loading import load_model
-    from adpdm_export.progress import console
+    from adpdm_export.progress import console, stage_progress
     from calibration.trajectories import default_cache_dir
 
     loaded = load_model(model)

@@ -38,7 +38,8 @@ def eval_calibration(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
 ) -> None:
     """Noise-prediction error, PSNR vs FP samples and Frechet distance of a calibration."""
-    from adpdm_export.commands.calibrate_cmd import model_conditions, stage_progress
+    from adpdm_export.commands.calibrate_cmd import model_conditions
+    from adpdm_export.progress import stage_progress
     from calibration.pipeline import resolve_device
     from engines.errors import AdpdmError
 

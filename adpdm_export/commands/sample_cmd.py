@@ -24,7 +24,7 @@ def sample_images(
     scale: int = typer.Option(4, "--scale", help="Upscale factor of the PNG (nearest neighbour)."),
 ) -> None:
     """Sample N images from a model or a build and write them as a PNG grid."""
-    from adpdm_export.progress import console, step_progress
+    from adpdm_export.progress import console, stage_progress
     from adpdm_export.sampling import generate, open_source
     from engines.conditioning import default_condition
     from engines.errors import AdpdmError
@@ -38,10 +38,11 @@ def sample_images(
         raise AdpdmError(f"--n and --steps must be >= 1 (got --n {n}, --steps {steps})")
     src = open_source(model, backend, threads=threads or None)
     console.print(f"sampling {n} images x {steps} steps from {src.description}")
-    with step_progress("sampling", steps) as on_step:
+    with stage_progress() as on_progress:
         result = generate(
             src.predictor, src.scheduler_config, src.sample_shape, n, steps, seed,
-            cond=default_condition(src.conditioning, n), scheduler=scheduler, on_step=on_step,
+            cond=default_condition(src.conditioning, n), scheduler=scheduler,
+            on_step=lambda done, total: on_progress("sampling", done, total),
         )
     path = save_grid(result.images, out, scale=scale)
     console.print(f"wrote {path}")
