@@ -47,3 +47,17 @@ def test_other_schedulers_run_and_are_reproducible(tmp_path, scheduler):
     a = generate(p, m.scheduler_config, m.sample_shape, 2, 6, seed=3, scheduler=scheduler).images
     b = generate(p, m.scheduler_config, m.sample_shape, 2, 6, seed=3, scheduler=scheduler).images
     assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+REFERENCE_IMAGE_TOL = 1e-4  # measured 1.1e-5 max abs (DDIM 50, 8 samples); see docs/reference-model.md
+
+
+@pytest.mark.slow
+def test_reference_model_same_images_through_torch_and_ort(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADPDM_CACHE_DIR", str(tmp_path / "cache"))
+    m = load_model("reference")
+    runs = {
+        b: generate(predictor_for(m, b), m.scheduler_config, m.sample_shape, 8, 50, seed=0).images
+        for b in ("torch", "ort")
+    }
+    assert (runs["torch"] - runs["ort"]).abs().max().item() < REFERENCE_IMAGE_TOL
