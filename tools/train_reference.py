@@ -284,7 +284,7 @@ def main(argv=None) -> int:
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the final evaluation")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=500, help="quick EMA check every N steps (0: off)")
-    p.add_argument("--grid", type=Path, default=ROOT / "docs" / "img" / "reference-samples.png", help="sample grid PNG ('' to skip)")
+    p.add_argument("--grid", default=str(ROOT / "docs" / "img" / "reference-samples.png"), help="sample grid PNG ('' to skip)")
     p.add_argument("--summary-json", type=Path, default=None, help="also write the summary here")
     args = p.parse_args(argv)
 
@@ -310,7 +310,7 @@ def main(argv=None) -> int:
     te = time.time()
     r = judge(unet, sched.config, clf, real_stats, args.num_samples, args.sample_steps, args.seed)
     eval_seconds = time.time() - te
-    if args.grid and str(args.grid):
+    if args.grid:  # a str: Path("") would be "." and never empty
         save_grid(r["images"][:64], args.grid, ncols=8, scale=4)
         print(f"[eval] grid of 64 samples -> {args.grid}", flush=True)
 
