@@ -6,18 +6,11 @@ Builders live in tests/tiny_models.py; these fixtures give each test a fresh mod
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tiny_models import tiny_cond_unet, tiny_unet2d
 
-DDPM_CONFIG = {
-    "_class_name": "DDPMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "prediction_type": "epsilon",
-    "clip_sample": True,
-}
+from adpdm_export.model_loading import DEFAULT_SCHEDULER_CONFIG as DDPM_CONFIG
 
 
 @pytest.fixture
@@ -35,3 +28,12 @@ def tiny_cond():
 @pytest.fixture
 def ddpm_config():
     return dict(DDPM_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: on 2 cores shared by many processes its thread pool spins against them."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

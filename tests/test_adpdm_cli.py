@@ -22,12 +22,7 @@ FAST = {"search_iters": 8, "refine_iters": 4, "srm_candidates": 3, "srm_eval_ste
         "srm_heldout_items": 6, "search_items": 8, "log": None}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

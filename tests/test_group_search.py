@@ -78,12 +78,7 @@ def regime(t: int) -> int:
 FAST = dict(search_iters=120, refine_iters=10, batch_size=16, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_search_recovers_planted_partition():

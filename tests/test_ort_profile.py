@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import TensorProto, helper, numpy_helper as nh
 
 from adpdm_export import qdq_graph_passes as P
@@ -24,12 +23,7 @@ from test_qdq_export import U2C, U2D, quick_result
 from tiny_models import tiny_cond_unet, tiny_unet2d
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

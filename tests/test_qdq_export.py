@@ -25,13 +25,7 @@ U2D = dict(sample_shape=(1, 16, 16), conditioning={})
 U2C = dict(sample_shape=(4, 16, 16), conditioning={"encoder_hidden_states": {"dim": 24}})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two cores shared by many processes: torch's thread pool would spin against them."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quick_result(unet, sample_shape, conditioning, groups=2, seed=0, **cfg):

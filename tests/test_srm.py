@@ -19,12 +19,7 @@ from calibration.srm import (
 from calibration.weight_clipping import calibrate_weights
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def alphas_cumprod(t_count=1000):
