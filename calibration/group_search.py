@@ -201,16 +201,19 @@ def canonical_groups(step_groups: torch.Tensor, calib_timesteps: torch.Tensor) -
     return torch.tensor([remap[g] for g in sg.tolist()], dtype=torch.int64), old_ids
 
 
-def contiguous_partition(cost: torch.Tensor, max_segments: int, segment_penalty: float = 0.0) -> torch.Tensor:
+def contiguous_partition(cost: torch.Tensor, max_segments: int, segment_penalty: float = 0.0,
+                         min_len: int = 1) -> torch.Tensor:
     """Best split of steps (rows of cost (N, G), in timestep order) into <= max_segments runs.
 
     Each run takes the label (column) of least total cost; the total (sum of the chosen costs
-    + segment_penalty per run) is minimized exactly by dynamic programming. Returns the run
-    index (0..K-1) of every step, in the row order given.
+    + segment_penalty per run) is minimized exactly by dynamic programming. Every run has at
+    least `min_len` steps (capped at N). Returns the run index (0..K-1) of every step, in the
+    row order given.
     """
     c = cost.to(torch.float64)
     n, g = c.shape
-    k_max = max(1, min(int(max_segments), n))
+    min_len = max(1, min(int(min_len), n))
+    k_max = max(1, min(int(max_segments), n // min_len))
     pre = torch.cat([torch.zeros(1, g, dtype=torch.float64), c.cumsum(0)])  # (N+1, G)
     # seg[a, b] = min_g sum_{a <= i < b} c[i, g]
     seg = (pre[None, :, :] - pre[:, None, :]).min(-1).values  # (N+1, N+1)
@@ -219,8 +222,8 @@ def contiguous_partition(cost: torch.Tensor, max_segments: int, segment_penalty:
     arg = torch.zeros((k_max + 1, n + 1), dtype=torch.int64)
     best[0, 0] = 0.0
     for k in range(1, k_max + 1):
-        for b in range(1, n + 1):
-            cand = best[k - 1, :b] + seg[:b, b] + segment_penalty
+        for b in range(min_len, n + 1):
+            cand = best[k - 1, : b - min_len + 1] + seg[: b - min_len + 1, b] + segment_penalty
             a = int(torch.argmin(cand))
             best[k, b], arg[k, b] = cand[a], a
     k = int(torch.argmin(best[1:, n])) + 1
@@ -363,6 +366,8 @@ class GroupSearchConfig:
     init_items: items per step observed for the initial partition and scales.
     contiguous: hard partition = the best split into <= G runs of consecutive timesteps under
         cost -log softmax(A) (else the plain per-step argmax, groups possibly fragmented).
+    min_group_fraction: with `contiguous`, every run spans at least this fraction of the steps
+        (5%: 5 of 100), so no group's scales are refined on a step or two.
     loss_ref_items: (step, item) pairs giving the loss normalization (loss at the initial scales).
     eval_batch: batch size of no-grad passes.
     seed: batch sampling and logit noise.
@@ -385,6 +390,7 @@ class GroupSearchConfig:
     init: str = "kmeans"
     init_items: int = 8
     contiguous: bool = True
+    min_group_fraction: float = 0.05
     loss_ref_items: int = 128
     eval_batch: int = 256
     seed: int = 0
@@ -611,7 +617,7 @@ def search_groups(
         # argmax constrained to <= G runs of consecutive timesteps; cost = -log softmax(A) at T = 1
         order = torch.argsort(data.timesteps)
         cost = -torch.log_softmax(logits.detach(), dim=-1)[order]
-        runs = contiguous_partition(cost, g)
+        runs = contiguous_partition(cost, g, min_len=max(1, int(round(cfg.min_group_fraction * n))))
         labels = torch.empty(n, dtype=torch.int64)
         labels[order] = runs
         # each run starts from the searched scales of the group most of its steps chose

@@ -179,3 +179,14 @@ def test_contiguous_partition_dp():
     # runs never exceed the budget and are contiguous
     r = contiguous_partition(torch.rand(30, 4, generator=torch.Generator().manual_seed(0)), 4)
     assert int(r.max()) <= 3 and bool((r.diff() >= 0).all())
+
+
+def test_contiguous_partition_min_run_length():
+    from calibration.group_search import contiguous_partition
+
+    cost = torch.ones(20, 3)
+    cost[:, 0] = 0.0
+    cost[9, 0], cost[9, 1] = 1.0, 0.0  # one step prefers group 1 alone
+    assert contiguous_partition(cost, 3).tolist().count(1) == 1
+    runs = contiguous_partition(cost, 3, min_len=4)
+    assert all(runs.tolist().count(r) >= 4 for r in set(runs.tolist()))
