@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 from adpdm_export.build_stages import StageLedger, StageRecord, stage_key
 from adpdm_export.model_loading import LoadedModel, load_model
 from engines.errors import AdpdmError
-from engines.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
+from engines.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 CALIBRATION_DIR = "calibration"
 DEFAULT_BATCH_SIZES = (1, 4, 16)
@@ -48,9 +48,6 @@ class CalibrationSettings:
     percentile: float = 99.99
     quantize_residual: bool = False
     quantize_attention_bmm: bool = False
-
-    def key_parts(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -80,10 +77,6 @@ def _calibrate_stage(loaded: LoadedModel, settings: CalibrationSettings, out: Pa
     loaded.unet.to("cpu")
     folder = result.save(out / CALIBRATION_DIR)
     return sorted(p for p in Path(folder).iterdir() if p.is_file())
-
-
-def _files_digest(paths: Sequence[Path]) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(paths)}
 
 
 def build_engine(
@@ -130,7 +123,7 @@ def build_engine(
         manifest_path.unlink(missing_ok=True)  # a folder with a manifest is a finished build
 
     # 1. calibrate
-    key = stage_key(stage="calibrate", model=loaded.sha256, settings=settings.key_parts(),
+    key = stage_key(stage="calibrate", model=loaded.sha256, settings=asdict(settings),
                     cond={k: getattr(v, "shape", v) for k, v in cond.items()})
     if force or ledger.current("calibrate", key) is None:
         unfinished()
