@@ -30,7 +30,9 @@ PSNR_CAP_DB = 100.0
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """The model's device; CPU for parameter-free modules (an onnxruntime session behind a module)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 @torch.no_grad()

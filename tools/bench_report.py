@@ -1,0 +1,100 @@
+"""docs/benchmarks.md from the benchmarks' JSON (docs/bench_quality.json, docs/bench_speed.json).
+
+Both benchmark scripts call `write_benchmarks_md()` when they finish, so the page always shows
+the latest full run of each; `python tools/bench_report.py` redraws it by hand. Each script
+renders its own section (`bench_quality.render_markdown`, `bench_speed.render_markdown`); this
+module adds the header, the machine and the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DOCS = ROOT / "docs"
+QUALITY_JSON = DOCS / "bench_quality.json"
+SPEED_JSON = DOCS / "bench_speed.json"
+BENCH_MD = DOCS / "benchmarks.md"
+IMG_DIR = DOCS / "img"
+VERSIONED = ("torch", "onnxruntime", "onnx", "diffusers", "numpy", "nvidia-modelopt", "torchao", "optimum-quanto")
+
+
+def machine_info(threads: int | None = None) -> dict[str, Any]:
+    """CPU model, cores, memory and the versions that decide the numbers."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    versions = {}
+    for name in VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib, "threads": threads,
+        "python": platform.python_version(), "platform": platform.platform(), "versions": versions,
+    }
+
+
+def machine_markdown(info: dict[str, Any]) -> str:
+    vers = ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items() if v)
+    return (f"{info.get('cpu')}, {info.get('cores')} cores, {info.get('memory_gib')} GiB; "
+            f"{info.get('threads')} threads; Python {info.get('python')}; {vers}")
+
+
+def load_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_benchmarks_md(quality_json: Path = QUALITY_JSON, speed_json: Path = SPEED_JSON,
+                        out: Path = BENCH_MD, img_dir: Path = IMG_DIR) -> Path:
+    """Render both sections (whichever JSON exists) into `out`; plots go to `img_dir`."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_quality
+    import bench_speed
+
+    parts = [
+        "# Benchmarks: adpdm against the quantizers a user would pick instead",
+        "",
+        "Written by `tools/bench_report.py` from the JSON that `tools/bench_quality.py` and "
+        "`tools/bench_speed.py` save (do not edit by hand: rerun the commands below). "
+        "Peers are optional dependencies of the benchmarks only: "
+        "`.venv/bin/pip install -c constraints.txt -e '.[cpu,tools,bench]'`; a peer that is not "
+        "installed is reported as missing and the rest runs.",
+        "",
+    ]
+    q = load_json(quality_json)
+    s = load_json(speed_json)
+    rel = os.path.relpath(img_dir, out.parent)
+    parts.append(bench_quality.render_markdown(q, img_dir, rel) if q else
+                 "## Quality\n\nNot run yet: `.venv/bin/python tools/bench_quality.py`.\n")
+    parts.append(bench_speed.render_markdown(s, img_dir, rel) if s else
+                 "## Speed\n\nNot run yet: `.venv/bin/python tools/bench_speed.py`.\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts))
+    return out
+
+
+if __name__ == "__main__":
+    print(write_benchmarks_md())
