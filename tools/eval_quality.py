@@ -35,6 +35,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from quality_harness import evaluate_model, log, parse_bits, prepare, quant_config  # noqa: E402
+from quality_harness import fmt as _f  # noqa: E402
 
 ALL_VARIANTS = [
     "percentile", "minmax", "uniform-groups-G2", "uniform-groups-G4", "uniform-groups-G8", "per-step",
@@ -42,7 +44,6 @@ ALL_VARIANTS = [
     "percentile+conv_in", "per-step+conv_in", "adpdm-G4+conv_in",
 ]
 ALL_BITS = ["W8A8", "W8A6", "W4A8"]
-CHUNK = 16
 
 
 def parse_variant(name: str) -> dict:
@@ -69,83 +70,23 @@ def parse_variant(name: str) -> dict:
     return spec
 
 
-def parse_bits(text: str) -> tuple[int, int]:
-    t = text.upper()
-    if not (t.startswith("W") and "A" in t):
-        raise SystemExit(f"bits must look like W8A6, got {text}")
-    w, a = t[1:].split("A")
-    return int(w), int(a)
-
-
-def quant_config(w: int, a: int, quantize_conv_in: bool):
-    from calibration.qconfig import DEFAULT_FP_LAYERS, QuantConfig
-
-    fp = tuple(p for p in DEFAULT_FP_LAYERS if not (quantize_conv_in and p == "conv_in"))
-    return QuantConfig(w_bits=w, a_bits=a, fp_layers=fp)
-
-
-def evaluate_model(qmodel, scheduler_config, heldout, feature_fn, real_stats, batch_size: int) -> dict:
-    from calibration.metrics import frechet_of, noise_rel_l2, psnr, sample_like
-
-    nr = noise_rel_l2(qmodel, heldout, batch_size)
-    images = sample_like(qmodel, scheduler_config, heldout, batch_size)
-    fp = heldout.final
-    chunks = [psnr(images[i: i + CHUNK], fp[i: i + CHUNK]) for i in range(0, images.shape[0], CHUNK)]
-    out = {
-        "noise_rel_l2": nr["mean"],
-        "noise_rel_l2_per_timestep": dict(zip([str(t) for t in nr["timesteps"]], nr["rel_l2"])),
-        "psnr_vs_fp_db": psnr(images, fp),
-        "psnr_chunks_db": chunks,
-        "psnr_chunk_std_db": float(torch.tensor(chunks).std()) if len(chunks) > 1 else 0.0,
-        "fd": None, "fd_fp": None, "fd_delta": None, "fd_delta_pct": None,
-    }
-    if feature_fn is not None:
-        out["fd"] = frechet_of(images, feature_fn, real_stats)
-        out["fd_fp"] = frechet_of(fp, feature_fn, real_stats)
-        out["fd_delta"] = out["fd"] - out["fd_fp"]
-        out["fd_delta_pct"] = 100.0 * out["fd_delta"] / out["fd_fp"]
-    return out, images
-
-
-def _f(v, fmt: str = ".3f") -> str:
-    return "n/a" if v is None else format(v, fmt)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def run(args) -> None:
-    from adpdm_export.model_loading import load_model
-    from adpdm_export.reference import load_reference_classifier, reference_real_feature_stats
     from calibration import pipeline
     from calibration.adpdm import adpdm_method
     from calibration.quant_unet import quantize_model
-    from calibration.trajectories import generate_trajectories, heldout_seed
+    from calibration.trajectories import heldout_seed
     from engines.images import save_grid
 
     torch.set_num_threads(args.threads)
     if pipeline.METHODS.get("adpdm") is not adpdm_method:
         pipeline.register_method("adpdm", adpdm_method)
-    loaded = load_model(args.model)
-    unet, sc = loaded.unet, loaded.scheduler_config
-    try:
-        clf = load_reference_classifier()
-        feature_fn, real_stats = clf.features, reference_real_feature_stats()
-    except Exception as e:  # no classifier: no Frechet distance (reported as missing)
-        log(f"no Frechet distance: {e}")
-        feature_fn, real_stats = None, None
     store = Path(args.json)
     data = json.loads(store.read_text()) if store.is_file() else {"runs": {}, "meta": {}}
-    cache = str(Path(args.cache_dir))
-
-    t0 = time.perf_counter()
-    calib = generate_trajectories(unet, sc, num_samples=args.calib_samples, num_steps=args.calib_steps, seed=args.seed,
-                                  cond=loaded.default_condition(args.calib_samples), cache_dir=cache, model_sha=loaded.sha256)
-    t_traj = time.perf_counter() - t0
-    heldout = generate_trajectories(unet, sc, num_samples=args.samples, num_steps=args.eval_steps,
-                                    seed=heldout_seed(args.seed), cond=loaded.default_condition(args.samples),
-                                    cache_dir=cache, model_sha=loaded.sha256)
+    setup = prepare(args.model, args.calib_samples, args.calib_steps, args.samples, args.eval_steps, args.seed,
+                    str(Path(args.cache_dir)))
+    loaded, calib, heldout = setup.loaded, setup.calib, setup.heldout
+    unet, sc = loaded.unet, loaded.scheduler_config
+    feature_fn, real_stats, t_traj = setup.feature_fn, setup.real_stats, setup.calib_trajectories_s
     data["meta"].update({
         "model": args.model, "model_sha256": loaded.sha256, "calib_samples": args.calib_samples,
         "calib_steps": args.calib_steps, "eval_samples": args.samples, "eval_steps": args.eval_steps,
@@ -226,16 +167,23 @@ def _tiles(path: Path, n: int = 64, size: int = 16, ncols: int = 8, scale: int =
     return np.stack(out)
 
 
-def per_sample_psnr(img_dir: Path, key: str) -> dict | None:
-    """Median / 10th percentile of per-sample PSNR vs FP, from the saved 8-bit grids (robust to a few
-    samples that turn into another digit, which dominate the batch PSNR)."""
+def per_sample_psnr(img_dir: Path, key: str, rec: dict) -> dict | None:
+    """Median / 10th percentile of per-sample PSNR vs FP (robust to a few samples that turn into
+    another digit, which dominate the batch PSNR): from the run's record, or for runs recorded
+    before it held them, from the saved 8-bit grids of 64 samples."""
     import numpy as np
 
+    if "psnr_per_sample_median_db" in rec:
+        return {"median": rec["psnr_per_sample_median_db"], "p10": rec["psnr_per_sample_p10_db"],
+                "below_20db": rec["samples_below_20db"]}
     bits, name = key.split("/", 1)
     fp_path, q_path = img_dir / "samples-fp.png", img_dir / f"samples-{bits}-{name}.png"
     if not (fp_path.is_file() and q_path.is_file()):
         return None
-    a, b = _tiles(fp_path), _tiles(q_path)
+    try:
+        a, b = _tiles(fp_path), _tiles(q_path)
+    except (ValueError, IndexError):  # a grid of fewer than 64 samples
+        return None
     mse = ((a - b) ** 2).reshape(a.shape[0], -1).mean(1)
     ps = 10 * np.log10(4.0 / np.maximum(mse, 1e-10))
     ps = np.minimum(ps, 60.0)
@@ -247,7 +195,7 @@ def report(data: dict, img_dir: Path) -> None:
     runs = data["runs"]
     lines2 = ["| bits | method | per-sample PSNR median (dB) | 10th pct | samples < 20 dB |", "|---|---|---:|---:|---:|"]
     for key, r in runs.items():
-        ps = per_sample_psnr(img_dir, key)
+        ps = per_sample_psnr(img_dir, key, r)
         if ps:
             lines2.append(f"| {r['bits']} | {r['variant']} | {ps['median']:.2f} | {ps['p10']:.2f} | {ps['below_20db']} |")
     lines = ["| bits | method | G | noise rel-L2 (mean) | rel-L2 at t=min | gap closed | PSNR vs FP (dB) | chunk std | FD | FD change | calib s |",
@@ -262,7 +210,7 @@ def report(data: dict, img_dir: Path) -> None:
             f"{_f(r['fd'])} | {_f(r['fd_delta_pct'], '+.1f')}% | {r['calibration_s']:.0f} |"
         )
     print("\n".join(lines))
-    print("\nPer-sample PSNR vs FP (from the 8-bit sample grids; 64 held-out seeds):\n")
+    print("\nPer-sample PSNR vs FP over the held-out seeds (from the run record; runs recorded before it held them: from the 8-bit sample grids):\n")
     print("\n".join(lines2))
     for key, r in runs.items():
         if r.get("srm"):

@@ -1,0 +1,123 @@
+"""What tools/eval_quality.py and tools/bench_quality.py share: bit-width parsing, our quantization
+config, the calibration / held-out trajectories and the metrics of one quantized model.
+
+Both scripts score every method the same way on the same held-out seeds, so their numbers can
+be read side by side.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CHUNK = 16  # seeds per PSNR chunk: the spread over chunks is the seed noise
+PSNR_CAP_DB = 60.0
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    t = text.upper()
+    if not (t.startswith("W") and "A" in t):
+        raise SystemExit(f"bits must look like W8A6, got {text}")
+    w, a = t[1:].split("A")
+    return int(w), int(a)
+
+
+def quant_config(w: int, a: int, quantize_conv_in: bool):
+    """Our default QuantConfig at W{w}A{a}; conv_in's input quantized only if asked (DESIGN.md keeps it FP)."""
+    from calibration.qconfig import DEFAULT_FP_LAYERS, QuantConfig
+
+    fp = tuple(p for p in DEFAULT_FP_LAYERS if not (quantize_conv_in and p == "conv_in"))
+    return QuantConfig(w_bits=w, a_bits=a, fp_layers=fp)
+
+
+@dataclass
+class QualitySetup:
+    """The FP model, its calibration trajectories (the calibration budget) and the held-out ones."""
+
+    loaded: Any
+    calib: Any
+    heldout: Any
+    feature_fn: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    real_stats: Optional[tuple]
+    calib_trajectories_s: float
+
+
+def prepare(model: str, calib_samples: int, calib_steps: int, eval_samples: int, eval_steps: int,
+            seed: int, cache_dir: str) -> QualitySetup:
+    """Load `model`, the digits classifier (for the Frechet distance) and both trajectory sets (cached)."""
+    import time
+
+    from adpdm_export.model_loading import load_model
+    from adpdm_export.reference import load_reference_classifier, reference_real_feature_stats
+    from calibration.trajectories import generate_trajectories, heldout_seed
+
+    loaded = load_model(model)
+    unet, sc = loaded.unet, loaded.scheduler_config
+    try:
+        clf = load_reference_classifier()
+        feature_fn, real_stats = clf.features, reference_real_feature_stats()
+    except Exception as e:  # no classifier: no Frechet distance (reported as missing)
+        log(f"no Frechet distance: {e}")
+        feature_fn, real_stats = None, None
+    t0 = time.perf_counter()
+    calib = generate_trajectories(unet, sc, num_samples=calib_samples, num_steps=calib_steps, seed=seed,
+                                  cond=loaded.default_condition(calib_samples), cache_dir=cache_dir, model_sha=loaded.sha256)
+    t_traj = time.perf_counter() - t0
+    heldout = generate_trajectories(unet, sc, num_samples=eval_samples, num_steps=eval_steps,
+                                    seed=heldout_seed(seed), cond=loaded.default_condition(eval_samples),
+                                    cache_dir=cache_dir, model_sha=loaded.sha256)
+    return QualitySetup(loaded, calib, heldout, feature_fn, real_stats, t_traj)
+
+
+def per_sample_psnr(images: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """PSNR (dB, data range 2, capped) of each sample vs its FP sample."""
+    mse = ((images.float().clamp(-1, 1) - fp.float().clamp(-1, 1)) ** 2).flatten(1).mean(1)
+    return (10 * torch.log10(4.0 / mse.clamp_min(1e-12))).clamp(max=PSNR_CAP_DB)
+
+
+def evaluate_model(qmodel, scheduler_config, heldout, feature_fn, real_stats, batch_size: int) -> tuple[dict, torch.Tensor]:
+    """Metrics of `qmodel` on the held-out trajectories, and its final samples.
+
+    noise rel-L2 vs FP per timestep (teacher forced) and mean; final-sample PSNR vs FP over all
+    samples, per chunk of CHUNK seeds and per sample; Frechet distance and its change vs FP.
+    """
+    from calibration.metrics import frechet_of, noise_rel_l2, psnr, sample_like
+
+    nr = noise_rel_l2(qmodel, heldout, batch_size)
+    images = sample_like(qmodel, scheduler_config, heldout, batch_size)
+    fp = heldout.final
+    chunks = [psnr(images[i: i + CHUNK], fp[i: i + CHUNK]) for i in range(0, images.shape[0], CHUNK)]
+    per = per_sample_psnr(images, fp)
+    out = {
+        "noise_rel_l2": nr["mean"],
+        "noise_rel_l2_per_timestep": dict(zip([str(t) for t in nr["timesteps"]], nr["rel_l2"])),
+        "psnr_vs_fp_db": psnr(images, fp),
+        "psnr_chunks_db": chunks,
+        "psnr_chunk_std_db": float(torch.tensor(chunks).std()) if len(chunks) > 1 else 0.0,
+        "psnr_per_sample_median_db": float(per.median()),
+        "psnr_per_sample_p10_db": float(torch.quantile(per, 0.1)),
+        "samples_below_20db": int((per < 20).sum()),
+        "fd": None, "fd_fp": None, "fd_delta": None, "fd_delta_pct": None,
+    }
+    if feature_fn is not None:
+        out["fd"] = frechet_of(images, feature_fn, real_stats)
+        out["fd_fp"] = frechet_of(fp, feature_fn, real_stats)
+        out["fd_delta"] = out["fd"] - out["fd_fp"]
+        out["fd_delta_pct"] = 100.0 * out["fd_delta"] / out["fd_fp"]
+    return out, images
+
+
+def fmt(v, spec: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
