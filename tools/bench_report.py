@@ -67,12 +67,23 @@ def load_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def page_paths(md: Path, quality_json: Path | None = None, speed_json: Path | None = None) -> dict[str, Path]:
+    """write_benchmarks_md's paths for the page `md`: docs/benchmarks.md takes the docs JSON and
+    docs/img; any other page (a quick run's) takes the *-quick JSON beside it and an img/ folder there,
+    so a smoke run never overwrites the recorded results."""
+    md = Path(md)
+    if md.resolve() == BENCH_MD.resolve():
+        return {"out": md, "quality_json": quality_json or QUALITY_JSON, "speed_json": speed_json or SPEED_JSON,
+                "img_dir": IMG_DIR}
+    return {"out": md, "quality_json": quality_json or md.parent / "bench_quality_quick.json",
+            "speed_json": speed_json or md.parent / "bench_speed_quick.json", "img_dir": md.parent / "img"}
+
+
 def write_benchmarks_md(quality_json: Path = QUALITY_JSON, speed_json: Path = SPEED_JSON,
                         out: Path = BENCH_MD, img_dir: Path = IMG_DIR) -> Path:
     """Render both sections (whichever JSON exists) into `out`; plots go to `img_dir`."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_quality
-    import bench_speed
+    import importlib
 
     parts = [
         "# Benchmarks: adpdm against the quantizers a user would pick instead",
@@ -87,10 +98,11 @@ def write_benchmarks_md(quality_json: Path = QUALITY_JSON, speed_json: Path = SP
     q = load_json(quality_json)
     s = load_json(speed_json)
     rel = os.path.relpath(img_dir, out.parent)
-    parts.append(bench_quality.render_markdown(q, img_dir, rel) if q else
-                 "## Quality\n\nNot run yet: `.venv/bin/python tools/bench_quality.py`.\n")
-    parts.append(bench_speed.render_markdown(s, img_dir, rel) if s else
-                 "## Speed\n\nNot run yet: `.venv/bin/python tools/bench_speed.py`.\n")
+    for title, module, data in (("Quality", "bench_quality", q), ("Speed", "bench_speed", s)):
+        if data:
+            parts.append(importlib.import_module(module).render_markdown(data, img_dir, rel))
+        else:
+            parts.append(f"## {title}\n\nNot run yet: `.venv/bin/python tools/{module}.py`.\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts))
     return out

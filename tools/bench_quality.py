@@ -1,0 +1,392 @@
+"""Quality of adpdm against the quantizers a user would pick instead, on the bundled reference model.
+
+    .venv/bin/python tools/bench_quality.py            # the full benchmark (about an hour on 2 cores)
+    .venv/bin/python tools/bench_quality.py --quick    # a few minutes: tiny budget, W8A8, few methods
+
+Every method gets the same calibration budget: the (x_t, t) pairs of the FP sampler's calibration
+trajectories (64 seeds x 100 DDIM steps = 6400 FP forward passes by default, computed once and
+cached), the same scope (per-tensor inputs of Conv2d / Linear, per-channel weights, the layers of
+calibration.qconfig.DEFAULT_FP_LAYERS kept FP) and the same held-out seeds (DDIM 50 steps). Each
+runs twice: with conv_in's input FP (our default) and quantized ("+conv_in"), since that one
+tensor dominates the error near t = 0.
+
+Methods: ours (`percentile`, `uniform-groups-G4`, `adpdm-G4`, `per-step`, as in
+tools/eval_quality.py) and the peers of tools/bench_peers (onnxruntime quantize_static, NVIDIA
+ModelOpt, torchao PT2E, optimum-quanto) at the bit widths each supports. A peer that is not
+installed or fails is recorded with the reason and the rest goes on.
+
+Metrics (tools/quality_harness.py): noise-prediction relative L2 vs FP (teacher forced), overall
+and per timestep bucket; final-sample PSNR vs FP (all samples, spread over chunks of 16 seeds,
+per-sample median); Frechet distance change vs FP; calibration wall time (trajectories excluded:
+every method is handed the same precomputed budget).
+
+Results go to --json (docs/bench_quality.json; a row already there is skipped unless --force) and
+docs/benchmarks.md is redrawn (tools/bench_report.py) unless --no-docs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "tools"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import torch  # noqa: E402
+from quality_harness import evaluate_model, fmt, log, parse_bits, prepare, quant_config  # noqa: E402
+
+OURS = ["percentile", "uniform-groups-G4", "adpdm-G4", "per-step"]
+BITS = ["W8A8", "W8A6"]
+# timestep buckets of the per-bucket error: the last steps decide the image
+BUCKETS = [(0, 99), (100, 299), (300, 599), (600, 999)]
+QUICK = {
+    "calib_samples": 8, "calib_steps": 10, "samples": 8, "eval_steps": 10,
+    "bits": ["W8A8"], "conv_in": [True], "ours": ["percentile", "adpdm-G4"],
+    "adpdm_options": {"search_iters": 10, "refine_iters": 5, "srm_candidates": 2, "srm_heldout_items": 2},
+}
+
+
+def row_key(bits: str, family: str, variant: str, conv_in_fp: bool) -> str:
+    return f"{bits}/{family}:{variant}{'' if conv_in_fp else '+conv_in'}"
+
+
+def bucket_errors(per_timestep: dict[str, float]) -> dict[str, float | None]:
+    out = {}
+    for lo, hi in BUCKETS:
+        vals = [v for t, v in per_timestep.items() if lo <= int(t) <= hi]
+        out[f"{lo}-{hi}"] = sum(vals) / len(vals) if vals else None
+    return out
+
+
+def scope_for(w: int, a: int, conv_in_fp: bool):
+    from tools.bench_peers import Scope
+
+    cfg = quant_config(w, a, quantize_conv_in=not conv_in_fp)
+    return Scope(w_bits=w, a_bits=a, fp_layers=tuple(cfg.fp_layers), conv_in_fp=conv_in_fp)
+
+
+def calibrate_ours(setup, name: str, w: int, a: int, conv_in_fp: bool, args) -> tuple[Any, float, dict]:
+    """(quantized model, calibration seconds, extra) for one of our methods."""
+    from calibration import pipeline
+    from calibration.adpdm import adpdm_method
+    from calibration.quant_unet import quantize_model
+    from eval_quality import parse_variant
+
+    if pipeline.METHODS.get("adpdm") is not adpdm_method:
+        pipeline.register_method("adpdm", adpdm_method)
+    spec = parse_variant(name)
+    opts = dict(spec["options"])
+    if spec["method"] == "adpdm":
+        opts["log"] = log if args.verbose else None
+        opts.update(args.adpdm_options)
+    loaded = setup.loaded
+    t0 = time.perf_counter()
+    result = pipeline.calibrate(
+        loaded.unet, loaded.scheduler_config, method=spec["method"], groups=spec["groups"],
+        config=quant_config(w, a, not conv_in_fp), trajectories=setup.calib, seed=args.seed,
+        stat=spec["stat"], batch_size=args.batch_size, options=opts,
+    )
+    t_cal = time.perf_counter() - t0
+    extra = {"num_groups": result.num_groups, "calib_timestep": result.calib_timestep}
+    return quantize_model(loaded.unet, result=result), t_cal, extra
+
+
+def plan(args) -> list[dict[str, Any]]:
+    """Every (bits, family, variant, conv_in) row the run will score, peers resolved."""
+    from tools.bench_peers import all_peers
+
+    rows = []
+    peers = [] if args.no_peers else all_peers()
+    for bits in args.bits:
+        for conv_in_fp in args.conv_in:
+            for name in args.ours:
+                rows.append({"bits": bits, "family": "ours", "variant": name, "conv_in_fp": conv_in_fp, "peer": None})
+            for peer in peers:
+                if args.peers and peer.NAME not in args.peers:
+                    continue
+                if bits not in peer.BITS:
+                    continue
+                variants = list(peer.VARIANTS)
+                if args.quick:
+                    variants = variants[:1]
+                for v in variants:
+                    rows.append({"bits": bits, "family": peer.NAME, "variant": v, "conv_in_fp": conv_in_fp, "peer": peer})
+    return rows
+
+
+def run(args) -> dict[str, Any]:
+    from bench_report import machine_info
+
+    from calibration.trajectories import heldout_seed
+    from tools.bench_peers import CalibData, all_peers
+
+    torch.set_num_threads(args.threads)
+    store = Path(args.json)
+    data = json.loads(store.read_text()) if store.is_file() and not args.fresh else {}
+    data.setdefault("rows", {})
+    setup = prepare(args.model, args.calib_samples, args.calib_steps, args.samples, args.eval_steps, args.seed,
+                    str(Path(args.cache_dir)))
+    loaded = setup.loaded
+    calib = CalibData(setup.calib, batch_size=args.batch_size)
+    unavailable = {}
+    for peer in ([] if args.no_peers else all_peers()):
+        why = peer.unavailable()
+        if why:
+            unavailable[peer.NAME] = why
+            log(f"peer {peer.NAME} skipped: {why}")
+    data["unavailable"] = unavailable
+    data["meta"] = {
+        "command": "python tools/bench_quality.py " + " ".join(shlex.quote(a) for a in args.argv),
+        "quick": args.quick, "model": args.model, "model_sha256": loaded.sha256,
+        "calib_samples": args.calib_samples, "calib_steps": args.calib_steps,
+        "calib_forward_passes": calib.num_forward_passes, "eval_samples": args.samples,
+        "eval_steps": args.eval_steps, "seed": args.seed, "heldout_seed": heldout_seed(args.seed),
+        "calib_trajectories_s": setup.calib_trajectories_s, "buckets": BUCKETS,
+        "machine": machine_info(args.threads),
+    }
+    workroot = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    for row in plan(args):
+        bits, family, variant, conv_in_fp, peer = row["bits"], row["family"], row["variant"], row["conv_in_fp"], row["peer"]
+        key = row_key(bits, family, variant, conv_in_fp)
+        if peer is not None and peer.NAME in unavailable:
+            continue
+        if key in data["rows"] and not args.force:
+            log(f"skip {key} (in {store})")
+            continue
+        w, a = parse_bits(bits)
+        log(f"== {key}: calibrating")
+        rec: dict[str, Any] = {"bits": bits, "family": family, "variant": variant, "conv_in_fp": conv_in_fp,
+                               "forward_passes": calib.num_forward_passes, "notes": [], "error": None}
+        try:
+            if peer is None:
+                model, t_cal, extra = calibrate_ours(setup, variant, w, a, conv_in_fp, args)
+                notes = []
+            else:
+                workdir = workroot / key.replace("/", "_").replace(":", "_").replace("+", "_")
+                workdir.mkdir(parents=True, exist_ok=True)
+                pm = peer.quantize(loaded.unet, calib, scope_for(w, a, conv_in_fp), variant, workdir, log=log)
+                model, t_cal, extra, notes = pm.model, pm.calibration_s, dict(pm.extra), list(pm.notes)
+            log(f"   calibrated in {t_cal:.1f} s; evaluating")
+            t0 = time.perf_counter()
+            metrics, _ = evaluate_model(model, loaded.scheduler_config, setup.heldout, setup.feature_fn,
+                                        setup.real_stats, args.batch_size)
+            rec.update(calibration_s=t_cal, eval_s=time.perf_counter() - t0, extra=extra, notes=notes, **metrics)
+            rec["noise_rel_l2_buckets"] = bucket_errors(metrics["noise_rel_l2_per_timestep"])
+            log(f"   {key}: rel-L2 {rec['noise_rel_l2']:.4f}  PSNR {rec['psnr_vs_fp_db']:.2f} dB "
+                f"(chunk std {rec['psnr_chunk_std_db']:.2f})  FD change {fmt(rec['fd_delta_pct'], '+.1f')}%  "
+                f"calib {t_cal:.1f} s")
+        except Exception as e:  # a peer that breaks is a result too: recorded, and the rest goes on
+            rec["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:400]
+            log(f"   {key} FAILED: {rec['error']}")
+            if args.verbose:
+                traceback.print_exc()
+        data["rows"][key] = rec
+        store.parent.mkdir(parents=True, exist_ok=True)
+        store.write_text(json.dumps(data, indent=1))
+    store.parent.mkdir(parents=True, exist_ok=True)
+    store.write_text(json.dumps(data, indent=1))
+    return data
+
+
+# ----------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------
+def _label(r: dict) -> str:
+    return f"{r['family']}:{r['variant']}"
+
+
+def _sorted_rows(rows: dict) -> list[dict]:
+    def order(r):
+        return (r["bits"] != "W8A8", not r["conv_in_fp"], r["family"] != "ours", r["family"], r["variant"])
+    return sorted(rows.values(), key=order)
+
+
+def plot(data: dict, img_dir: Path) -> str | None:
+    """Per-timestep error per method (conv_in FP rows), one panel per bit width; the PNG's name."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in _sorted_rows(data["rows"]) if not r.get("error") and r.get("noise_rel_l2_per_timestep")]
+    bits_list = sorted({r["bits"] for r in rows}, key=lambda b: BITS.index(b) if b in BITS else 9)
+    if not bits_list:
+        return None
+    fig, axes = plt.subplots(1, 2 * len(bits_list), figsize=(6 * 2 * len(bits_list), 4.5), squeeze=False)
+    panels = [(b, c) for b in bits_list for c in (True, False)]
+    for ax, (bits, conv_in_fp) in zip(axes[0], panels):
+        for r in rows:
+            if r["bits"] != bits or r["conv_in_fp"] != conv_in_fp:
+                continue
+            per = r["noise_rel_l2_per_timestep"]
+            ts = sorted(per, key=int)
+            ax.plot([int(t) for t in ts], [per[t] for t in ts], "-" if r["family"] == "ours" else "--",
+                    label=_label(r), lw=1.3 if r["family"] == "ours" else 1.0)
+        ax.set_yscale("log")
+        ax.set_xlabel("timestep")
+        ax.set_ylabel("noise-pred rel L2 vs FP")
+        ax.set_title(f"{bits}, conv_in {'FP' if conv_in_fp else 'quantized'}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    img_dir.mkdir(parents=True, exist_ok=True)
+    name = "bench-quality-per-timestep.png"
+    fig.savefig(img_dir / name, dpi=100)
+    plt.close(fig)
+    return name
+
+
+def findings(data: dict) -> list[str]:
+    """Plain sentences computed from the rows: adpdm-G4 against the best peer per setting."""
+    out = []
+    rows = [r for r in data["rows"].values() if not r.get("error")]
+    for bits in BITS:
+        for conv_in_fp in (True, False):
+            same = [r for r in rows if r["bits"] == bits and r["conv_in_fp"] == conv_in_fp]
+            ours = next((r for r in same if r["family"] == "ours" and r["variant"] == "adpdm-G4"), None)
+            peers = [r for r in same if r["family"] != "ours"]
+            if not ours or not peers:
+                continue
+            best = min(peers, key=lambda r: r["noise_rel_l2"])
+            b0 = "0-99"
+            scope = "conv_in FP" if conv_in_fp else "conv_in quantized"
+            out.append(
+                f"{bits}, {scope}: adpdm-G4 noise rel-L2 {ours['noise_rel_l2']:.4f} "
+                f"(t<100: {fmt(ours['noise_rel_l2_buckets'][b0], '.4f')}) vs the best peer {_label(best)} "
+                f"{best['noise_rel_l2']:.4f} (t<100: {fmt(best['noise_rel_l2_buckets'][b0], '.4f')}): "
+                f"{100 * (1 - ours['noise_rel_l2'] / best['noise_rel_l2']):+.0f}% less error; "
+                f"PSNR {ours['psnr_vs_fp_db']:.2f} vs {best['psnr_vs_fp_db']:.2f} dB "
+                f"(chunk std {ours['psnr_chunk_std_db']:.1f} / {best['psnr_chunk_std_db']:.1f} dB: "
+                f"{'within' if abs(ours['psnr_vs_fp_db'] - best['psnr_vs_fp_db']) < 1.0 else 'outside'} the ~1 dB noise)."
+            )
+    return out
+
+
+def render_markdown(data: dict, img_dir: Path, rel: str) -> str:
+    """The "## Quality" section of docs/benchmarks.md (and its plot, written to img_dir)."""
+    from bench_report import machine_markdown
+
+    m = data.get("meta", {})
+    lines = [
+        "## Quality", "",
+        f"Command: `{m.get('command')}`" + (" (quick mode: a smoke run, not a result)" if m.get("quick") else ""), "",
+        f"Model `{m.get('model')}` (sha256 {str(m.get('model_sha256'))[:12]}). Calibration budget for every method: "
+        f"{m.get('calib_samples')} seeds x {m.get('calib_steps')} DDIM steps = {m.get('calib_forward_passes')} FP "
+        f"forward passes (computed once, {fmt(m.get('calib_trajectories_s'), '.0f')} s, not counted in the calibration "
+        f"times). Evaluation: {m.get('eval_samples')} held-out seeds (seed {m.get('heldout_seed')}), DDIM "
+        f"{m.get('eval_steps')} steps. Scope for all: per-tensor inputs of Conv2d/Linear, per-channel weights, "
+        "conv_out / time embedding / time_emb_proj FP; conv_in FP or quantized as the column says.", "",
+        f"Machine: {machine_markdown(m.get('machine', {}))}", "",
+    ]
+    for finding in findings(data):
+        lines.append(f"- {finding}")
+    lines.append("")
+    bucket_names = [f"{lo}-{hi}" for lo, hi in m.get("buckets", BUCKETS)]
+    for bits in BITS:
+        rows = [r for r in _sorted_rows(data.get("rows", {})) if r["bits"] == bits]
+        if not rows:
+            continue
+        lines += [f"### {bits}", "",
+                  "| method | conv_in | rel-L2 mean | " + " | ".join(f"t {b}" for b in bucket_names) +
+                  " | PSNR vs FP (dB) | chunk std | per-sample median | FD change | calib s |",
+                  "|---|---|---:|" + "---:|" * len(bucket_names) + "---:|---:|---:|---:|---:|"]
+        for r in rows:
+            ci = "FP" if r["conv_in_fp"] else "quant"
+            if r.get("error"):
+                lines.append(f"| {_label(r)} | {ci} | failed: {r['error']} |" + " |" * (len(bucket_names) + 5))
+                continue
+            b = r["noise_rel_l2_buckets"]
+            lines.append(
+                f"| {_label(r)} | {ci} | {r['noise_rel_l2']:.4f} | " + " | ".join(fmt(b.get(k), ".4f") for k in bucket_names) +
+                f" | {r['psnr_vs_fp_db']:.2f} | {r['psnr_chunk_std_db']:.2f} | {r['psnr_per_sample_median_db']:.2f} | "
+                f"{fmt(r['fd_delta_pct'], '+.1f')}% | {r['calibration_s']:.0f} |"
+            )
+        lines.append("")
+    name = plot(data, img_dir)
+    if name:
+        lines += [f"![noise-prediction error per timestep]({rel}/{name})", ""]
+    if data.get("unavailable"):
+        lines += ["Peers not run:", ""] + [f"- {k}: {v}" for k, v in data["unavailable"].items()] + [""]
+    notes: dict[str, list[str]] = {}
+    for r in data.get("rows", {}).values():
+        for n in r.get("notes") or []:
+            notes.setdefault(r["family"], [])
+            if n not in notes[r["family"]]:
+                notes[r["family"]].append(n)
+    if notes:
+        lines += ["What the peers needed (traps hit, as each peer module recorded them):", ""]
+        for fam, ns in notes.items():
+            lines += [f"- **{fam}**: " + " ".join(ns)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny budget, W8A8, conv_in FP, one variant per peer")
+    p.add_argument("--model", default="reference")
+    p.add_argument("--bits", default=",".join(BITS))
+    p.add_argument("--ours", default=",".join(OURS), help="our methods (tools/eval_quality.py variant names)")
+    p.add_argument("--peers", default="", help="only these peers (comma separated NAMEs); default: all")
+    p.add_argument("--no-peers", action="store_true", help="ours only")
+    p.add_argument("--conv-in", default="fp,quant", help="fp, quant or both (conv_in's input FP / quantized)")
+    p.add_argument("--samples", type=int, default=64, help="held-out seeds")
+    p.add_argument("--eval-steps", type=int, default=50)
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-steps", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--adpdm-option", action="append", default=[], help="key=value passed to the ADP-DM method")
+    p.add_argument("--json", default=None, help="results (default docs/bench_quality.json; quick: runs/bench_quality_quick.json)")
+    p.add_argument("--cache-dir", default=str(ROOT / "runs" / "cache"))
+    p.add_argument("--force", action="store_true", help="recompute rows already in --json")
+    p.add_argument("--fresh", action="store_true", help="start a new --json instead of adding to it")
+    p.add_argument("--md", default=None, help="the page to redraw (default docs/benchmarks.md; quick: runs/benchmarks-quick.md)")
+    p.add_argument("--no-docs", action="store_true", help="do not redraw the page")
+    p.add_argument("--report", action="store_true", help="only redraw docs/benchmarks.md from the JSON")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    args.argv = argv
+    args.bits = [b.upper() for b in args.bits.split(",") if b]
+    args.ours = [m for m in args.ours.split(",") if m]
+    args.peers = [m for m in args.peers.split(",") if m]
+    args.conv_in = [{"fp": True, "quant": False}[c] for c in args.conv_in.split(",") if c]
+    args.adpdm_options = dict(kv.partition("=")[::2] for kv in args.adpdm_option)
+    if args.quick:
+        q = QUICK
+        args.calib_samples, args.calib_steps = q["calib_samples"], q["calib_steps"]
+        args.samples, args.eval_steps = q["samples"], q["eval_steps"]
+        args.bits, args.conv_in, args.ours = q["bits"], q["conv_in"], q["ours"]
+        args.adpdm_options = {**q["adpdm_options"], **args.adpdm_options}
+    if args.json is None:
+        args.json = str(ROOT / ("runs/bench_quality_quick.json" if args.quick else "docs/bench_quality.json"))
+    if args.md is None:
+        args.md = str(ROOT / ("runs/benchmarks-quick.md" if args.quick else "docs/benchmarks.md"))
+    from eval_quality import parse_variant
+
+    for m in args.ours:
+        parse_variant(m)
+    for b in args.bits:
+        parse_bits(b)
+    if not args.report:
+        run(args)
+    if not args.no_docs:
+        from bench_report import page_paths, write_benchmarks_md
+
+        log(f"wrote {write_benchmarks_md(**page_paths(Path(args.md), quality_json=Path(args.json)))}")
+
+
+if __name__ == "__main__":
+    main()
