@@ -223,8 +223,9 @@ def plot(data: dict, img_dir: Path) -> str | None:
     bits_list = sorted({r["bits"] for r in rows}, key=lambda b: BITS.index(b) if b in BITS else 9)
     if not bits_list:
         return None
-    fig, axes = plt.subplots(1, 2 * len(bits_list), figsize=(6 * 2 * len(bits_list), 4.5), squeeze=False)
-    panels = [(b, c) for b in bits_list for c in (True, False)]
+    panels = [(b, c) for b in bits_list for c in (True, False)
+              if any(r["bits"] == b and r["conv_in_fp"] == c for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (bits, conv_in_fp) in zip(axes[0], panels):
         for r in rows:
             if r["bits"] != bits or r["conv_in_fp"] != conv_in_fp:
