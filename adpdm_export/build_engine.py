@@ -48,6 +48,7 @@ class CalibrationSettings:
     percentile: float = 99.99
     quantize_residual: bool = False
     quantize_attention_bmm: bool = False
+    method_options: dict[str, str] = field(default_factory=dict)  # --option KEY=VALUE (ADP-DM's search)
 
 
 @dataclass
@@ -72,7 +73,8 @@ def _calibrate_stage(loaded: LoadedModel, settings: CalibrationSettings, out: Pa
         loaded.unet, loaded.scheduler_config, method=settings.method, groups=settings.groups, config=config,
         calib_samples=settings.calib_samples, calib_steps=settings.calib_steps, seed=settings.seed, cond=cond,
         device=settings.device, cache_dir=cache_dir, stat=settings.stat, percentile=settings.percentile,
-        progress=progress, extra_settings={"model_source": loaded.source, "model_kind": loaded.kind},
+        progress=progress, options=dict(settings.method_options),
+        extra_settings={"model_source": loaded.source, "model_kind": loaded.kind},
     )
     loaded.unet.to("cpu")
     folder = result.save(out / CALIBRATION_DIR)

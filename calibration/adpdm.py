@@ -204,45 +204,32 @@ def config_from_options(groups: Optional[int], seed: int, percentile: Optional[f
         cfg.search.init_percentile = float(percentile)
         cfg.search.output_percentile = float(percentile)
         cfg.srm.percentile = float(percentile)
-    cfg.calib_step = opts.pop("calib_step", None)
+    def value(key: str, cast):
+        raw = opts.pop(key)
+        try:
+            return cast(raw)
+        except (TypeError, ValueError):
+            raise AdpdmError(f"ADP-DM option {key} must be {cast.__name__}, got {raw!r}") from None
+
+    step = opts.pop("calib_step", None)
+    if step is not None and step != "last":
+        opts["calib_step"] = step
+        step = value("calib_step", int)
+    cfg.calib_step = step
     if "search_items" in opts:
-        cfg.search_items = int(opts.pop("search_items"))
+        cfg.search_items = value("search_items", int)
     if "init" in opts:
         cfg.search.init = str(opts.pop("init"))
     for table, cast in ((_INT_OPTIONS, int), (_FLOAT_OPTIONS, float)):
         for key, (part, attr) in table.items():
             if key in opts:
-                setattr(getattr(cfg, part), attr, cast(opts.pop(key)))
+                setattr(getattr(cfg, part), attr, value(key, cast))
     for key in list(opts):
         if key in ("on_loss", "log"):
             opts.pop(key)
     if opts:
         raise AdpdmError(f"unknown ADP-DM options: {', '.join(sorted(opts))}")
     return cfg
-
-
-ENV_OPTIONS = "ADPDM_METHOD_OPTIONS"
-
-
-def env_options() -> dict[str, Any]:
-    """Options from $ADPDM_METHOD_OPTIONS (a JSON object), e.g. '{"search_iters": 10}' for quick runs.
-
-    The CLI has no per-method flags; this is how tests and experiments reach the ADP-DM
-    settings through `adpdm calibrate`. The settings used are recorded in the result.
-    """
-    import json
-    import os
-
-    text = os.environ.get(ENV_OPTIONS, "").strip()
-    if not text:
-        return {}
-    try:
-        opts = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise AdpdmError(f"${ENV_OPTIONS} is not valid JSON ({e})") from None
-    if not isinstance(opts, dict):
-        raise AdpdmError(f"${ENV_OPTIONS} must be a JSON object")
-    return opts
 
 
 def _stderr_line(text: str) -> None:
@@ -254,13 +241,13 @@ def _stderr_line(text: str) -> None:
 def adpdm_method(ctx):
     """`fn(ctx: CalibrationContext) -> MethodOutput` for `pipeline.register_method("adpdm", ...)`.
 
-    ctx.options (over $ADPDM_METHOD_OPTIONS) may carry the keys of `config_from_options` and
+    ctx.options (the CLI's repeatable `--option KEY=VALUE`) may carry the keys of `config_from_options` and
     `log`: a callable taking one line of text (the loss every few search iterations and the
     summary; default: print to stderr; None: silent).
     """
     from calibration.pipeline import MethodOutput
 
-    options = {**env_options(), **dict(ctx.options or {})}
+    options = dict(ctx.options or {})
     cfg = config_from_options(ctx.groups, ctx.seed, ctx.percentile, max(ctx.batch_size, 256), options)
     log = options.get("log", _stderr_line)
     last_logged: dict[str, int] = {}
@@ -307,5 +294,4 @@ __all__ = [
     "calibrate_adpdm",
     "calibrate_adpdm_result",
     "config_from_options",
-    "env_options",
 ]

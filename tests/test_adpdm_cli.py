@@ -78,12 +78,12 @@ REFERENCE = os.path.join(os.path.dirname(__file__), "..", "adpdm_export", "asset
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(REFERENCE), reason="bundled reference model not built yet")
 def test_cli_calibrate_reference_adpdm(tmp_path):
-    env = dict(os.environ, ADPDM_CACHE_DIR=str(tmp_path / "cache"),
-               ADPDM_METHOD_OPTIONS=json.dumps({k: v for k, v in FAST.items() if k != "log"}))
+    env = dict(os.environ, ADPDM_CACHE_DIR=str(tmp_path / "cache"))
+    options = [a for k, v in FAST.items() if k != "log" for a in ("--option", f"{k}={v}")]
     out = tmp_path / "calib"
     r = subprocess.run(
         [sys.executable, "-m", "adpdm_export.cli", "calibrate", "reference", "--method", "adpdm", "--groups", "2",
-         "--calib-samples", "16", "--calib-steps", "8", "--out", str(out), "--no-progress"],
+         "--calib-samples", "16", "--calib-steps", "8", "--out", str(out), "--no-progress", *options],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert r.returncode == 0, r.stderr
@@ -92,3 +92,5 @@ def test_cli_calibrate_reference_adpdm(tmp_path):
     assert doc["method"] == "adpdm"
     assert doc["calib_timestep"] is not None
     assert doc["extra"]["adpdm"]["srm"]["rows"]
+    cfg = doc["extra"]["adpdm"]["config"]  # the --option values reached the search
+    assert cfg["search"]["search_iters"] == FAST["search_iters"] and cfg["srm"]["num_candidates"] == FAST["srm_candidates"]

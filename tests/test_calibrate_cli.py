@@ -113,6 +113,11 @@ def test_eval_errors(folders, run_inproc, tmp_path):
         (["--method", "uniform-groups", "--groups", 0], "groups must be >= 1"),
         (["--method", "minmax", "--groups", 3], "one scale set"),
         (["--profile", "tflite"], "profile"),
+        (["--option", "search_iters=3"], "--method minmax takes none"),
+        (["--method", "adpdm", "--option", "serch_iters=3"], "unknown ADP-DM options: serch_iters"),
+        (["--method", "adpdm", "--option", "search_iters"], "KEY=VALUE"),
+        (["--method", "adpdm", "--option", "search_iters=ten"], "search_iters must be int"),
+        (["--method", "adpdm", "--option", "calib_step=first"], "calib_step must be int"),
     ],
 )
 def test_calibrate_bad_inputs(folders, run_inproc, args, message):

@@ -46,6 +46,7 @@ def build_engine(
     quantize_residual: opt.QuantizeResidual = False,
     quantize_attention_bmm: opt.QuantizeAttentionBmm = False,
     cache_dir: opt.CacheDir = None,
+    options: opt.MethodOptions = None,
     progress: opt.ShowProgress = True,
 ) -> None:
     """Calibrate MODEL with ADP-DM, export one QDQ graph per timestep group, build the engines."""
@@ -74,6 +75,7 @@ def build_engine(
         method=method, groups=groups, w_bits=w_bits, a_bits=a_bits, calib_samples=calib_samples,
         calib_steps=calib_steps, seed=seed, device=device, stat=stat, percentile=percentile,
         quantize_residual=quantize_residual, quantize_attention_bmm=quantize_attention_bmm,
+        method_options=opt.parse_method_options(options, method, groups, seed, percentile),
     )
     loaded = load_model(model)
     cond = model_conditions(loaded, calib_samples, parse_class_labels(class_labels, loaded),

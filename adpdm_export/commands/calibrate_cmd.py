@@ -98,6 +98,7 @@ def calibrate(
     cache_dir: opt.CacheDir = None,
     no_cache: bool = typer.Option(False, "--no-cache", help="Sample trajectories again and do not cache them."),
     batch_size: int = typer.Option(64, "--batch-size", help="UNet batch size during calibration."),
+    options: opt.MethodOptions = None,
     progress: opt.ShowProgress = True,
 ) -> None:
     """Calibrate MODEL's UNet for INT8 (data-free) and write the calibration to --out."""
@@ -114,6 +115,7 @@ def calibrate(
         raise AdpdmError("--calib-samples, --calib-steps and --batch-size must be >= 1")
     if stat is not None and stat not in ("minmax", "percentile"):
         raise AdpdmError(f"--stat must be minmax or percentile, got {stat!r}")
+    method_options = opt.parse_method_options(options, method, groups, seed, percentile)
     config = QuantConfig(
         w_bits=w_bits, a_bits=a_bits, profile=profile,
         quantize_residual=quantize_residual, quantize_attention_bmm=quantize_attention_bmm,
@@ -134,7 +136,7 @@ def calibrate(
             loaded.unet, loaded.scheduler_config, method=method, groups=groups, config=config,
             calib_samples=calib_samples, calib_steps=calib_steps, seed=seed, cond=cond, device=device,
             cache_dir=None if cache is None else str(cache), stat=stat, percentile=percentile,
-            batch_size=batch_size, progress=on_progress,
+            batch_size=batch_size, progress=on_progress, options=method_options,
             extra_settings={"model_source": _absolute_source(loaded.source), "model_kind": loaded.kind},
         )
     result.save(out)

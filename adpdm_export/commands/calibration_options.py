@@ -35,3 +35,29 @@ CacheDir = Annotated[
     typer.Option("--cache-dir", help="Trajectory cache (default $ADPDM_CACHE_DIR/trajectories or ~/.cache/adpdm/trajectories)."),
 ]
 ShowProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars on stderr.")]
+MethodOptions = Annotated[
+    Optional[list[str]],
+    typer.Option("--option", help="KEY=VALUE setting of --method adpdm (repeatable), e.g. --option search_iters=50 "
+                                  "--option calib_step=last; keys in docs/method.md."),
+]
+
+
+def parse_method_options(items: Optional[list[str]], method: str, groups: Optional[int], seed: int,
+                         percentile: float) -> dict[str, str]:
+    """--option KEY=VALUE pairs as a dict, checked against the method before any work starts."""
+    from engines.errors import AdpdmError
+
+    if not items:
+        return {}
+    if method != "adpdm":
+        raise AdpdmError(f"--option sets ADP-DM's search; --method {method} takes none")
+    opts: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise AdpdmError(f"--option must be KEY=VALUE, got {item!r}")
+        opts[key.strip()] = value.strip()
+    from calibration.adpdm import config_from_options
+
+    config_from_options(groups, seed, percentile, 64, opts)  # unknown keys and bad values fail here
+    return opts
