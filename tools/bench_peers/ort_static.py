@@ -181,15 +181,17 @@ def export_fp(unet: torch.nn.Module, calib: CalibData, workdir: Path, log: Log =
 
     from adpdm_export.onnx_export import export_onnx
 
+    workdir = Path(workdir).resolve()
     raw = workdir / "fp.onnx"
     export_onnx(unet, raw, _graph_inputs(calib))
     pre = workdir / "fp_pre.onnx"
-    try:
-        quant_pre_process(str(raw), str(pre), skip_optimization=True, skip_symbolic_shape=True,
-                          save_as_external_data=True, all_tensors_to_one_file=True,
-                          external_data_location=pre.name + ".data")
+    try:  # in workdir: symbolic shape inference, when it fails, saves sym_shape_infer_temp.onnx + data in the cwd
+        with contextlib.chdir(workdir):
+            quant_pre_process(str(raw), str(pre), skip_optimization=True, skip_symbolic_shape=True,
+                              save_as_external_data=True, all_tensors_to_one_file=True,
+                              external_data_location=pre.name + ".data")
         return pre
-    except Exception as e:  # symbolic shape inference does not know every exported op
+    except Exception as e:  # shape inference may not know every exported op
         log(f"[{NAME}] quant_pre_process failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
             f"quantizing the plain export")
         return raw
