@@ -58,6 +58,7 @@ VARIANTS = {
     "entropy": "Entropy (KL) with ORT defaults (128 bins, 128 quantized bins), inputs only (our scope)",
     "minmax-wide": "MinMax, outputs of Conv/MatMul/Gemm quantized too (ORT's own scope, fusable to "
                    "QLinearConv); bench_speed times the same scope with uint8 activations (fastest_qdq_graph)",
+    "minmax-wide-u8": "the graph bench_speed times (fastest_qdq_graph): minmax-wide with uint8 asymmetric activations",
 }
 
 
@@ -83,6 +84,7 @@ _CONFIGS = {
 # ratios) vs 1.30x for S8S8 (U8S8 with reduce_range: 1.57x vs 1.68x in a 40-run pass); inputs-only QDQ is 0.70x (slower
 # than FP32: DQ + float Conv).
 FASTEST = _Config("MinMax", wide=True, activation_type="QUInt8", activation_symmetric=False)
+_CONFIGS["minmax-wide-u8"] = FASTEST
 
 
 def unavailable() -> Optional[str]:
