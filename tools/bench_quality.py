@@ -350,7 +350,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--adpdm-option", action="append", default=[], help="key=value passed to the ADP-DM method")
-    p.add_argument("--json", default=None, help="results (default docs/bench_quality.json; quick: runs/bench_quality_quick.json)")
+    p.add_argument("--json", default=None, help="results (default docs/bench_quality.json; quick: runs/bench-quality-quick.json)")
     p.add_argument("--cache-dir", default=str(ROOT / "runs" / "cache"))
     p.add_argument("--force", action="store_true", help="recompute rows already in --json")
     p.add_argument("--fresh", action="store_true", help="start a new --json instead of adding to it")
@@ -372,7 +372,7 @@ def main(argv=None) -> None:
         args.bits, args.conv_in, args.ours = q["bits"], q["conv_in"], q["ours"]
         args.adpdm_options = {**q["adpdm_options"], **args.adpdm_options}
     if args.json is None:
-        args.json = str(ROOT / ("runs/bench_quality_quick.json" if args.quick else "docs/bench_quality.json"))
+        args.json = str(ROOT / ("runs/bench-quality-quick.json" if args.quick else "docs/bench_quality.json"))
     if args.md is None:
         args.md = str(ROOT / ("runs/benchmarks-quick.md" if args.quick else "docs/benchmarks.md"))
     from eval_quality import parse_variant

@@ -75,8 +75,8 @@ def page_paths(md: Path, quality_json: Path | None = None, speed_json: Path | No
     if md.resolve() == BENCH_MD.resolve():
         return {"out": md, "quality_json": quality_json or QUALITY_JSON, "speed_json": speed_json or SPEED_JSON,
                 "img_dir": IMG_DIR}
-    return {"out": md, "quality_json": quality_json or md.parent / "bench_quality_quick.json",
-            "speed_json": speed_json or md.parent / "bench_speed_quick.json", "img_dir": md.parent / "img"}
+    return {"out": md, "quality_json": quality_json or md.parent / "bench-quality-quick.json",
+            "speed_json": speed_json or md.parent / "bench-speed-quick.json", "img_dir": md.parent / "img"}
 
 
 def write_benchmarks_md(quality_json: Path = QUALITY_JSON, speed_json: Path = SPEED_JSON,

@@ -1,0 +1,69 @@
+"""The benchmark scripts' --quick modes run end to end (so the scripts do not rot) and write their
+JSON and their section of the page; no number is judged here (speed belongs in the recorded runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "adpdm_export" / "assets" / "reference" / "model_index.json"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not REFERENCE.is_file(), reason="bundled reference model not built yet"),
+]
+
+
+def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    return subprocess.run([sys.executable, str(ROOT / "tools" / script), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+
+
+def test_bench_quality_quick(tmp_path):
+    out, page = tmp_path / "bench_quality_quick.json", tmp_path / "page.md"
+    r = _run("bench_quality.py", "--quick", "--threads", "1", "--json", str(out), "--md", str(page),
+             "--cache-dir", str(tmp_path / "cache"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    ours = {k: v for k, v in rows.items() if v["family"] == "ours"}
+    assert set(ours) == {"W8A8/ours:percentile", "W8A8/ours:adpdm-G4"}
+    for rec in ours.values():
+        assert rec["error"] is None
+        assert 0 < rec["noise_rel_l2"] < 0.5  # a quantized model, not the FP one and not noise
+        assert set(rec["noise_rel_l2_buckets"]) == {"0-99", "100-299", "300-599", "600-999"}
+        assert rec["forward_passes"] == data["meta"]["calib_forward_passes"] == 8 * 10
+    # every peer either ran (a row, maybe with its error) or says why it could not
+    from tools.bench_peers import all_peers
+
+    for peer in all_peers():
+        ran = any(v["family"] == peer.NAME for v in rows.values())
+        assert ran or peer.NAME in data["unavailable"] or "W8A8" not in peer.BITS, peer.NAME
+    text = page.read_text()
+    assert "## Quality" in text and "ours:adpdm-G4" in text and "quick mode" in text
+    assert (tmp_path / "img" / "bench-quality-per-timestep.png").is_file()
+
+
+def test_bench_speed_quick(tmp_path):
+    out = tmp_path / "bench_speed_quick.json"
+    r = _run("bench_speed.py", "--quick", "--out-json", str(out), "--no-docs", "--workdir", str(tmp_path / "work"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for part in ("latency", "dispatch", "rss", "build_engine", "calibration"):
+        assert data.get(part), (part, sorted(data))
+    rows = {(row["model"], row["batch"], row["variant"]): row for row in data["latency"]["rows"]}
+    for variant in ("pytorch-fp32", "ort-fp32", "ours"):
+        row = rows.get(("reference", 1, variant))
+        assert row and row["status"] == "ok", (variant, sorted(rows))
+        assert row["median_ms"] > 0 and len(row["times_ms"]) >= 2  # raw timings kept, not just the median
+    # our row went through the runner over a real build (G groups), and every target has a verdict or a reason
+    assert data["targets"] and all("met" in t for t in data["targets"])
+    md = out.with_suffix(".md").read_text()
+    assert "## Speed" in md and "Quick run" in md
