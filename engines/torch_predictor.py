@@ -15,7 +15,8 @@ class TorchNoisePredictor:
 
     @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> torch.Tensor:
-        dev = next(self.unet.parameters()).device
+        p = next(self.unet.parameters(), None)  # parameter-free wrappers (a session behind a module) run on the CPU
+        dev = p.device if p is not None else torch.device("cpu")
         cond = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
         out = self.unet(sample.to(dev), timestep.to(dev), **cond)
         out = out.sample if hasattr(out, "sample") else out

@@ -9,6 +9,7 @@ FP). A peer module exposes
     NAME: str                                   # e.g. "ort-static"
     VARIANTS: dict[str, str]                    # variant -> one-line description
     BITS: tuple[str, ...]                       # e.g. ("W8A8",) or ("W8A8", "W8A6")
+    OWN_SCOPE: dict[str, str]                   # optional: variant -> how its placement differs from Scope
     def unavailable() -> str | None             # why the peer cannot run here (not installed...), or None
     def quantize(unet, calib, scope, variant, workdir) -> PeerModel
 

@@ -85,6 +85,9 @@ _CONFIGS = {
 # than FP32: DQ + float Conv).
 FASTEST = _Config("MinMax", wide=True, activation_type="QUInt8", activation_symmetric=False)
 _CONFIGS["minmax-wide-u8"] = FASTEST
+# variants whose placement is not the shared scope: reported, not ranked against ours
+OWN_SCOPE = {"minmax-wide": "wider: Conv/MatMul outputs quantized too (onnxruntime's own scope)",
+             "minmax-wide-u8": "wider, uint8 activations: the graph bench_speed times"}
 
 
 def unavailable() -> Optional[str]:

@@ -40,6 +40,8 @@ VARIANTS = {
     "w8a8-inputs": "the same, with quanto's input hooks on every in-scope Conv2d/Linear and no output "
                    "quantization: our scope (per-tensor inputs, per-channel weights)",
 }
+# variants whose placement is not the shared scope: reported, not ranked against ours
+OWN_SCOPE = {"w8a8": "narrower: quanto's own placement (no Conv2d input quantized)"}
 
 
 def unavailable() -> Optional[str]:
