@@ -32,6 +32,8 @@ VARIANTS = {
     "x86-inductor": "torch.export + prepare_pt2e(X86InductorQuantizer default static config per in-scope "
                     "Conv2d/Linear: uint8 per-tensor HistogramObserver inputs, int8 per-channel weights) "
                     "+ convert_pt2e, reference Q/DQ run eagerly",
+    "x86-inductor-sym": "the same with int8 SYMMETRIC per-tensor HistogramObserver inputs (zero point 0, as ours "
+                        "and as TensorRT requires): separates the observer from the asymmetric range",
 }
 
 _QUANTIZER = "torchao.quantization.pt2e.quantizer.x86_inductor_quantizer"
@@ -188,6 +190,8 @@ def quantize(unet: nn.Module, calib: CalibData, scope: Scope, variant: str = "x8
 
     in_scope = scope.quantized_modules(model)
     cfg = get_default_x86_inductor_quantization_config()
+    if variant == "x86-inductor-sym":
+        cfg = _symmetric_activations(cfg)
     quantizer = X86InductorQuantizer()
     for name in in_scope:
         quantizer.set_module_name_qconfig(f"unet.{name}", cfg)
@@ -212,8 +216,9 @@ def quantize(unet: nn.Module, calib: CalibData, scope: Scope, variant: str = "x8
     if info["qdq_elsewhere"]:
         notes.append(f"X86InductorQuantizer also inserted {len(info['qdq_elsewhere'])} activation Q/DQ "
                      f"that feed other ops: {info['qdq_elsewhere'][:4]}")
-    notes.append("scope difference: activations are uint8 asymmetric per tensor (HistogramObserver, the quantizer's "
-                 "default static config) where ours are symmetric")
+    if variant == "x86-inductor":
+        notes.append("scope difference: activations are uint8 asymmetric per tensor (HistogramObserver, the quantizer's "
+                     "default static config) where ours are symmetric; x86-inductor-sym is the same with symmetric int8")
     notes.append("global config not used: it also annotates the int64 timestep multiply and its HistogramObserver "
                  "fails (\"histogram_cpu\" not implemented for 'Long'); configs are set per in-scope module name")
     if (lo, hi) == (MIN_BATCH, MAX_BATCH):
@@ -223,12 +228,27 @@ def quantize(unet: nn.Module, calib: CalibData, scope: Scope, variant: str = "x8
         "quantized_modules": len(got), "in_scope_modules": len(want), "weight_only_modules": info["weight_only"],
         "act_only_modules": info["act_only"], "qdq_elsewhere": info["qdq_elsewhere"],
         "export_s": t_export, "calibration_passes": passes, "batch_range": [lo, hi],
-        "activation_observer": "HistogramObserver uint8 asymmetric per-tensor",
+        "activation_observer": "HistogramObserver " + ("int8 symmetric" if variant == "x86-inductor-sym"
+                                                       else "uint8 asymmetric") + " per-tensor",
         "weight_observer": "PerChannelMinMaxObserver int8 symmetric ch_axis=0",
         "torchao": _version("torchao"), "torch": torch.__version__,
     }
     return PeerModel(model=PT2EUNet(converted, cond_keys, lo, hi), calibration_s=calibration_s,
                      notes=notes, extra=extra)
+
+
+def _symmetric_activations(cfg):
+    """`cfg` with int8 symmetric per-tensor activation specs (same HistogramObserver)."""
+    import dataclasses
+
+    def sym(spec):
+        if spec is None:
+            return None
+        return dataclasses.replace(spec, dtype=torch.int8, quant_min=-128, quant_max=127,
+                                   qscheme=torch.per_tensor_symmetric)
+
+    return dataclasses.replace(cfg, input_activation=sym(cfg.input_activation),
+                               output_activation=sym(cfg.output_activation))
 
 
 def _version(dist: str) -> Optional[str]:
