@@ -543,25 +543,6 @@ RSS_NOTES = {
 }
 
 
-def _status_mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _pss_mib() -> float:
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def rss_child(args) -> None:
     """One configuration in this fresh interpreter: load the runner, run every group, report MiB above the baseline."""
     import numpy as np  # noqa: F401
@@ -570,17 +551,18 @@ def rss_child(args) -> None:
 
     import engines.ort_group_sessions as ogs
     from engines.runner import TimestepDispatchRunner
+    from measure_ort_rss import pss_mib, status_mib
 
     torch.set_num_threads(args.threads)
     session_config, share_int8 = RSS_CONFIGS[args.rss_config]
     if share_int8:
         ogs._dequantize_only = lambda graph: set()  # bench-only experiment, see RSS_NOTES
-    r0, p0 = _status_mib("VmRSS"), _pss_mib()
+    r0, p0 = status_mib("VmRSS"), pss_mib()
     t0 = time.perf_counter()
     runner = TimestepDispatchRunner(args.rss_child, backend="ort", threads=args.threads, profile="ort", verify="size",
                                     ort_options={"session_config": dict(session_config)})
     load_s = time.perf_counter() - t0
-    r_load = _status_mib("VmRSS")
+    r_load = status_mib("VmRSS")
     table = runner.manifest.timestep_to_group
     firsts = [table.index(k) for k in range(runner.num_groups)]
     C, H, W = runner.sample_shape
@@ -589,7 +571,7 @@ def rss_child(args) -> None:
     tt = [torch.full((batch,), t, dtype=torch.int64) for t in firsts]
     for t in tt:
         runner(x, t)
-    r_run = _status_mib("VmRSS")
+    r_run = status_mib("VmRSS")
     times = []
     for i in range(args.rss_reps):
         t1 = time.perf_counter()
@@ -598,8 +580,8 @@ def rss_child(args) -> None:
     print(json.dumps({
         "config": args.rss_config, "G": runner.num_groups, "batch": batch, "rss_base_mib": round(r0, 1),
         "load_mib": round(r_load - r0, 1), "after_first_runs_mib": round(r_run - r0, 1),
-        "steady_mib": round(_status_mib("VmRSS") - r0, 1), "pss_steady_mib": round(_pss_mib() - p0, 1),
-        "peak_mib": round(_status_mib("VmHWM") - r0, 1), "load_s": round(load_s, 2),
+        "steady_mib": round(status_mib("VmRSS") - r0, 1), "pss_steady_mib": round(pss_mib() - p0, 1),
+        "peak_mib": round(status_mib("VmHWM") - r0, 1), "load_s": round(load_s, 2),
         "latency_ms": [round(v, 3) for v in times], "latency_ms_median": round(statistics.median(times), 3),
         "shared_bytes_per_session": int(runner._sessions.shared_bytes),
     }), flush=True)

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = ("plain", "group", "group-all")
 
 
-def _status_mib(key: str) -> float:
+def status_mib(key: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
@@ -46,7 +46,7 @@ def _status_mib(key: str) -> float:
     return float("nan")
 
 
-def _pss_mib() -> float:
+def pss_mib() -> float:
     try:
         with open("/proc/self/smaps_rollup") as f:
             for line in f:
@@ -68,7 +68,7 @@ def child(args) -> None:
     from engines.ort_group_sessions import OrtGroupSessions  # imported by every mode: same baseline (torch)
 
     graphs = [Path(args.workdir) / args.sub / f"unet.g{k}.onnx" for k in range(args.groups)]
-    r0, p0 = _status_mib("VmRSS"), _pss_mib()
+    r0, p0 = status_mib("VmRSS"), pss_mib()
     t0 = time.perf_counter()
     if args.mode == "plain":
         so = ort.SessionOptions()
@@ -82,14 +82,14 @@ def child(args) -> None:
         gs = OrtGroupSessions(graphs, ["CPUExecutionProvider"], threads=args.threads, optimization=opt)
         run = gs.run
     load_s = time.perf_counter() - t0
-    r_load, p_load = _status_mib("VmRSS"), _pss_mib()
+    r_load = status_mib("VmRSS")
     rng = np.random.default_rng(0)
     feeds = {
         "sample": rng.standard_normal((args.batch, *args.shape), dtype=np.float32),
         "timestep": np.full((args.batch,), 500, np.int64),
     }
     means = [float(run(k, feeds).mean()) for k in range(args.groups)]
-    r_run, p_run = _status_mib("VmRSS"), _pss_mib()
+    r_run = status_mib("VmRSS")
     times = []
     for i in range(args.reps):
         t = time.perf_counter()
@@ -104,10 +104,10 @@ def child(args) -> None:
                 "G": args.groups,
                 "rss_base_mib": round(r0),
                 "load_mib": round(r_load - r0),
-                "steady_mib": round(_status_mib("VmRSS") - r0),
+                "steady_mib": round(status_mib("VmRSS") - r0),
                 "after_first_runs_mib": round(r_run - r0),
-                "pss_steady_mib": round(_pss_mib() - p0),
-                "peak_mib": round(_status_mib("VmHWM") - r0),
+                "pss_steady_mib": round(pss_mib() - p0),
+                "peak_mib": round(status_mib("VmHWM") - r0),
                 "load_s": round(load_s, 2),
                 "latency_ms_min": round(times[0] * 1e3, 1),
                 "latency_ms_median": round(times[len(times) // 2] * 1e3, 1),

@@ -110,6 +110,19 @@ class SessionUNet(nn.Module):
         return self.predictor(sample, timestep, **cond)
 
 
+def check_request(peer, variant: str, scope: Scope) -> None:
+    """Refuse, with the reason, a variant the peer does not have, a peer that cannot run here, or
+    bit widths it does not support (peer: the peer module)."""
+    if variant not in peer.VARIANTS:
+        raise ValueError(f"{peer.NAME}: unknown variant {variant!r}; known: {', '.join(peer.VARIANTS)}")
+    why = peer.unavailable()
+    if why:
+        raise RuntimeError(why)
+    bits = f"W{scope.w_bits}A{scope.a_bits}"
+    if bits not in peer.BITS:
+        raise ValueError(f"{peer.NAME} supports {', '.join(peer.BITS)} only, got {bits}")
+
+
 def load_peer(module: str):
     """The peer module tools.bench_peers.<module> (always importable; check .unavailable())."""
     return importlib.import_module(f"{__name__}.{module}")

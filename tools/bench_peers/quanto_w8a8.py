@@ -23,6 +23,7 @@ by the last ~10 batches, i.e. the lowest timesteps: that is the baseline's natur
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -30,7 +31,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import CalibData, Log, PeerModel, Scope, missing_module
+from . import CalibData, Log, PeerModel, Scope, check_request, missing_module
 
 NAME = "quanto"
 BITS = ("W8A8",)
@@ -107,13 +108,7 @@ def placement(model: nn.Module) -> dict:
 def quantize(unet: nn.Module, calib: CalibData, scope: Scope, variant: str = "w8a8",
              workdir: Optional[Path] = None, log: Log = print) -> PeerModel:
     """quanto quantize -> Calibration() over every calibration batch -> freeze, FP layers excluded."""
-    if variant not in VARIANTS:
-        raise ValueError(f"{NAME}: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-    why = unavailable()
-    if why:
-        raise RuntimeError(why)
-    if scope.w_bits != 8 or scope.a_bits != 8:
-        raise ValueError(f"{NAME} supports W8A8 only, got W{scope.w_bits}A{scope.a_bits}")
+    check_request(sys.modules[__name__], variant, scope)
     from optimum.quanto import Calibration, freeze, qint8
     from optimum.quanto import quantize as q_quantize
     from optimum.quanto.nn import QConv2d, QModuleMixin

@@ -17,6 +17,7 @@ weights of the named layers are quantized; the count is checked against the scop
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,7 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import CalibData, Log, PeerModel, Scope, missing_module
+from . import CalibData, Log, PeerModel, Scope, check_request, missing_module
 
 NAME = "torchao-pt2e"
 BITS = ("W8A8",)
@@ -153,13 +154,7 @@ def inspect_converted(gm: nn.Module) -> dict:
 def quantize(unet: nn.Module, calib: CalibData, scope: Scope, variant: str = "x86-inductor",
              workdir: Optional[Path] = None, log: Log = print) -> PeerModel:
     """Export, prepare (scope by module name), calibrate on every calibration batch, convert."""
-    if variant not in VARIANTS:
-        raise ValueError(f"{NAME}: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-    why = unavailable()
-    if why:
-        raise RuntimeError(why)
-    if scope.w_bits != 8 or scope.a_bits != 8:
-        raise ValueError(f"{NAME} supports W8A8 only, got W{scope.w_bits}A{scope.a_bits}")
+    check_request(sys.modules[__name__], variant, scope)
     import copy
 
     from torch.export import Dim, export
