@@ -533,6 +533,7 @@ RSS_CONFIGS = {
     "default": ({}, False),
     "prepacking-off": (NOPREPACK, False),
     "prepacking-off+shared-int8": (NOPREPACK, True),
+    "one-session": ({}, False),
 }
 RSS_NOTES = {
     "default": "the runner as shipped (OrtGroupSessions defaults: level extended, shared float weights and arena)",
@@ -540,7 +541,93 @@ RSS_NOTES = {
     "prepacking-off+shared-int8": "experiment: prepacking off AND the INT8 weights behind DequantizeLinear handed to "
                                   "every session from the one memory map (engines/ort_group_sessions.py excludes "
                                   "them today; patched in the child process only)",
+    "one-session": "experiment: ONE session for all groups: each group graph optimized by onnxruntime (level extended, "
+                   "QDQ fused to QLinearConv) and saved, the initializers that differ between groups (activation "
+                   "scales, requantized biases) made graph inputs and fed per group; weights pre-packed once. "
+                   "Bypasses the runner (a bare session with per-group feeds); outputs checked against one plain "
+                   "session per group (max abs difference in rss.one_session)",
 }
+ONE_SESSION_DIR = "one-session"
+
+
+def prepare_one_session(build: Path) -> dict:
+    """Experiment: the build's G group graphs as one optimized graph with the group-specific constants
+    as inputs (written to build/one-session/). Returns what differs, and a bit-exactness check."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from engines.manifest import load_manifest
+
+    m = load_manifest(build, verify="size")
+    graphs = [build / g.graphs["ort"] for g in m.groups]
+    out = build / ONE_SESSION_DIR
+    out.mkdir(exist_ok=True)
+    opt = []
+    for k, g in enumerate(graphs):  # saved beside the graph, so its external weights resolve
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(build / f"one-session.g{k}.opt.onnx")
+        ort.InferenceSession(str(g), so, providers=["CPUExecutionProvider"])
+        opt.append(onnx.load(so.optimized_model_filepath))
+    inits = [{t.name: numpy_helper.to_array(t) for t in mm.graph.initializer} for mm in opt]
+    if any(set(d) != set(inits[0]) for d in inits):
+        raise RuntimeError("the optimized group graphs do not have the same initializers")
+    diff = sorted(n for n in inits[0] if any(not np.array_equal(inits[0][n], d[n]) for d in inits[1:]))
+    shared = opt[0]
+    keep = [t for t in shared.graph.initializer if t.name not in diff]
+    del shared.graph.initializer[:]
+    shared.graph.initializer.extend(keep)
+    for n in diff:
+        a = inits[0][n]
+        shared.graph.input.append(helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape)))
+    onnx.save(shared, str(out / "unet.onnx"), save_as_external_data=True, location="unet.onnx.data")
+    np.savez(out / "group_constants.npz", **{f"g{k}::{n}": inits[k][n] for k in range(len(graphs)) for n in diff})
+    (out / "inputs.json").write_text(json.dumps(diff))
+    for k in range(len(graphs)):
+        Path(build / f"one-session.g{k}.opt.onnx").unlink()
+    # bit-exactness against one plain session per group, batch 2, one timestep of each group
+    import torch
+
+    one = OneSession(build, threads=1)
+    C, H, W = load_sample_shape(build)
+    x = torch.randn((2, C, H, W), generator=torch.Generator().manual_seed(0))
+    worst = 0.0
+    for k, g in enumerate(graphs):
+        t = torch.full((2,), one.table.index(k), dtype=torch.int64)
+        ref = ort.InferenceSession(str(g), providers=["CPUExecutionProvider"]).run(
+            None, {"sample": x.numpy(), "timestep": t.numpy()})[0]
+        worst = max(worst, float(np.abs(one(x, t) - ref).max()))
+    return {"groups": len(graphs), "group_constants": len(diff), "max_abs_diff_vs_group_sessions": worst,
+            "group_constant_bytes": int(sum(inits[0][n].nbytes for n in diff)), "initializers": len(inits[0])}
+
+
+class OneSession:
+    """The one-session experiment as a runner-like callable: group k's constants fed with the inputs."""
+
+    def __init__(self, build: Path, threads: int):
+        import numpy as np
+        import onnxruntime as ort
+
+        from engines.manifest import load_manifest
+
+        d = build / ONE_SESSION_DIR
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimized already
+        self.session = ort.InferenceSession(str(d / "unet.onnx"), so, providers=["CPUExecutionProvider"])
+        names = json.loads((d / "inputs.json").read_text())
+        z = np.load(d / "group_constants.npz")
+        m = load_manifest(build, verify="size")
+        self.table = m.timestep_to_group
+        self.num_groups = len(m.groups)
+        self.feeds = [{n: z[f"g{k}::{n}"] for n in names} for k in range(self.num_groups)]
+
+    def __call__(self, x, t):
+        k = self.table[int(t[0])]
+        return self.session.run(None, {"sample": x.numpy(), "timestep": t.numpy(), **self.feeds[k]})[0]
 
 
 def rss_child(args) -> None:
@@ -559,13 +646,18 @@ def rss_child(args) -> None:
         ogs._dequantize_only = lambda graph: set()  # bench-only experiment, see RSS_NOTES
     r0, p0 = status_mib("VmRSS"), pss_mib()
     t0 = time.perf_counter()
-    runner = TimestepDispatchRunner(args.rss_child, backend="ort", threads=args.threads, profile="ort", verify="size",
-                                    ort_options={"session_config": dict(session_config)})
+    if args.rss_config == "one-session":
+        runner = OneSession(Path(args.rss_child), args.threads)
+        table = runner.table
+        C, H, W = load_sample_shape(Path(args.rss_child))
+    else:
+        runner = TimestepDispatchRunner(args.rss_child, backend="ort", threads=args.threads, profile="ort",
+                                        verify="size", ort_options={"session_config": dict(session_config)})
+        table = runner.manifest.timestep_to_group
+        C, H, W = runner.sample_shape
     load_s = time.perf_counter() - t0
     r_load = status_mib("VmRSS")
-    table = runner.manifest.timestep_to_group
     firsts = [table.index(k) for k in range(runner.num_groups)]
-    C, H, W = runner.sample_shape
     batch = args.rss_batches[0]
     x = torch.randn((batch, C, H, W), generator=torch.Generator().manual_seed(0))
     tt = [torch.full((batch,), t, dtype=torch.int64) for t in firsts]
@@ -583,8 +675,15 @@ def rss_child(args) -> None:
         "steady_mib": round(status_mib("VmRSS") - r0, 1), "pss_steady_mib": round(pss_mib() - p0, 1),
         "peak_mib": round(status_mib("VmHWM") - r0, 1), "load_s": round(load_s, 2),
         "latency_ms": [round(v, 3) for v in times], "latency_ms_median": round(statistics.median(times), 3),
-        "shared_bytes_per_session": int(runner._sessions.shared_bytes),
+        "shared_bytes_per_session": int(runner._sessions.shared_bytes) if hasattr(runner, "_sessions") else None,
     }), flush=True)
+
+
+def load_sample_shape(build: Path) -> tuple[int, int, int]:
+    from engines.manifest import load_manifest
+
+    m = load_manifest(build, verify="size").model
+    return (m.in_channels, *m.sample_size)
 
 
 def run_rss(mb: ModelBench, args) -> dict:
@@ -595,6 +694,14 @@ def run_rss(mb: ModelBench, args) -> dict:
         traj = calib_trajectories(mb.loaded, args.calib_samples, args.calib_steps)
         mb.builds[1], _ = build_ours(mb.loaded, traj, 1, mb.work / "build-g1")
     runs = []
+    one_session = {}
+    if "one-session" in args.rss_configs:
+        for G in (1, args.groups):
+            try:
+                one_session[G] = prepare_one_session(mb.builds[G])
+            except Exception as e:  # an experiment that fails is reported, the rest goes on
+                one_session[G] = {"status": "failed", "reason": _reason(e)}
+                log(f"one-session experiment for G={G} failed: {_reason(e)}")
     for batch in args.rss_batches:
         for config in args.rss_configs:
             for G in (1, args.groups):
@@ -630,7 +737,7 @@ def run_rss(mb: ModelBench, args) -> dict:
     return {"status": "ok", "model": mb.name, "groups": args.groups, "batches": args.rss_batches, "reps": args.rss_reps,
             "weights_file_mib": round(weights.stat().st_size / 2**20, 2) if weights.is_file() else None,
             "baseline": "RSS of the child after importing torch, numpy, onnxruntime and engines.runner",
-            "runs": runs, "summary": summary}
+            "runs": runs, "summary": summary, "one_session": one_session}
 
 
 # ====================================================================== part: calibration time
