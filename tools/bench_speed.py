@@ -748,21 +748,13 @@ TINY_ADPDM = {"search_iters": 4, "refine_iters": 2, "srm_candidates": 2, "srm_ev
 
 
 @contextlib.contextmanager
-def _adpdm_registered(options: Optional[dict] = None):
-    """The adpdm method registered (as tools/eval_quality.py does), with `options` merged into every
-    call's ctx.options (how quick mode reaches build_engine's calibration, which takes no options)."""
+def _adpdm_registered():
+    """The adpdm method registered with the pipeline, as tools/eval_quality.py does."""
     from calibration import pipeline
     from calibration.adpdm import adpdm_method
 
-    def with_options(ctx):
-        ctx.options = {**(ctx.options or {}), **options}
-        return adpdm_method(ctx)
-
-    pipeline.register_method("adpdm", with_options if options else adpdm_method)
-    try:
-        yield
-    finally:
-        pipeline.register_method("adpdm", adpdm_method)
+    pipeline.register_method("adpdm", adpdm_method)
+    yield
 
 
 class _Progress:
@@ -791,7 +783,7 @@ def run_calibration_time(args) -> dict:
     name = "tiny" if args.quick else "ddpm-cifar10"
     loaded = load_bench_model(name)
     samples, steps = (8, 10) if args.quick else (args.calib_time_samples, args.calib_time_steps)
-    options = dict(TINY_ADPDM) if args.quick else {}
+    options = dict(TINY_ADPDM) if args.quick else dict(args.calib_time_options)
     torch.set_num_threads(args.threads)
     log(f"calibration time: adpdm G=4 on {name} ({params_m(loaded.unet)}M params), {samples} samples x {steps} steps")
     with tempfile.TemporaryDirectory(prefix="bench-speed-calib-") as cache, _adpdm_registered():
@@ -818,15 +810,13 @@ def run_build(args) -> dict:
     from adpdm_export.build_engine import CalibrationSettings, build_engine
 
     torch.set_num_threads(args.threads)
-    options = dict(TINY_ADPDM) if args.quick else None
     settings = CalibrationSettings()  # the CLI defaults: adpdm, G = 4, 64 samples x 100 steps
+    options = dict(TINY_ADPDM) if args.quick else None
     if args.quick:
         settings.calib_samples, settings.calib_steps = 4, 8
-        if hasattr(settings, "method_options"):  # build-engine's --option KEY=VALUE
-            settings.method_options = {k: str(v) for k, v in options.items()}
+        settings.method_options = {k: str(v) for k, v in options.items()}  # build-engine's --option KEY=VALUE
     log(f"build-engine reference: {settings.method}, {settings.calib_samples} x {settings.calib_steps} (fresh folders)")
-    wrap = options if options and not getattr(settings, "method_options", None) else None
-    with tempfile.TemporaryDirectory(prefix="bench-speed-build-") as tmp, _adpdm_registered(wrap):
+    with tempfile.TemporaryDirectory(prefix="bench-speed-build-") as tmp, _adpdm_registered():
         t0 = time.perf_counter()
         prog = _Progress(t0)
         summary = build_engine("reference", Path(tmp) / "out", settings, backend="ort", profiles=("trt", "ort"),
@@ -1159,12 +1149,15 @@ def parse_args(argv=None):
                     "always runs it on a tiny UNet)")
     ap.add_argument("--calib-time-samples", type=int, default=64)
     ap.add_argument("--calib-time-steps", type=int, default=100)
+    ap.add_argument("--calib-time-option", action="append", default=[],
+                    help="KEY=VALUE ADP-DM option of the calibration timing (e.g. search_iters=20); default: none")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: latency, dispatch, rss, build, calib "
                     "(a skipped part keeps the previous JSON's section)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep exported graphs here (default: a temporary folder)")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rss-config", default="default", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.calib_time_options = dict(kv.partition("=")[::2] for kv in args.calib_time_option)
     q = args.quick
     args.models = (args.models or ("reference" if q else "ddpm-cifar10,reference")).split(",")
     args.batches = [int(b) for b in (args.batches or ("1,4" if q else "1,16")).split(",")]
