@@ -45,6 +45,8 @@ import torch  # noqa: E402
 from quality_harness import evaluate_model, fmt, log, parse_bits, prepare, quant_config  # noqa: E402
 
 OURS = ["percentile", "uniform-groups-G4", "adpdm-G4", "per-step"]
+# "<variant>@ort": our CPU-profile graph (what the runner serves with onnxruntime), for the wide-scope rows
+OURS_PROFILE_SCOPE = "wider: our CPU profile (Conv/MatMul outputs quantized too, the graph bench_speed times)"
 BITS = ["W8A8", "W8A6"]
 # timestep buckets of the per-bucket error: the last steps decide the image
 BUCKETS = [(0, 99), (100, 299), (300, 599), (600, 999)]
@@ -83,7 +85,8 @@ def calibrate_ours(setup, name: str, w: int, a: int, conv_in_fp: bool, args) -> 
 
     if pipeline.METHODS.get("adpdm") is not adpdm_method:
         pipeline.register_method("adpdm", adpdm_method)
-    spec = parse_variant(name)
+    base, _, profile = name.partition("@")
+    spec = parse_variant(base)
     opts = dict(spec["options"])
     if spec["method"] == "adpdm":
         opts["log"] = log if args.verbose else None
@@ -97,7 +100,13 @@ def calibrate_ours(setup, name: str, w: int, a: int, conv_in_fp: bool, args) -> 
     )
     t_cal = time.perf_counter() - t0
     extra = {"num_groups": result.num_groups, "calib_timestep": result.calib_timestep}
-    return quantize_model(loaded.unet, result=result), t_cal, extra
+    qmodel = quantize_model(loaded.unet, result=result)
+    if profile:  # "@ort": the CPU profile (output quantizers too), simulated; parity with the graph: docs/export.md
+        from calibration.quant_unet import set_profile
+
+        set_profile(qmodel, profile)
+        extra["profile"] = profile
+    return qmodel, t_cal, extra
 
 
 def plan(args) -> list[dict[str, Any]]:
@@ -110,7 +119,7 @@ def plan(args) -> list[dict[str, Any]]:
         for conv_in_fp in args.conv_in:
             for name in args.ours:
                 rows.append({"bits": bits, "family": "ours", "variant": name, "conv_in_fp": conv_in_fp, "peer": None,
-                             "own_scope": None})
+                             "own_scope": OURS_PROFILE_SCOPE if name.endswith("@ort") else None})
             for peer in peers:
                 if args.peers and peer.NAME not in args.peers:
                     continue
@@ -146,8 +155,10 @@ def run(args) -> dict[str, Any]:
             unavailable[peer.NAME] = why
             log(f"peer {peer.NAME} skipped: {why}")
     data["unavailable"] = unavailable
+    commands = list((data.get("meta") or {}).get("commands", []))
+    commands.append("python tools/bench_quality.py " + " ".join(shlex.quote(a) for a in args.argv))
     data["meta"] = {
-        "command": "python tools/bench_quality.py " + " ".join(shlex.quote(a) for a in args.argv),
+        "commands": commands,  # every invocation that added rows to this JSON, in order
         "quick": args.quick, "model": args.model, "model_sha256": loaded.sha256,
         "calib_samples": args.calib_samples, "calib_steps": args.calib_steps,
         "calib_forward_passes": calib.num_forward_passes, "eval_samples": args.samples,
@@ -284,7 +295,10 @@ def render_markdown(data: dict, img_dir: Path, rel: str) -> str:
     m = data.get("meta", {})
     lines = [
         "## Quality", "",
-        f"Command: `{m.get('command')}`" + (" (quick mode: a smoke run, not a result)" if m.get("quick") else ""), "",
+        "Commands (in order; each adds the rows not yet in the JSON):", "",
+        *[f"    {c}" for c in m.get("commands", [m.get("command")])],
+        "",
+        *(["(quick mode: a smoke run, not a result)", ""] if m.get("quick") else []),
         f"Model `{m.get('model')}` (sha256 {str(m.get('model_sha256'))[:12]}). Calibration budget for every method: "
         f"{m.get('calib_samples')} seeds x {m.get('calib_steps')} DDIM steps = {m.get('calib_forward_passes')} FP "
         f"forward passes (computed once, {fmt(m.get('calib_trajectories_s'), '.0f')} s, not counted in the calibration "
@@ -343,7 +357,8 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="tiny budget, W8A8, conv_in FP, one variant per peer")
     p.add_argument("--model", default="reference")
     p.add_argument("--bits", default=",".join(BITS))
-    p.add_argument("--ours", default=",".join(OURS), help="our methods (tools/eval_quality.py variant names)")
+    p.add_argument("--ours", default=",".join(OURS), help="our methods (tools/eval_quality.py variant names; "
+                   "<name>@ort: the CPU profile, Conv/MatMul outputs quantized too)")
     p.add_argument("--peers", default="", help="only these peers (comma separated NAMEs); default: all")
     p.add_argument("--no-peers", action="store_true", help="ours only")
     p.add_argument("--conv-in", default="fp,quant", help="fp, quant or both (conv_in's input FP / quantized)")
@@ -383,7 +398,10 @@ def main(argv=None) -> None:
     from eval_quality import parse_variant
 
     for m in args.ours:
-        parse_variant(m)
+        base, _, profile = m.partition("@")
+        parse_variant(base)
+        if profile not in ("", "ort"):
+            raise SystemExit(f"unknown profile @{profile} in {m} (only @ort)")
     for b in args.bits:
         parse_bits(b)
     if not args.report:

@@ -24,6 +24,8 @@ DOCS = ROOT / "docs"
 QUALITY_JSON = DOCS / "bench_quality.json"
 SPEED_JSON = DOCS / "bench_speed.json"
 BENCH_MD = DOCS / "benchmarks.md"
+# what a person wrote after reading a full run (which run it is about is said in it); appended as is
+READING_MD = DOCS / "benchmarks-reading.md"
 IMG_DIR = DOCS / "img"
 VERSIONED = ("torch", "onnxruntime", "onnx", "diffusers", "numpy", "nvidia-modelopt", "torchao", "optimum-quanto")
 
@@ -103,6 +105,8 @@ def write_benchmarks_md(quality_json: Path = QUALITY_JSON, speed_json: Path = SP
             parts.append(importlib.import_module(module).render_markdown(data, img_dir, rel))
         else:
             parts.append(f"## {title}\n\nNot run yet: `.venv/bin/python tools/{module}.py`.\n")
+    if out.resolve() == BENCH_MD.resolve() and READING_MD.is_file():
+        parts.append(READING_MD.read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts))
     return out

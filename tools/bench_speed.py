@@ -319,8 +319,9 @@ def setup_model(name: str, args, work: Path, timed: bool = True) -> ModelBench:
         t0 = time.perf_counter()
         build, facts = build_ours(loaded, traj, args.groups, mb.work / f"build-g{args.groups}")
         mb.builds[args.groups] = build
-        # one timestep in the middle of each group: calls cycle through every group, as sampling does
-        mb.timesteps = [int((r[0][0] + r[-1][1]) // 2) for r in facts["timestep_ranges"]]
+        # the timesteps of a DDIM 50-step loop in sampling order: consecutive calls stay in one group and
+        # switch groups as often as sampling does (G - 1 times per loop), not on every call
+        mb.timesteps = sampling_timesteps(loaded.scheduler_config, 50)
         if timed:
             mb.runner = TimestepDispatchRunner(build, backend="ort", threads=args.threads, profile="ort")
         mb.ok("ours", time.perf_counter() - t0, **facts)
@@ -354,7 +355,7 @@ def setup_model(name: str, args, work: Path, timed: bool = True) -> ModelBench:
         for variant in DIAGNOSTIC:
             mb.missing(variant, "failed", "ours did not build")
     if not mb.timesteps:
-        mb.timesteps = [875, 625, 375, 125]
+        mb.timesteps = sampling_timesteps(loaded.scheduler_config, 50)
 
     for module, variant in PEERS:
         if variant not in args.variants:
@@ -374,8 +375,16 @@ def setup_model(name: str, args, work: Path, timed: bool = True) -> ModelBench:
     return mb
 
 
+def sampling_timesteps(scheduler_config, steps: int) -> list[int]:
+    from engines.scheduling import make_scheduler
+
+    sched = make_scheduler(scheduler_config, "ddim")
+    sched.set_timesteps(steps)
+    return [int(t) for t in sched.timesteps]
+
+
 def make_inputs(mb: ModelBench, batch: int):
-    """The same inputs for every variant: one sample batch and one timestep tensor per group of ours."""
+    """The same inputs for every variant: one sample batch and the timesteps of a sampling loop, in order."""
     import torch
 
     C, H, W = mb.loaded.sample_shape
@@ -948,8 +957,9 @@ def render_markdown(data: dict, img_dir: Path, rel_img_prefix: str) -> str:
         "quantizer's scales come from a small calibration budget "
         f"({st.get('calib_budget', 'n/a')}), which changes no kernel. All latencies of one model come from one "
         f"process, interleaved round-robin ({st.get('rounds')} rounds x {st.get('iters')} calls per variant, the "
-        f"start rotating each round, {st.get('warmup')} warm-up call(s) excluded); calls cycle through one "
-        "timestep per group of ours, the same inputs for every variant.",
+        f"start rotating each round, {st.get('warmup')} warm-up call(s) excluded); the calls walk the "
+        "timesteps of a DDIM 50-step loop in order (so ours switches groups as often as sampling does), the same "
+        "inputs for every variant.",
         "",
     ]
     targets = data.get("targets") or []
