@@ -204,6 +204,7 @@ def config_from_options(groups: Optional[int], seed: int, percentile: Optional[f
         cfg.search.init_percentile = float(percentile)
         cfg.search.output_percentile = float(percentile)
         cfg.srm.percentile = float(percentile)
+
     def value(key: str, cast):
         raw = opts.pop(key)
         try:
@@ -211,11 +212,10 @@ def config_from_options(groups: Optional[int], seed: int, percentile: Optional[f
         except (TypeError, ValueError):
             raise AdpdmError(f"ADP-DM option {key} must be {cast.__name__}, got {raw!r}") from None
 
-    step = opts.pop("calib_step", None)
-    if step is not None and step != "last":
-        opts["calib_step"] = step
-        step = value("calib_step", int)
-    cfg.calib_step = step
+    if opts.get("calib_step") in (None, "last"):
+        cfg.calib_step = opts.pop("calib_step", None)
+    else:
+        cfg.calib_step = value("calib_step", int)
     if "search_items" in opts:
         cfg.search_items = value("search_items", int)
     if "init" in opts:
