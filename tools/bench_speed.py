@@ -951,7 +951,11 @@ def render_markdown(data: dict, img_dir: Path, rel_img_prefix: str) -> str:
         f"{', spinning off' if not st.get('ort_spinning') else ''}). Versions: "
         + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v) + ".",
         "",
-        f"Command: `{data.get('command')}` ({data.get('date')}, {_fmt(data.get('wall_s'), '.0f')} s).",
+        f"Last command: `{data.get('command')}` ({data.get('date')}, {_fmt(data.get('wall_s'), '.0f')} s). "
+        "Each part below comes from the command that last ran it:",
+        "",
+        *[f"- {part}: `{(data.get(part) or {}).get('command')}`" for part in
+          ("latency", "dispatch", "rss", "calibration", "build_engine") if (data.get(part) or {}).get("command")],
         "",
         "Random weights are fine for speed: the kernels' cost does not depend on the weight values, and every "
         "quantizer's scales come from a small calibration budget "
