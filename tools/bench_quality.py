@@ -42,7 +42,7 @@ for p in (ROOT, ROOT / "tools"):
         sys.path.insert(0, str(p))
 
 import torch  # noqa: E402
-from quality_harness import evaluate_model, fmt, log, parse_bits, prepare, quant_config  # noqa: E402
+from quality_harness import add_setup_arguments, evaluate_model, fmt, log, parse_bits, prepare, quant_config  # noqa: E402
 
 OURS = ["percentile", "uniform-groups-G4", "adpdm-G4", "per-step"]
 # "<variant>@ort": our CPU-profile graph (what the runner serves with onnxruntime), for the wide-scope rows
@@ -362,16 +362,8 @@ def main(argv=None) -> None:
     p.add_argument("--peers", default="", help="only these peers (comma separated NAMEs); default: all")
     p.add_argument("--no-peers", action="store_true", help="ours only")
     p.add_argument("--conv-in", default="fp,quant", help="fp, quant or both (conv_in's input FP / quantized)")
-    p.add_argument("--samples", type=int, default=64, help="held-out seeds")
-    p.add_argument("--eval-steps", type=int, default=50)
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--calib-steps", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--adpdm-option", action="append", default=[], help="key=value passed to the ADP-DM method")
+    add_setup_arguments(p)
     p.add_argument("--json", default=None, help="results (default docs/bench_quality.json; quick: runs/bench-quality-quick.json)")
-    p.add_argument("--cache-dir", default=str(ROOT / "runs" / "cache"))
     p.add_argument("--force", action="store_true", help="recompute rows already in --json")
     p.add_argument("--fresh", action="store_true", help="start a new --json instead of adding to it")
     p.add_argument("--md", default=None, help="the page to redraw (default docs/benchmarks.md; quick: runs/benchmarks-quick.md)")

@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from quality_harness import evaluate_model, log, parse_bits, prepare, quant_config  # noqa: E402
+from quality_harness import add_setup_arguments, evaluate_model, log, parse_bits, prepare, quant_config  # noqa: E402
 from quality_harness import fmt as _f  # noqa: E402
 
 ALL_VARIANTS = [
@@ -259,17 +259,9 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="reference")
     p.add_argument("--bits", default=",".join(ALL_BITS))
     p.add_argument("--methods", default=",".join(ALL_VARIANTS))
-    p.add_argument("--samples", type=int, default=64, help="held-out seeds for evaluation")
-    p.add_argument("--eval-steps", type=int, default=50, help="DDIM steps of the evaluation")
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--calib-steps", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--adpdm-option", action="append", default=[], help="key=value passed to the ADP-DM method")
+    add_setup_arguments(p)
     p.add_argument("--json", default=str(ROOT / "docs" / "results_data.json"))
     p.add_argument("--img-dir", default=str(ROOT / "docs" / "img"))
-    p.add_argument("--cache-dir", default=str(ROOT / "runs" / "cache"))
     p.add_argument("--force", action="store_true", help="recompute variants already in --json")
     p.add_argument("--report", action="store_true", help="only print the tables and redraw the plot from --json")
     args = p.parse_args(argv)

@@ -26,6 +26,19 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def add_setup_arguments(p) -> None:
+    """The flags both quality scripts share: budget, held-out set, seeds, threads, ADP-DM options, cache."""
+    p.add_argument("--samples", type=int, default=64, help="held-out seeds for evaluation")
+    p.add_argument("--eval-steps", type=int, default=50, help="DDIM steps of the evaluation")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-steps", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--adpdm-option", action="append", default=[], help="key=value passed to the ADP-DM method")
+    p.add_argument("--cache-dir", default=str(ROOT / "runs" / "cache"), help="trajectory cache")
+
+
 def parse_bits(text: str) -> tuple[int, int]:
     t = text.upper()
     if not (t.startswith("W") and "A" in t):
