@@ -85,7 +85,9 @@ def test_node_module_mapping():
     assert ort_static.node_module("/unet/conv_in/Conv") == "conv_in"
     assert ort_static.node_module("Conv_12") is None
     assert ort_static.unavailable() is None
-    assert set(ort_static.VARIANTS) == {"minmax", "percentile", "entropy", "minmax-wide"}
+    assert set(ort_static.VARIANTS) == {"minmax", "percentile", "entropy", "minmax-wide", "minmax-wide-u8"}
+    assert ort_static._CONFIGS["minmax-wide-u8"] is ort_static.FASTEST  # the quality row is the graph bench_speed times
+    assert set(ort_static.OWN_SCOPE) == {"minmax-wide", "minmax-wide-u8"}
 
 
 @pytest.mark.parametrize("scope", [SCOPE, SCOPE_CONV_IN], ids=["conv_in_fp", "conv_in_quantized"])
