@@ -24,15 +24,9 @@ from torch import nn
 from calibration.trajectories import TrajectorySet
 from engines.sampler import sample
 from engines.scheduling import make_scheduler
-from engines.torch_predictor import TorchNoisePredictor
+from engines.torch_predictor import TorchNoisePredictor, module_device
 
 PSNR_CAP_DB = 100.0
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    """The model's device; CPU for parameter-free modules (an onnxruntime session behind a module)."""
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -44,7 +38,7 @@ def noise_rel_l2(
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> dict[str, Any]:
     """{"timesteps": [...], "rel_l2": [...], "mean": float} of `model` vs the FP eps in `traj`."""
-    dev = _device_of(model)
+    dev = module_device(model)
     steps = list(range(traj.num_steps)) if steps is None else list(steps)
     n = traj.num_samples
     ts, rel = [], []

@@ -7,6 +7,13 @@ from typing import Any
 import torch
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where `module` runs: its parameters' device, or the CPU for a parameter-free wrapper
+    (an onnxruntime session behind a module)."""
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 class TorchNoisePredictor:
     """Calls `unet(sample, timestep, **cond).sample` without autograd, on the UNet's device."""
 
@@ -15,8 +22,7 @@ class TorchNoisePredictor:
 
     @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> torch.Tensor:
-        p = next(self.unet.parameters(), None)  # parameter-free wrappers (a session behind a module) run on the CPU
-        dev = p.device if p is not None else torch.device("cpu")
+        dev = module_device(self.unet)
         cond = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
         out = self.unet(sample.to(dev), timestep.to(dev), **cond)
         out = out.sample if hasattr(out, "sample") else out

@@ -49,21 +49,23 @@ def _rel_err(model, heldout) -> float:
     return (num / den) ** 0.5
 
 
-def _unchanged(unet, ref) -> bool:
-    return all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), ref.values()))
+def _quantize_on_a_copy(peer, library: str, unet, calib, scope, variant):
+    """peer.quantize(...) after skipping where `library` is missing; checks the caller's UNet is untouched."""
+    pytest.importorskip(library, reason=f"{library} is a bench extra, not installed here")
+    why = peer.unavailable()
+    if why:
+        pytest.skip(why)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    pm = peer.quantize(unet, calib, scope, variant, None, log=lambda s: None)
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), before.values()))  # worked on a copy
+    return pm
 
 
 @pytest.mark.parametrize("conv_in_fp", [True, False])
 def test_torchao_pt2e_quantizes_exactly_the_scope(setup, conv_in_fp):
-    pytest.importorskip("torchao", reason="torchao is a bench extra, not installed here")
-    why = torchao_pt2e.unavailable()
-    if why:
-        pytest.skip(why)
     unet, calib, heldout = setup
-    before = {k: v.clone() for k, v in unet.state_dict().items()}
     scope = _scope(conv_in_fp)
-    pm = torchao_pt2e.quantize(unet, calib, scope, "x86-inductor", None, log=lambda s: None)
-    assert _unchanged(unet, before)  # worked on a copy
+    pm = _quantize_on_a_copy(torchao_pt2e, "torchao", unet, calib, scope, "x86-inductor")
     want = scope.quantized_modules(unet)
     assert pm.extra["quantized_modules"] == len(want) == pm.extra["in_scope_modules"]
     assert ("conv_in" in want) == (not conv_in_fp)
@@ -83,15 +85,9 @@ def test_torchao_pt2e_quantizes_exactly_the_scope(setup, conv_in_fp):
 
 @pytest.mark.parametrize("variant", ["w8a8", "w8a8-inputs"])
 def test_quanto_scope_and_placement(setup, variant):
-    pytest.importorskip("optimum.quanto", reason="optimum-quanto is a bench extra, not installed here")
-    why = quanto_w8a8.unavailable()
-    if why:
-        pytest.skip(why)
     unet, calib, heldout = setup
-    before = {k: v.clone() for k, v in unet.state_dict().items()}
     scope = _scope(conv_in_fp=True)
-    pm = quanto_w8a8.quantize(unet, calib, scope, variant, None, log=lambda s: None)
-    assert _unchanged(unet, before)
+    pm = _quantize_on_a_copy(quanto_w8a8, "optimum.quanto", unet, calib, scope, variant)
     want = scope.quantized_modules(unet)
     assert pm.extra["weight_quantized_modules"] == len(want) == pm.extra["in_scope_modules"]
     assert pm.extra["calibration_passes"] == calib.num_forward_passes
