@@ -1,6 +1,6 @@
 """The onnxruntime CPU profile: the TensorRT-profile graph plus output Q/DQ, uint8 zero points.
 
-DESIGN.md ("Quantization contract") explains why: onnxruntime's CPU QDQ fusion turns
+docs/design.md ("Quantization contract") explains why: onnxruntime's CPU QDQ fusion turns
 `DQ -> Conv -> Q` into QLinearConv only when the Conv's output is quantized too, and with
 int8 activation zero points it leaves ops whose input has several consumers unfused.
 So `make_ort_profile` takes the TensorRT-profile template and

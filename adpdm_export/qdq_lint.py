@@ -1,4 +1,4 @@
-"""A linter for the TensorRT explicit-quantization rules (DESIGN.md, "Quantization contract").
+"""A linter for the TensorRT explicit-quantization rules (docs/design.md, "Quantization contract").
 
 `lint_model(path)` reads a QDQ ONNX graph (external data is read only for Q/DQ scales
 and zero points, and only from inside the graph's folder) and returns one `Violation`

@@ -1,4 +1,4 @@
-"""ADP-DM differentiable timestep-group search (DESIGN.md, "ADP-DM calibration", step 3).
+"""ADP-DM differentiable timestep-group search (docs/design.md, "ADP-DM calibration", step 3).
 
 Given calibration inputs at N calibration timesteps tau_1 > ... > tau_N (a `CalibSet`:
 UNet inputs and the FP noise predictions at them), find a partition of the N steps into

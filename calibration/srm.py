@@ -1,4 +1,4 @@
-"""ADP-DM calibration timestep by structural risk minimization (DESIGN.md, step 2).
+"""ADP-DM calibration timestep by structural risk minimization (docs/design.md, "ADP-DM calibration", step 1).
 
 For each candidate step c (timestep tau_c) of the FP calibration trajectories, the
 calibration images are x0_hat(tau_c) and the calibration inputs at every evaluation

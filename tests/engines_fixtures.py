@@ -7,7 +7,7 @@ test can tell from the output which group ran. The table `timestep_to_group` is 
 so that group order, timestep order and batch position all disagree.
 
 The group graphs differ only in one small internal initializer, as the real QDQ group
-graphs differ only in their activation scales (DESIGN.md).
+graphs differ only in their activation scales (docs/design.md).
 """
 
 from __future__ import annotations

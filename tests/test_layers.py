@@ -1,4 +1,4 @@
-"""The three packages' layers (DESIGN.md): imports run adpdm_export -> calibration -> engines, never back up.
+"""The three packages' layers (docs/design.md): imports run adpdm_export -> calibration -> engines, never back up.
 
 Checked statically over every import statement, lazy ones inside functions included,
 and dynamically by importing each bottom package's modules alone in a fresh interpreter.

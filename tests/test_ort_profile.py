@@ -81,7 +81,7 @@ def test_fusion_at_least_95_percent(exported):
 
 
 def test_what_the_trt_profile_and_int8_zero_points_leave_unfused(exported):
-    """DESIGN.md's measurement, reproduced: without output Q/DQ no QLinearConv; with output Q/DQ
+    """docs/design.md's measurement, reproduced: without output Q/DQ no QLinearConv; with output Q/DQ
     but int8 zero points, ops whose input has several consumers (q/k/v) stay unfused."""
     _, exp = exported
     trt = fusion_counts(exp.graphs["trt"][0])

@@ -15,7 +15,7 @@ trajectories: 64 seeds x 100 DDIM steps by default), then evaluate on held-out s
 
 Variants (`--methods`): percentile, minmax, uniform-groups-G{2,4,8}, per-step, adpdm-G{2,4,8},
 adpdm-G4-last (calibration timestep fixed to the last step: the SRM ablation), and
-`<variant>+conv_in` (the input of conv_in quantized too; DESIGN.md keeps it FP by default).
+`<variant>+conv_in` (the input of conv_in quantized too; docs/design.md keeps it FP by default).
 Grouped baselines use the percentile statistic, like `percentile`, so only the grouping differs.
 
 Results accumulate in --json (a variant already there is skipped unless --force), so a grid can

@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     for prof, graphs in exp.graphs.items():
         lat[prof] = latency_ms(graphs[0], inputs, a.threads, a.reps)
     fusion = {prof: fusion_counts(graphs[0]).to_dict() for prof, graphs in exp.graphs.items()}
-    if "trt" in exp.graphs:  # DESIGN.md's ablation: output Q/DQ but int8 zero points
+    if "trt" in exp.graphs:  # docs/design.md's ablation: output Q/DQ but int8 zero points
         import onnx
 
         from adpdm_export.ort_profile import add_output_qdq

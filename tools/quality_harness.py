@@ -48,7 +48,7 @@ def parse_bits(text: str) -> tuple[int, int]:
 
 
 def quant_config(w: int, a: int, quantize_conv_in: bool):
-    """Our default QuantConfig at W{w}A{a}; conv_in's input quantized only if asked (DESIGN.md keeps it FP)."""
+    """Our default QuantConfig at W{w}A{a}; conv_in's input quantized only if asked (docs/design.md keeps it FP)."""
     from calibration.qconfig import DEFAULT_FP_LAYERS, QuantConfig
 
     fp = tuple(p for p in DEFAULT_FP_LAYERS if not (quantize_conv_in and p == "conv_in"))
