@@ -50,6 +50,11 @@ from engines.ort_backend import OUTPUT_NAME as OUTPUT
 WEIGHTS_NAME = P.WEIGHTS_NAME
 REPORT_NAME = P.REPORT_NAME
 PARITY_TOL = 1e-3
+# A free-running divergence is accepted as a rounding tie only while the elements that differ at the
+# first diverging quantizer are at most this fraction of its tensor. How many values sit within
+# float noise of a rounding boundary depends on the CPU's kernels (a handful in 10^4 here), so no
+# fixed count is a property of the export; a wrong scale or group moves a large fraction.
+TIE_MAX_FRACTION = 1e-3
 PROFILES = ("trt", "ort")
 OPSET = 19
 OPSET_INT4 = 21
@@ -402,7 +407,10 @@ def _first_divergence(points, got, captured, group: int) -> dict[str, Any]:
             "input_max_rel_diff": in_rel,
         }
         if np.all(np.abs(steps - 1.0) < 1e-3) and in_rel < 1e-4 and bool(straddles.all()):
-            return {"verdict": "ties", **info}
+            if diff.sum() <= TIE_MAX_FRACTION * diff.size:
+                return {"verdict": "ties", **info}
+            return {"verdict": "mismatch", **info,
+                    "reason": f"more than {TIE_MAX_FRACTION:.0e} of the values are one-step ties: not float noise"}
         return {"verdict": "mismatch", **info, "reason": "outputs differ by more than a rounding tie"}
     return {"verdict": "no-quantizer-differs"}
 
@@ -885,6 +893,7 @@ def export_qdq_for(
 __all__ = [
     "GraphCheck",
     "PARITY_TOL",
+    "TIE_MAX_FRACTION",
     "QdqExport",
     "REPORT_NAME",
     "WEIGHTS_NAME",

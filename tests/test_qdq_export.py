@@ -15,7 +15,9 @@ from onnx import TensorProto, helper, numpy_helper as nh
 
 from adpdm_export import qdq_graph_passes as P
 from adpdm_export.onnx_export import example_inputs
-from adpdm_export.qdq_export import PARITY_TOL, REPORT_NAME, WEIGHTS_NAME, check_group_graph, export_qdq
+from adpdm_export.qdq_export import (
+    PARITY_TOL, REPORT_NAME, TIE_MAX_FRACTION, WEIGHTS_NAME, _first_divergence, check_group_graph, export_qdq,
+)
 from adpdm_export.qdq_lint import lint_model
 from engines.errors import AdpdmError
 from tiny_models import tiny_cond_unet, tiny_unet2d
@@ -86,11 +88,13 @@ def test_parity_per_group(which, profile, request):
         # and every quantizer input and the output agree up to float noise
         assert c.forced_rel_l2 < 1e-5, c
         assert c.forced["forced_bad_outputs"] == 0 and c.forced["forced_worst_input_rel_l2"] < 1e-5, c.forced
-        # free-running: within the tolerance, or beyond it only after a rounding tie
+        # free-running: within the tolerance, or beyond it only after a rounding tie: one grid step, on
+        # a small fraction of the tensor (how many values sit on a tie depends on the CPU's kernels)
         assert c.verdict in ("exact", "within-tolerance", "ties"), c
         if c.parity_rel_l2 > PARITY_TOL:
             d = c.divergence
-            assert d["verdict"] == "ties" and d["max_steps"] < 1.001 and d["elements_differing"] <= 3, d
+            assert d["verdict"] == "ties" and d["max_steps"] < 1.001, d
+            assert 1 <= d["elements_differing"] <= TIE_MAX_FRACTION * d["elements"], d
         # quantized vs FP: an honest INT8 error, not zero, not garbage
         assert 1e-3 < c.fp_rel_l2 < 0.3, c
         assert abs(c.fp_rel_l2 - c.sim_fp_rel_l2) < 0.05
@@ -127,6 +131,31 @@ def test_a_wrong_scale_is_a_mismatch_not_a_tie(u2d_export, tmp_path):
     assert c.verdict == "mismatch"
     assert c.divergence["quantizer"] == victim[: -len(".scale")]
     assert c.forced["forced_bad_outputs"] > 0
+
+
+def _tie_case(n_ties: int, size: int = 10_000, scale: float = 0.1, steps: int = 1):
+    """One quantizer whose onnxruntime input sits float noise above `n_ties` rounding boundaries."""
+    xt = np.linspace(-5.0, 5.0, size)
+    xt[:n_ties] = (np.arange(n_ties) % 40 + 0.5) * scale  # exactly on a boundary (x / s = k + 0.5)
+    xo = xt.copy()
+    xo[:n_ties] += 1e-9  # float noise: onnxruntime's input lands just above it
+    yt = np.floor(xt / scale + 0.5 - 1e-12) * scale  # the simulation rounds down at the tie
+    yo = yt.copy()
+    yo[:n_ties] += steps * scale  # onnxruntime `steps` grid steps up
+    points = [("q", scale, "x", "y")]
+    got = {"x": xo.astype(np.float64), "y": yo}
+    captured = {"q": (torch.from_numpy(xt), torch.from_numpy(yt))}
+    return _first_divergence(points, got, captured, group=0)
+
+
+def test_tie_criterion_accepts_rare_ties_and_refuses_many():
+    """A few one-step ties are float noise; the same ties on more than TIE_MAX_FRACTION of the tensor
+    are not (a wrong scale moves many values), and a two-step difference is never a tie."""
+    assert _tie_case(3)["verdict"] == "ties"
+    assert _tie_case(int(TIE_MAX_FRACTION * 10_000))["verdict"] == "ties"
+    many = _tie_case(int(TIE_MAX_FRACTION * 10_000) + 1)
+    assert many["verdict"] == "mismatch" and "ties" in many["reason"]
+    assert _tie_case(3, steps=2)["verdict"] == "mismatch"
 
 
 def test_group_graph_checked_against_another_group_is_a_mismatch(u2d_export):
