@@ -2,13 +2,16 @@
 
 Stages and what each writes into the build folder:
 
-1. calibrate  `calibration/` (calibration.json + .safetensors), keyed by the model's hash
-   and the calibration settings;
+1. calibrate  `calibration/` (calibration.json + .safetensors), keyed by the model
+   (`model_identity`: weights, config, scheduler config, source), every calibration
+   setting, the content of every conditioning tensor (class labels, prompt embeddings)
+   and the versions of the tool, torch and diffusers;
 2. export     `unet.g{k}.onnx` (TensorRT profile) and `unet.g{k}.ort.onnx` (onnxruntime CPU
-   profile), one shared `unet.weights.data`, `qdq_report.json`; keyed by the calibration's
-   file hashes and the export settings;
+   profile), one shared `unet.weights.data`, `qdq_report.json`; keyed by the model (the
+   export reads its weights and config), the calibration's file hashes, the profiles and
+   the versions of the tool, torch, diffusers, onnx and onnxruntime;
 3. engines    (`--backend trt` only) `unet.g{k}.plan` + the timing cache, keyed by the
-   graphs' hashes, the build settings and the GPU/TensorRT version.
+   model, the graphs' hashes, the build settings and the GPU/TensorRT version.
 
 `manifest.json` is removed before any stage reruns and written last, so a folder with a
 manifest is always a finished build; an interrupted one resumes at the first stage whose
@@ -26,7 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 from adpdm_export.build_stages import StageLedger, StageRecord, stage_key
 from adpdm_export.model_loading import LoadedModel, load_model
 from engines.errors import AdpdmError
-from engines.manifest import MANIFEST_NAME, Manifest, load_manifest
+from engines.manifest import MANIFEST_NAME, Manifest, load_manifest, tool_version
 
 CALIBRATION_DIR = "calibration"
 DEFAULT_BATCH_SIZES = (1, 4, 16)
@@ -59,6 +62,36 @@ class BuildSummary:
     stages: list[StageRecord]
     export_report: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+
+
+def model_identity(loaded: LoadedModel) -> dict[str, Any]:
+    """What of the model decides a stage's output. `loaded.sha256` hashes the state dict only
+    (names, dtypes, shapes, bytes); the config (same weights, other norm_eps or head layout:
+    another model), the scheduler config (the calibration trajectories) and the source
+    (recorded in calibration.json, where `adpdm eval` reloads the model from) count too."""
+    return {
+        "weights_sha256": loaded.sha256,
+        "config": dict(getattr(loaded.unet, "config", None) or {}),
+        "scheduler_config": dict(loaded.scheduler_config),
+        "source": loaded.source,
+        "kind": loaded.kind,
+        "sample_shape": list(loaded.sample_shape),
+        "out_channels": loaded.out_channels,
+        "conditioning": loaded.conditioning,
+    }
+
+
+def _versions(*modules: str) -> dict[str, Optional[str]]:
+    """The tool's version and those of the libraries whose code decides a stage's output."""
+    from importlib import import_module
+
+    out: dict[str, Optional[str]] = {"adpdm-export": tool_version()}
+    for name in modules:
+        try:
+            out[name] = str(import_module(name).__version__)
+        except (ImportError, AttributeError):
+            out[name] = None
+    return out
 
 
 def _calibrate_stage(loaded: LoadedModel, settings: CalibrationSettings, out: Path, cond, cache_dir, progress):
@@ -124,9 +157,11 @@ def build_engine(
     def unfinished() -> None:
         manifest_path.unlink(missing_ok=True)  # a folder with a manifest is a finished build
 
-    # 1. calibrate
-    key = stage_key(stage="calibrate", model=loaded.sha256, settings=asdict(settings),
-                    cond={k: getattr(v, "shape", v) for k, v in cond.items()})
+    model_id = model_identity(loaded)
+
+    # 1. calibrate (conditions by content: `--class-labels 1,2` then `3,4` must recalibrate)
+    key = stage_key(stage="calibrate", model=model_id, settings=asdict(settings), cond=dict(cond),
+                    versions=_versions("torch", "diffusers"))
     if force or ledger.current("calibrate", key) is None:
         unfinished()
         say("calibrate: running")
@@ -136,7 +171,8 @@ def build_engine(
     say(f"calibrate: {'reused' if calib.reused else 'done'} ({result.method}, {result.num_groups} group(s))")
 
     # 2. export
-    key = stage_key(stage="export", calibration=calib.outputs, profiles=list(profiles))
+    key = stage_key(stage="export", model=model_id, calibration=calib.outputs, profiles=list(profiles),
+                    versions=_versions("torch", "diffusers", "onnx", "onnxruntime"))
     exported: dict[str, Any] = {}
 
     def run_export():
@@ -166,8 +202,9 @@ def build_engine(
 
         trt_version = require_tensorrt().__version__
         onnx_manifest = load_manifest(out)
-        key = stage_key(stage="engines", graphs=exp_rec.outputs, batch_sizes=sorted(batch_sizes),
-                        resolution=resolution, opt_level=opt_level, gpu=gpu_identity(), trt=trt_version)
+        key = stage_key(stage="engines", model=model_id, graphs=exp_rec.outputs, batch_sizes=sorted(batch_sizes),
+                        resolution=resolution, opt_level=opt_level, gpu=gpu_identity(), trt=trt_version,
+                        versions=_versions())
         rec = ledger.current("engines", key)
         if force or rec is None or onnx_manifest.backend != "trt":
             t0 = time.perf_counter()

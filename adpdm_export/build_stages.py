@@ -1,14 +1,15 @@
 """Resumable stages of `build-engine`: a stage is skipped when its recorded key and outputs still match.
 
-Each stage has a key (sha256 of its settings and of its inputs' hashes) and a set of
-output files; the ledger `.adpdm-stages.json` in the build folder records both, with
-every output's sha256, after the stage finishes. An interrupted build reruns only the
-stages whose record is missing, whose settings changed or whose outputs were deleted or
-altered.
+Each stage has a key (sha256 of its settings and of its inputs' contents: tensors by
+dtype, shape and bytes, files by their hashes) and a set of output files; the ledger
+`.adpdm-stages.json` in the build folder records both, with every output's sha256, after
+the stage finishes. An interrupted build reruns only the stages whose record is missing,
+whose settings or inputs changed or whose outputs were deleted or altered.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,9 +23,39 @@ from engines.manifest import sha256_file
 LEDGER = ".adpdm-stages.json"
 
 
+def tensor_key(t: Any) -> dict[str, Any]:
+    """A torch tensor or numpy array by content: its shape and the sha256 of its dtype, shape and bytes."""
+    import numpy as np
+    import torch
+
+    from calibration.trajectories import _tensor_digest  # the trajectory cache's hash of a condition
+
+    if isinstance(t, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(t))
+    return {"shape": list(t.shape), "sha256": _tensor_digest(t.reshape(-1))}  # reshape: 0-d tensors too
+
+
+def _content(value: Any) -> Any:
+    """json.dumps' fallback for stage keys: by content, never a (truncated, repr-dependent) str()."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return tensor_key(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    raise TypeError(f"stage_key cannot hash a {type(value).__name__} by content; pass its settings or hash")
+
+
 def stage_key(**parts: Any) -> str:
-    """A stable hash of a stage's settings and input hashes (JSON, sorted keys)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    """A stable hash of a stage's settings and inputs (JSON, sorted keys; tensors and arrays by content)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=_content).encode()).hexdigest()
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """ADP-DM calibration end to end: SRM calibration timestep, then the differentiable group search.
 
 `calibrate_adpdm(qmodel, trajectories, scheduler_config, config)` runs on a model wrapped by
-`quant_unet.quantize_model` (weights are calibrated first, as the pipeline does), and
-returns an `ADPDMOutcome`; `adpdm_method(ctx)` is the plug-in for
-`calibration.pipeline.register_method("adpdm", adpdm_method)`; `calibrate_adpdm_result`
-snapshots a `CalibrationResult` directly.
+`quant_unet.quantize_model` (it sets the weight scales first unless `config.calibrate_weights`
+is False), and returns an `ADPDMOutcome`; `adpdm_method(ctx)` is the plug-in for
+`calibration.pipeline.register_method("adpdm", adpdm_method)` (the pipeline has set the
+weight scales already, so it does not redo them); `calibrate_adpdm_result` snapshots a
+`CalibrationResult` directly.
 
 Steps (docs/method.md):
 1. SRM (`calibration.srm`) scores candidate steps tau of the FP trajectories and picks
@@ -27,6 +28,7 @@ from torch import nn
 from calibration.group_search import GroupSearchConfig, GroupSearchOutcome, search_groups
 from calibration.quant_unet import get_config
 from calibration.srm import SRMConfig, SRMReport, calibration_set_from_x0, select_calibration_timestep
+from calibration.trajectories import DEFAULT_BATCH_SIZE
 from calibration.weight_clipping import calibrate_weights
 from engines.errors import AdpdmError
 from engines.scheduling import make_scheduler
@@ -40,14 +42,16 @@ class ADPDMConfig:
     (fixed; the SRM ablation). srm / search: the two stages' settings (their num_groups
     and seed are overridden by this config's). search_items: trajectory items used as x0
     sources of the search data (None: all; 16 x N steps inputs already exceed the
-    search_iters x batch_size pairs the search draws). calibrate_weights: set weight scales first."""
+    search_iters x batch_size pairs the search draws). batch_size: UNet batch of the no-grad
+    passes (SRM, calibration set, search evaluation; the pipeline's default). calibrate_weights:
+    set weight scales first (False where the caller has, as `calibration.pipeline.calibrate` does)."""
 
     num_groups: int = 4
     calib_step: Optional[Union[str, int]] = None
     srm: SRMConfig = field(default_factory=SRMConfig)
     search: GroupSearchConfig = field(default_factory=GroupSearchConfig)
     search_items: Optional[int] = 16
-    batch_size: int = 256
+    batch_size: int = DEFAULT_BATCH_SIZE
     seed: int = 0
     calibrate_weights: bool = True
 
@@ -243,12 +247,14 @@ def adpdm_method(ctx):
 
     ctx.options (the CLI's repeatable `--option KEY=VALUE`) may carry the keys of `config_from_options` and
     `log`: a callable taking one line of text (the loss every few search iterations and the
-    summary; default: print to stderr; None: silent).
+    summary; default: print to stderr; None: silent). ctx.batch_size (`--batch-size`) is the
+    UNet batch of ADP-DM's passes as given. The weights are the pipeline's: already calibrated.
     """
     from calibration.pipeline import MethodOutput
 
     options = dict(ctx.options or {})
-    cfg = config_from_options(ctx.groups, ctx.seed, ctx.percentile, max(ctx.batch_size, 256), options)
+    cfg = config_from_options(ctx.groups, ctx.seed, ctx.percentile, ctx.batch_size, options)
+    cfg.calibrate_weights = False  # the pipeline set the weight scales before calling the method
     log = options.get("log", _stderr_line)
     last_logged: dict[str, int] = {}
 
@@ -268,7 +274,7 @@ def adpdm_method(ctx):
     return MethodOutput(
         calib_timesteps_by_group=out.calib_timesteps_by_group(),
         calib_timestep=out.calib_timestep,
-        timings={k: v for k, v in out.timings.items() if k != "weights_s"},
+        timings=dict(out.timings),
         extra=out.extra(),
     )
 

@@ -33,7 +33,7 @@ from calibration.fingerprint import model_sha256
 from calibration.qconfig import QuantConfig, check_bits
 from calibration.quant_unet import observe_mode, quantize_model, set_table
 from calibration.result import CalibrationResult, result_from_model
-from calibration.trajectories import DEFAULT_SAMPLES, DEFAULT_STEPS, TrajectorySet, generate_trajectories
+from calibration.trajectories import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES, DEFAULT_STEPS, TrajectorySet, generate_trajectories
 from calibration.weight_clipping import calibrate_weights
 from engines.errors import AdpdmError
 from engines.scheduling import make_scheduler, num_train_timesteps
@@ -213,7 +213,7 @@ def calibrate(
     cache_dir: Optional[str] = None,
     stat: Optional[str] = None,
     percentile: float = DEFAULT_PERCENTILE,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     trajectories: Optional[TrajectorySet] = None,
     progress: Optional[Progress] = None,
     options: Optional[dict[str, Any]] = None,
@@ -276,7 +276,8 @@ def calibrate(
         percentile=float(percentile), batch_size=int(batch_size), seed=int(seed), progress=progress,
         options=dict(options or {}), step_stats=step_stats, cache_dir=cache_dir,
     )
-    # Weights first: methods that measure the quantized model's error (ADP-DM) see final weights.
+    # Weights first, here and only here: methods that measure the quantized model's error
+    # (ADP-DM) see final weights and do not set them again.
     t0 = time.perf_counter()
     calibrate_weights(qmodel, config.weight_clip_search, config.weight_clip_grid, config.weight_clip_min,
                       progress=_step_progress(progress, "weights"))

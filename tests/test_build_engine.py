@@ -1,6 +1,10 @@
-"""build-engine: the stages run once, resume after a deleted output, and the build serves the runner."""
+"""build-engine: the stages run once, resume after a deleted output, rerun when any of their inputs
+changes (conditions by value, the model, every flag), and the build serves the runner."""
 
+import dataclasses
 import json
+import shutil
+import types
 
 import pytest
 import torch
@@ -9,9 +13,11 @@ from adpdm_export.build_engine import CalibrationSettings, build_engine
 from engines.errors import AdpdmError
 from engines.manifest import load_manifest
 from engines.runner import TimestepDispatchRunner
-from tiny_models import save_unet_folder, tiny_unet2d
+from tiny_models import save_unet_folder, tiny_cond_unet, tiny_unet2d
 
 FAST = CalibrationSettings(method="uniform-groups", groups=2, calib_samples=4, calib_steps=8)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +74,225 @@ def test_trt_backend_without_tensorrt_is_one_clear_error(built, tmp_path):
     with pytest.raises(AdpdmError, match="TensorRT"):
         build_engine(str(model), tmp_path / "b", FAST, backend="trt")
     assert not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# every input of a stage is in its key: a rebuild into the same --out after any of them
+# changes reruns the stage (and what follows), an identical rebuild reuses it
+# ----------------------------------------------------------------------------------------
+QUICK = CalibrationSettings(method="minmax", calib_samples=2, calib_steps=2)
+
+
+def labels(*values):
+    return {"class_labels": torch.tensor(values, dtype=torch.int64)}
+
+
+def embeddings(seed):
+    return {"encoder_hidden_states": torch.randn(1, 1, 24, generator=torch.Generator().manual_seed(seed))}
+
+
+def rebuild(model, out, settings=QUICK, **kw):
+    """build-engine into `out` (onnxruntime profile unless `profiles`): ({stage: reused}, say() lines)."""
+    lines = []
+    kw.setdefault("backend", "ort")
+    kw.setdefault("profiles", ("ort",))
+    summary = build_engine(str(model), out, settings, say=lines.append, **kw)
+    return {s.name: s.reused for s in summary.stages}, lines
+
+
+REUSED = {"calibrate": True, "export": True}
+RERUN = {"calibrate": False, "export": False}
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A class-conditional tiny UNet folder and a quick build of it for labels 1, 2."""
+    root = tmp_path_factory.mktemp("labelled")
+    model = save_unet_folder(tiny_unet2d(num_class_embeds=10), root / "unet")
+    status, _ = rebuild(model, root / "build", cond=labels(1, 2))
+    assert status == RERUN
+    return model, root / "build"
+
+
+def copy_of(build, tmp_path):
+    return shutil.copytree(build, tmp_path / "build")
+
+
+def test_other_class_labels_recalibrate(labelled, tmp_path):
+    model, build = labelled
+    out = copy_of(build, tmp_path)
+    assert rebuild(model, out, cond=labels(1, 2))[0] == REUSED  # equal values, another tensor
+    status, lines = rebuild(model, out, cond=labels(3, 4))  # same shape, other labels
+    assert status == RERUN and "calibrate: running" in lines
+    for_34 = (out / "calibration" / "calibration.json").read_text()
+    assert rebuild(model, out, cond=labels(3, 4))[0] == REUSED
+    assert rebuild(model, out, cond=labels(1, 2))[0] == RERUN  # and back
+    assert (out / "calibration" / "calibration.json").read_text() != for_34
+
+
+def test_other_prompt_embeddings_recalibrate(tmp_path):
+    model = save_unet_folder(tiny_cond_unet(), tmp_path / "unet")
+    assert rebuild(model, tmp_path / "b", cond=embeddings(0))[0] == RERUN
+    assert rebuild(model, tmp_path / "b", cond=embeddings(0))[0] == REUSED
+    status, lines = rebuild(model, tmp_path / "b", cond=embeddings(1))  # same shape, other values
+    assert status == RERUN and "calibrate: running" in lines
+    assert rebuild(model, tmp_path / "b", cond=embeddings(1))[0] == REUSED
+
+
+def _new_weights(folder):
+    save_unet_folder(tiny_unet2d(seed=1, num_class_embeds=10), folder)
+
+
+def _edit_json(name, changes):
+    def edit(folder):
+        path = folder / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+    return edit
+
+
+@pytest.mark.parametrize("change", [
+    _new_weights,
+    _edit_json("config.json", {"norm_eps": 1e-3}),  # same weights, another model
+    _edit_json("scheduler_config.json", {"beta_end": 0.03}),  # same UNet, other trajectories
+], ids=["weights", "unet-config", "scheduler-config"])
+def test_changed_model_in_the_same_folder_reruns_every_stage(tmp_path, change):
+    model = save_unet_folder(tiny_unet2d(num_class_embeds=10), tmp_path / "unet")
+    assert rebuild(model, tmp_path / "b", cond=labels(1, 2))[0] == RERUN
+    change(model)
+    status, lines = rebuild(model, tmp_path / "b", cond=labels(1, 2))
+    assert status == RERUN and "calibrate: running" in lines
+    assert rebuild(model, tmp_path / "b", cond=labels(1, 2))[0] == REUSED
+
+
+# One changed value per calibration flag (the test below checks every field is listed).
+FLAG_CHANGES = {
+    "method": "percentile",
+    "groups": 1,
+    "w_bits": 4,
+    "a_bits": 7,  # calibrates, then the export refuses A7
+    "calib_samples": 3,
+    "calib_steps": 3,
+    "seed": 1,
+    "device": "cpu:0",
+    "stat": "percentile",
+    "percentile": 99.0,
+    "quantize_residual": True,
+    "quantize_attention_bmm": True,
+    "method_options": {"calib_step": "last"},
+}
+
+
+def test_every_calibration_flag_is_tested():
+    assert set(FLAG_CHANGES) == {f.name for f in dataclasses.fields(CalibrationSettings)}
+
+
+@pytest.mark.parametrize("flag", sorted(FLAG_CHANGES))
+def test_each_calibration_flag_reruns_calibrate(labelled, tmp_path, flag):
+    model, build = labelled
+    out = copy_of(build, tmp_path)
+    assert getattr(QUICK, flag) != FLAG_CHANGES[flag]
+    changed = dataclasses.replace(QUICK, **{flag: FLAG_CHANGES[flag]})
+    if flag == "a_bits":
+        lines = []
+        with pytest.raises(AdpdmError, match="A7"):
+            build_engine(str(model), out, changed, backend="ort", profiles=("ort",), cond=labels(1, 2),
+                         say=lines.append)
+        assert "calibrate: running" in lines
+        return
+    status, lines = rebuild(model, out, changed, cond=labels(1, 2))
+    assert status == RERUN and "calibrate: running" in lines
+    assert rebuild(model, out, changed, cond=labels(1, 2))[0] == REUSED
+
+
+def test_other_profiles_rerun_only_the_export(labelled, tmp_path):
+    model, build = labelled
+    out = copy_of(build, tmp_path)
+    status, lines = rebuild(model, out, cond=labels(1, 2), profiles=("trt", "ort"))
+    assert status == {"calibrate": True, "export": False} and "calibrate: running" not in lines
+    assert rebuild(model, out, cond=labels(1, 2), profiles=("trt", "ort"))[0] == REUSED
+
+
+def test_adpdm_in_a_build_calibrates_the_weights_once_with_the_pipeline_batch(tmp_path, monkeypatch):
+    from calibration import adpdm, pipeline, weight_clipping
+
+    calls = []
+
+    def counted(*a, **k):
+        calls.append(1)
+        return weight_clipping.calibrate_weights(*a, **k)
+
+    monkeypatch.setattr(pipeline, "calibrate_weights", counted)
+    monkeypatch.setattr(adpdm, "calibrate_weights", counted)
+    monkeypatch.setitem(pipeline.METHODS, "adpdm", adpdm.adpdm_method)
+    model = save_unet_folder(tiny_unet2d(), tmp_path / "unet")
+    options = {"search_iters": "2", "refine_iters": "1", "srm_candidates": "2", "srm_eval_steps": "2",
+               "srm_heldout_items": "1", "search_items": "3", "log": None}
+    settings = CalibrationSettings(method="adpdm", groups=2, calib_samples=3, calib_steps=4, method_options=options)
+    rebuild(model, tmp_path / "b", settings)
+    assert len(calls) == 1
+    doc = json.loads((tmp_path / "b" / "calibration" / "calibration.json").read_text())
+    assert doc["extra"]["adpdm"]["config"]["batch_size"] == pipeline.DEFAULT_BATCH_SIZE  # not raised to 256
+
+
+# ---------------------------------------------------------------- the engines stage, without TensorRT
+def _fake_tensorrt(mp, state):
+    """TensorRT stand-ins (placeholder engine files, a "trt" manifest) so the engine stage's keys run here."""
+    import engines.build
+    import engines.platform
+    from engines.manifest import TensorrtInfo, TrtProfile, with_tensorrt, write_manifest
+
+    def build(out, m, batch_sizes, resolution=None, opt_level=3, on_group=None):
+        state["built"] += 1
+        names = []
+        for g in m.groups:
+            (out / f"unet.g{g.id}.plan").write_bytes(b"placeholder %d" % g.id)
+            names.append(f"unet.g{g.id}.plan")
+        info = TensorrtInfo(tensorrt_version=state["trt"], gpu_name=state["gpu"][0], compute_capability=state["gpu"][1],
+                            profile=TrtProfile(batch=(1, 1, 1), height=(16, 16, 16), width=(16, 16, 16)),
+                            batch_sizes=sorted(batch_sizes), opt_level=opt_level)
+        built = with_tensorrt(m, info, names)
+        write_manifest(out, built)
+        return built
+
+    mp.setattr(engines.platform, "pick_backend", lambda requested="auto": "trt")
+    mp.setattr(engines.platform, "require_tensorrt", lambda: types.SimpleNamespace(__version__=state["trt"]))
+    mp.setattr(engines.platform, "gpu_identity", lambda device=None: state["gpu"])
+    mp.setattr(engines.build, "build_trt_engines", build)
+
+
+def _trt_state():
+    return {"trt": "10.0.0", "gpu": ("Fake GPU", "9.0"), "built": 0}
+
+
+@pytest.fixture(scope="module")
+def trt_built(labelled, tmp_path_factory):
+    model, build = labelled
+    out = shutil.copytree(build, tmp_path_factory.mktemp("trt") / "build")
+    with pytest.MonkeyPatch.context() as mp:
+        _fake_tensorrt(mp, _trt_state())
+        status, _ = rebuild(model, out, cond=labels(1, 2), backend="trt", profiles=("trt",))
+    assert status == {"calibrate": True, "export": False, "engines": False}
+    return model, out
+
+
+ENGINE_CHANGES = {"batch_sizes": {"batch_sizes": (1, 2)}, "resolution": {"resolution": (16, 16)},
+                  "opt_level": {"opt_level": 2}, "gpu": {}, "tensorrt": {}}
+
+
+@pytest.mark.parametrize("what", sorted(ENGINE_CHANGES))
+def test_each_engine_setting_reruns_only_the_engines(trt_built, tmp_path, monkeypatch, what):
+    model, build = trt_built
+    out = copy_of(build, tmp_path)
+    state = _trt_state()
+    _fake_tensorrt(monkeypatch, state)
+    same = dict(cond=labels(1, 2), backend="trt", profiles=("trt",))
+    assert rebuild(model, out, **same)[0] == {**REUSED, "engines": True}
+    if what == "gpu":
+        state["gpu"] = ("Other GPU", "8.9")
+    if what == "tensorrt":
+        state["trt"] = "10.1.0"
+    changed = {**same, **ENGINE_CHANGES[what]}
+    assert rebuild(model, out, **changed)[0] == {**REUSED, "engines": False}
+    assert rebuild(model, out, **changed)[0] == {**REUSED, "engines": True}
+    assert state["built"] == 1 and load_manifest(out).backend == "trt"
