@@ -2,7 +2,14 @@
 
 * noise_rel_l2: per timestep, ||eps_q(x_t) - eps_fp(x_t)|| / ||eps_fp(x_t)|| over the
   held-out batch, with x_t from the FP trajectory (teacher forced); reported per
-  timestep and as the mean over timesteps.
+  timestep and as the mean over timesteps (the *pooled* figure).
+* noise_rel_l2 per sample: the same ratio per held-out item, averaged over timesteps; its
+  median, 90th percentile and max over the items. Quality targets are judged on the
+  per-sample median: one item whose FP trajectory leaves the data range can dominate the
+  pooled figure (its eps are large and so are its errors), never the median.
+* off-range trajectories: FP trajectories whose |x_t| exceeds sqrt(abar_t) * R + sqrt(1 - abar_t) * 6
+  at some step (R: the data range, the scheduler's clip_sample_range, else the median over items
+  of max |final sample|; 6: a six-sigma noise value), with their seeds.
 * psnr_vs_fp_db: PSNR (data range 2, images in [-1, 1], clamped) of the quantized
   model's final samples vs the FP samples from the same initial noise.
 * fd / fd_fp / fd_delta: Frechet distance between a feature extractor's features of
@@ -42,6 +49,7 @@ def noise_rel_l2(
     steps = list(range(traj.num_steps)) if steps is None else list(steps)
     n = traj.num_samples
     ts, rel = [], []
+    item_rel = torch.zeros(len(steps), n, dtype=torch.float64)  # per step, per item
     for k, i in enumerate(steps):
         t = int(traj.timesteps[i])
         num = den = 0.0
@@ -53,14 +61,51 @@ def noise_rel_l2(
             out = model(x, tt, **cond)
             eps_q = (out.sample if hasattr(out, "sample") else out).float().cpu()
             eps_fp = traj.eps[i, sl].float()
-            num += float(((eps_q - eps_fp) ** 2).sum())
-            den += float((eps_fp**2).sum())
+            err = ((eps_q - eps_fp) ** 2).flatten(1).sum(1).double()
+            ref = (eps_fp**2).flatten(1).sum(1).double()
+            item_rel[k, sl] = (err / ref.clamp_min(1e-30)).sqrt()
+            num += float(err.sum())
+            den += float(ref.sum())
         ts.append(t)
         rel.append(math.sqrt(num / den) if den > 0 else float("nan"))
         if progress is not None:
             progress(k + 1, len(steps))
     finite = [r for r in rel if math.isfinite(r)]
-    return {"timesteps": ts, "rel_l2": rel, "mean": sum(finite) / len(finite) if finite else float("nan")}
+    return {"timesteps": ts, "rel_l2": rel, "mean": sum(finite) / len(finite) if finite else float("nan"),
+            "per_sample": item_rel.mean(0).tolist()}
+
+
+def per_sample_summary(values, seeds: Optional[list[int]] = None, prefix: str = "noise_rel_l2") -> dict[str, Any]:
+    """{prefix}_median / _p90 / _max over per-sample values (and the seed of the max)."""
+    v = torch.as_tensor(values, dtype=torch.float64)
+    worst = int(v.argmax())
+    out = {f"{prefix}_median": float(v.median()), f"{prefix}_p90": float(torch.quantile(v, 0.9)),
+           f"{prefix}_max": float(v[worst])}
+    if seeds is not None:
+        out[f"{prefix}_max_seed"] = int(seeds[worst])
+    return out
+
+
+def off_range_items(traj: TrajectorySet, scheduler_config: Mapping[str, Any], sigmas: float = 6.0) -> list[int]:
+    """Items whose FP trajectory leaves the data range at some step (see the module docstring)."""
+    if traj.num_samples == 0:
+        return []
+    abar = make_scheduler(scheduler_config, "ddim").alphas_cumprod.double()
+    ab = abar[traj.timesteps.long()].view(-1, 1)  # (N, 1)
+    if scheduler_config.get("clip_sample", False):
+        data_range = float(scheduler_config.get("clip_sample_range", 1.0))
+    else:
+        data_range = float(traj.final.abs().flatten(1).amax(1).median())
+    peak = traj.x_t.abs().flatten(2).amax(2).double()  # (N, B)
+    bound = ab.sqrt() * data_range + (1 - ab).sqrt() * sigmas
+    return (peak > bound).any(0).nonzero().flatten().tolist()
+
+
+def trajectory_report(traj: TrajectorySet, scheduler_config: Mapping[str, Any]) -> dict[str, Any]:
+    """off_range_count / off_range_seeds of the held-out FP trajectories."""
+    items = off_range_items(traj, scheduler_config)
+    seeds = traj.seeds
+    return {"off_range_count": len(items), "off_range_seeds": [seeds[i] for i in items]}
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
@@ -119,9 +164,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """All metrics of `model` (a wrapped, calibrated UNet) on the held-out FP trajectories.
 
-    Keys: noise_rel_l2 (mean over timesteps), noise_rel_l2_per_timestep {t: value},
-    psnr_vs_fp_db, fd, fd_fp, fd_delta (None without feature_fn / real_stats), num_samples,
-    num_steps.
+    Keys: noise_rel_l2 (pooled, mean over timesteps), noise_rel_l2_median / _p90 / _max /
+    _max_seed (per sample), noise_rel_l2_per_timestep {t: value}, psnr_vs_fp_db, fd, fd_fp,
+    fd_delta (None without feature_fn / real_stats), off_range_count, off_range_seeds,
+    num_samples, num_steps.
     """
     p_noise = (lambda d, t: progress("noise error", d, t)) if progress else None
     p_samp = (lambda d, t: progress("sampling", d, t)) if progress else None
@@ -129,7 +175,9 @@ def evaluate(
     images = sample_like(model, scheduler_config, heldout, batch_size, progress=p_samp)
     out: dict[str, Any] = {
         "noise_rel_l2": nr["mean"],
+        **per_sample_summary(nr["per_sample"], heldout.seeds),
         "noise_rel_l2_per_timestep": {str(t): r for t, r in zip(nr["timesteps"], nr["rel_l2"])},
+        **trajectory_report(heldout, scheduler_config),
         "psnr_vs_fp_db": psnr(images, heldout.final),
         "fd": None,
         "fd_fp": None,

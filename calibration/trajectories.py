@@ -31,11 +31,12 @@ from engines.sampler import initial_noise, sample
 from engines.scheduling import make_scheduler
 from engines.torch_predictor import TorchNoisePredictor
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: DDIM re-derives eps from a clipped x0 (engines.sampler.scheduler_step_kwargs)
 SAMPLER = "ddim"
 HELDOUT_SEED_OFFSET = 1_000_003
 DEFAULT_SAMPLES = 64
 DEFAULT_STEPS = 100
+DEFAULT_BATCH_SIZE = 64  # UNet batch of every calibration pass (sampling, statistics, ADP-DM's search)
 
 
 def heldout_seed(seed: int) -> int:
@@ -64,6 +65,12 @@ class TrajectorySet:
     @property
     def num_samples(self) -> int:
         return int(self.x_t.shape[1])
+
+    @property
+    def seeds(self) -> list[int]:
+        """The noise seed of each item (`generate_trajectories` draws item i from seed + i)."""
+        base = int(self.settings.get("seed", 0))
+        return [base + i for i in range(self.num_samples)]
 
     def cond_for(self, idx: slice | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if idx is None:
@@ -154,7 +161,7 @@ def generate_trajectories(
     seed: int = 0,
     cond: Optional[Mapping[str, Any]] = None,
     sample_shape: Optional[tuple[int, int, int]] = None,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     cache_dir: Optional[str | os.PathLike] = None,
     model_sha: Optional[str] = None,
     progress: Optional[Callable[[int, int], None]] = None,

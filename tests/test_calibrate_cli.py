@@ -68,6 +68,9 @@ def test_calibrate_then_eval(folders):
     for key in ("noise_rel_l2", "psnr_vs_fp_db", "fd", "fd_fp"):
         assert key in m
     assert 0 < m["noise_rel_l2"] < 1 and m["num_steps"] == 4 and m["groups"] == 2
+    # per-sample statistics beside the pooled figure, and the off-range count
+    assert 0 < m["noise_rel_l2_median"] <= m["noise_rel_l2_p90"] <= m["noise_rel_l2_max"]
+    assert m["off_range_count"] == len(m["off_range_seeds"])
 
 
 

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from calibration.metrics import PSNR_CAP_DB, evaluate, noise_rel_l2, psnr, sample_like
+from calibration.metrics import (
+    PSNR_CAP_DB, evaluate, noise_rel_l2, off_range_items, per_sample_summary, psnr, sample_like, trajectory_report,
+)
 from calibration.qconfig import QuantConfig
 from calibration.quant_unet import activation_quantizers, fp_mode, quantize_model
 from calibration.trajectories import generate_trajectories
@@ -50,3 +52,31 @@ def test_evaluate_keys_and_fd(tiny_unet, ddpm_config):
     assert len(m["noise_rel_l2_per_timestep"]) == 3
     m2 = evaluate(q, ddpm_config, held)
     assert m2["fd"] is None and m2["noise_rel_l2"] == pytest.approx(m["noise_rel_l2"])
+
+
+def test_per_sample_rel_l2_is_robust_to_one_bad_item(tiny_unet, ddpm_config):
+    """Per item, the mean over timesteps of its own ratio; with a single item it is the pooled figure.
+    One item whose error is 100x the others' moves the pooled value and the max, never the median."""
+    held = generate_trajectories(tiny_unet, ddpm_config, num_samples=5, num_steps=3, seed=5)
+    q = quantize_model(tiny_unet, QuantConfig(a_bits=6))
+    for aq in activation_quantizers(q).values():
+        aq.set_scale(0.05)
+    nr = noise_rel_l2(q, held, batch_size=2)
+    assert len(nr["per_sample"]) == 5 and min(nr["per_sample"]) > 0
+    single = generate_trajectories(tiny_unet, ddpm_config, num_samples=1, num_steps=3, seed=5)
+    s1 = noise_rel_l2(q, single)
+    assert s1["per_sample"][0] == pytest.approx(s1["mean"], rel=1e-6)
+
+    values = [0.01, 0.011, 0.012, 0.009, 1.0]
+    summ = per_sample_summary(values, seeds=[10, 11, 12, 13, 14])
+    assert summ["noise_rel_l2_median"] == pytest.approx(0.011) and summ["noise_rel_l2_max"] == 1.0
+    assert summ["noise_rel_l2_max_seed"] == 14 and 0.012 < summ["noise_rel_l2_p90"] < 1.0
+
+
+def test_off_range_trajectories_are_found_by_seed(tiny_unet, ddpm_config):
+    held = generate_trajectories(tiny_unet, ddpm_config, num_samples=4, num_steps=5, seed=40)
+    held.x_t = held.x_t.clamp(-3, 3)  # a random tiny UNet's own trajectories: bring them in range
+    assert off_range_items(held, {**ddpm_config, "clip_sample": True}) == []
+    held.x_t[3, 2, 0, 1, 1] = 9.0  # item 2 leaves the range at step 3 (|x| 9 > 1 + 6 sigma)
+    rep = trajectory_report(held, {**ddpm_config, "clip_sample": True})
+    assert rep == {"off_range_count": 1, "off_range_seeds": [42]}

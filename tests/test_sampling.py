@@ -61,3 +61,31 @@ def test_reference_model_same_images_through_torch_and_ort(tmp_path, monkeypatch
         for b in ("torch", "ort")
     }
     assert (runs["torch"] - runs["ort"]).abs().max().item() < REFERENCE_IMAGE_TOL
+
+
+def _ddim(clip: bool):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=clip)
+
+
+def test_clipped_x0_gives_a_consistent_ddim_step():
+    """Where DDIM clips x0, the loop re-derives eps from the clipped x0 (use_clipped_model_output): a
+    predictor whose x0 is far out of range keeps x_t bounded, while diffusers' default step (raw eps
+    beside the clipped x0) lets it grow. Without clipping, the loop is diffusers' default step."""
+    from engines.sampler import initial_noise, sample, scheduler_step_kwargs
+
+    assert scheduler_step_kwargs(_ddim(True))["use_clipped_model_output"] is True
+    assert "use_clipped_model_output" not in scheduler_step_kwargs(_ddim(False))
+
+    def predictor(x, t, **cond):  # eps overshooting x: the implied x0 has x's opposite sign, out of range
+        return 1.5 * x
+
+    noise = initial_noise(4, (1, 8, 8), seed=3)
+    ours = sample(predictor, _ddim(True), noise, 100, keep_trajectory=True).trajectory.x_t.abs().max()
+
+    raw = _ddim(True)  # diffusers' default: the same loop with use_clipped_model_output=False
+    raw_step = raw.step
+    raw.step = lambda *a, **k: raw_step(*a, **{**k, "use_clipped_model_output": False})
+    theirs = sample(predictor, raw, noise, 100, keep_trajectory=True).trajectory.x_t.abs().max()
+    assert ours < 5 < theirs

@@ -89,14 +89,26 @@ def eval_calibration(
         method=result.method, w_bits=result.w_bits, a_bits=result.a_bits, groups=result.num_groups,
         profile=profile or result.profile, heldout_seed=seed, fd_note=why,
     )
+    if metrics["off_range_count"]:  # on stderr, also with --json
+        seeds = ", ".join(str(s) for s in metrics["off_range_seeds"][:8])
+        more = " ..." if metrics["off_range_count"] > 8 else ""
+        console.print(
+            f"[yellow]warning:[/] {metrics['off_range_count']} of {samples} FP held-out trajectories leave the data range "
+            f"(seeds {seeds}{more}); they dominate the pooled noise rel-L2: judge by the per-sample median",
+            highlight=False,
+        )
     if as_json:
         typer.echo(json.dumps(metrics, allow_nan=True))
         return
     fd = "n/a" if metrics["fd"] is None else f"{metrics['fd']:.3f} (FP {metrics['fd_fp']:.3f})"
     console.print(
-        f"{result.method} W{result.w_bits}A{result.a_bits} G={result.num_groups} ({metrics['profile']}): "
-        f"noise rel-L2 {metrics['noise_rel_l2']:.4f}, PSNR vs FP {metrics['psnr_vs_fp_db']:.2f} dB, FD {fd}"
-        + (f" [{why}]" if why else "")
+        f"{result.method} W{result.w_bits}A{result.a_bits} G={result.num_groups} ({metrics['profile']}), "
+        f"{samples} held-out seeds from {seed}, DDIM {n_steps} steps:\n"
+        f"  noise rel-L2 per sample: median {metrics['noise_rel_l2_median']:.4f}, p90 {metrics['noise_rel_l2_p90']:.4f}, "
+        f"max {metrics['noise_rel_l2_max']:.4f} (seed {metrics['noise_rel_l2_max_seed']}); pooled {metrics['noise_rel_l2']:.4f}\n"
+        f"  PSNR vs FP {metrics['psnr_vs_fp_db']:.2f} dB, FD {fd}, off-range FP trajectories {metrics['off_range_count']}"
+        + (f" [{why}]" if why else ""),
+        highlight=False,
     )
 
 
