@@ -201,7 +201,7 @@ def config_from_options(groups: Optional[int], seed: int, percentile: Optional[f
                         options: Optional[Mapping[str, Any]] = None) -> ADPDMConfig:
     """An ADPDMConfig from the pipeline's settings and `options` (keys: calib_step, search_items,
     search_iters, refine_iters, search_batch, srm_candidates, srm_eval_steps, srm_heldout_items,
-    entropy_weight, lambda_mmd, temp_end, lr_logits, lr_scales, init)."""
+    entropy_weight, lambda_mmd, temp_end, lr_logits, lr_scales, init, partition)."""
     opts = dict(options or {})
     cfg = ADPDMConfig(num_groups=4 if groups is None else int(groups), seed=int(seed), batch_size=max(int(batch_size), 1))
     if percentile is not None:
@@ -224,6 +224,8 @@ def config_from_options(groups: Optional[int], seed: int, percentile: Optional[f
         cfg.search_items = value("search_items", int)
     if "init" in opts:
         cfg.search.init = str(opts.pop("init"))
+    if "partition" in opts:
+        cfg.search.partition = str(opts.pop("partition"))
     for table, cast in ((_INT_OPTIONS, int), (_FLOAT_OPTIONS, float)):
         for key, (part, attr) in table.items():
             if key in opts:

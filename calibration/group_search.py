@@ -347,6 +347,9 @@ def _entropy(pi: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # the search
 # ----------------------------------------------------------------------------------------
+PARTITIONS = ("search", "per-step")
+
+
 @dataclass
 class GroupSearchConfig:
     """Hyper-parameters of the search and the refinement (docs/method.md argues each).
@@ -371,6 +374,9 @@ class GroupSearchConfig:
     loss_ref_items: (step, item) pairs giving the loss normalization (loss at the initial scales).
     eval_batch: batch size of no-grad passes.
     seed: batch sampling and logit noise.
+    partition: `search` (ADP-DM) or `per-step`: the partition fixed to one group per calibration
+        step, its scales learned exactly as the search's (search_iters + refine_iters steps of
+        the same loss): the learned per-step ceiling that groups are measured against.
     """
 
     num_groups: int = 4
@@ -394,8 +400,11 @@ class GroupSearchConfig:
     loss_ref_items: int = 128
     eval_batch: int = 256
     seed: int = 0
+    partition: str = "search"
 
     def validate(self) -> "GroupSearchConfig":
+        if self.partition not in PARTITIONS:
+            raise AdpdmError(f"partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
         if int(self.num_groups) < 1:
             raise AdpdmError(f"num_groups must be >= 1, got {self.num_groups}")
         if int(self.search_iters) < 0 or int(self.refine_iters) < 0 or int(self.batch_size) < 1:
@@ -553,7 +562,8 @@ def search_groups(
 
     t0 = time.perf_counter()
     progress("init", 0, 1, None)
-    uni = initial_step_groups(qmodel, data, g, cfg.init, cfg.eval_batch, cfg.init_items)
+    fixed = cfg.partition == "per-step"
+    uni = torch.arange(n) if fixed else initial_step_groups(qmodel, data, g, cfg.init, cfg.eval_batch, cfg.init_items)
     g = int(uni.max()) + 1
     init_pairs = data.all_pairs(items=torch.arange(min(data.num_items, int(cfg.init_items))))
     initialize_groups(qmodel, data, uni, cfg.init_percentile, cfg.eval_batch, pairs=init_pairs)
@@ -565,10 +575,14 @@ def search_groups(
     t0 = time.perf_counter()
     lut = _step_lookup(data.timesteps, t_count)
     logits = torch.zeros(n, g)
-    if cfg.init_prior:
+    if fixed:  # a one-hot mixture at every temperature: the hard per-step partition
+        logits[torch.arange(n), uni] = 30.0
+    elif cfg.init_prior:
         logits[torch.arange(n), uni] += float(cfg.init_prior)
-    logits = logits + 1e-3 * torch.randn(n, g, generator=gen)
+    if not fixed:
+        logits = logits + 1e-3 * torch.randn(n, g, generator=gen)
     logits = nn.Parameter(logits)
+    learn_partition = g > 1 and not fixed
     temp = {"value": float(cfg.temp_start)}
 
     def mixture_fn(tt: torch.Tensor) -> torch.Tensor:
@@ -580,10 +594,13 @@ def search_groups(
     ref = max(init_loss, 1e-12)
     with _frozen_model_params(qmodel):
         scales = _learnable_log_scales(qmodel)
-        if g > 1 and cfg.search_iters > 0:
-            opt = torch.optim.Adam(
-                [{"params": [logits], "lr": cfg.lr_logits}, {"params": scales, "lr": cfg.lr_scales}]
-            )
+        # The scales learn for search_iters steps whatever the partition (G = 1 and per-step too), so
+        # G groups are compared with one group, or with per-step scales, at the same learning.
+        if cfg.search_iters > 0:
+            groups = [{"params": scales, "lr": cfg.lr_scales}]
+            if learn_partition:
+                groups.insert(0, {"params": [logits], "lr": cfg.lr_logits})
+            opt = torch.optim.Adam(groups)
             iters = int(cfg.search_iters)
             ratio = cfg.temp_end / cfg.temp_start
             with relaxed_mode(qmodel, mixture_fn), quant_mode(qmodel):
@@ -607,13 +624,13 @@ def search_groups(
         _freeze_all(qmodel)
     with torch.no_grad():
         pi = torch.softmax(logits.detach() / temp["value"], dim=-1)
-    relaxed = logits.detach().argmax(1) if g > 1 else torch.zeros(n, dtype=torch.int64)
+    relaxed = logits.detach().argmax(1) if g > 1 else torch.zeros(n, dtype=torch.int64)  # per-step: uni
     timings["search"] = time.perf_counter() - t0
 
     # ---- hard partition: drop empty groups, renumber, carry the searched scales -----------
     t0 = time.perf_counter()
     searched = {name: q.scale.detach().clone() for name, q in activation_quantizers(qmodel).items()}
-    if cfg.contiguous and g > 1:
+    if cfg.contiguous and learn_partition:
         # argmax constrained to <= G runs of consecutive timesteps; cost = -log softmax(A) at T = 1
         order = torch.argsort(data.timesteps)
         cost = -torch.log_softmax(logits.detach(), dim=-1)[order]

@@ -190,3 +190,28 @@ def test_contiguous_partition_min_run_length():
     assert contiguous_partition(cost, 3).tolist().count(1) == 1
     runs = contiguous_partition(cost, 3, min_len=4)
     assert all(runs.tolist().count(r) >= 4 for r in set(runs.tolist()))
+
+
+def test_per_step_partition_is_the_learned_ceiling():
+    """partition='per-step': one group per calibration step, scales learned like the search's, at
+    least as good as searched groups on the planted model (it can represent any partition)."""
+    qm, data = planted_setup()
+    out = search_groups(qm, data, GroupSearchConfig(partition="per-step", **FAST))
+    assert out.num_groups == data.num_steps
+    assert sorted(out.step_groups.tolist()) == list(range(data.num_steps))
+    per_step = float(step_errors(qm, data).mean())
+    qm3, _ = planted_setup()
+    search_groups(qm3, data, GroupSearchConfig(num_groups=3, **FAST))
+    assert per_step <= 1.05 * float(step_errors(qm3, data).mean())
+    with pytest.raises(Exception, match="partition"):
+        GroupSearchConfig(partition="nope").validate()
+
+
+def test_one_group_learns_its_scales_for_the_search_iterations_too():
+    """G = 1 gets the same scale learning as G > 1 (search_iters + refine_iters), not refinement alone."""
+    def scales_after(search_iters):
+        qm, data = planted_setup()
+        search_groups(qm, data, GroupSearchConfig(num_groups=1, search_iters=search_iters, refine_iters=0, batch_size=16))
+        return torch.cat([q.scale.detach().flatten() for q in activation_quantizers(qm).values()])
+
+    assert not torch.equal(scales_after(0), scales_after(20))

@@ -103,10 +103,11 @@ def per_sample_psnr(images: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
 def evaluate_model(qmodel, scheduler_config, heldout, feature_fn, real_stats, batch_size: int) -> tuple[dict, torch.Tensor]:
     """Metrics of `qmodel` on the held-out trajectories, and its final samples.
 
-    noise rel-L2 vs FP per timestep (teacher forced) and mean; final-sample PSNR vs FP over all
+    noise rel-L2 vs FP per timestep (teacher forced) and mean (pooled); per sample (mean over
+    timesteps): median (the figure targets are judged on), p90, max; off-range FP trajectories; final-sample PSNR vs FP over all
     samples, per chunk of CHUNK seeds and per sample; Frechet distance and its change vs FP.
     """
-    from calibration.metrics import frechet_of, noise_rel_l2, psnr, sample_like
+    from calibration.metrics import frechet_of, noise_rel_l2, per_sample_summary, psnr, sample_like, trajectory_report
 
     nr = noise_rel_l2(qmodel, heldout, batch_size)
     images = sample_like(qmodel, scheduler_config, heldout, batch_size)
@@ -115,6 +116,8 @@ def evaluate_model(qmodel, scheduler_config, heldout, feature_fn, real_stats, ba
     per = per_sample_psnr(images, fp)
     out = {
         "noise_rel_l2": nr["mean"],
+        **per_sample_summary(nr["per_sample"], heldout.seeds),
+        **trajectory_report(heldout, scheduler_config),
         "noise_rel_l2_per_timestep": dict(zip([str(t) for t in nr["timesteps"]], nr["rel_l2"])),
         "psnr_vs_fp_db": psnr(images, fp),
         "psnr_chunks_db": chunks,
