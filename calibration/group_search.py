@@ -575,7 +575,7 @@ def search_groups(
     t0 = time.perf_counter()
     lut = _step_lookup(data.timesteps, t_count)
     logits = torch.zeros(n, g)
-    if fixed:  # a one-hot mixture at every temperature: the hard per-step partition
+    if fixed:  # one-hot at every temperature (reported pi; the fixed partition learns in the hard mode)
         logits[torch.arange(n), uni] = 30.0
     elif cfg.init_prior:
         logits[torch.arange(n), uni] += float(cfg.init_prior)
@@ -603,7 +603,10 @@ def search_groups(
             opt = torch.optim.Adam(groups)
             iters = int(cfg.search_iters)
             ratio = cfg.temp_end / cfg.temp_start
-            with relaxed_mode(qmodel, mixture_fn), quant_mode(qmodel):
+            # a fixed partition (G = 1, per-step) learns in the hard mode on the table initialize_groups
+            # installed: the same loss without N copies of every activation
+            mode = relaxed_mode(qmodel, mixture_fn) if learn_partition else contextlib.nullcontext()
+            with mode, quant_mode(qmodel):
                 for it in range(iters):
                     frac = it / max(1, iters - 1)
                     temp["value"] = cfg.temp_start * ratio ** frac
