@@ -16,6 +16,10 @@ Stages and what each writes into the build folder:
 `manifest.json` is removed before any stage reruns and written last, so a folder with a
 manifest is always a finished build; an interrupted one resumes at the first stage whose
 record (`.adpdm-stages.json`) is missing or stale.
+
+`--out` must be missing, empty or one of our builds (`build_stages.check_build_folder`); a
+stage claims its output files in the ledger before it runs (refusing a file of someone
+else's in their place), and the whole build holds `build_stages.build_lock`.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from adpdm_export.build_stages import StageLedger, StageRecord, stage_key
+from adpdm_export.build_stages import StageLedger, StageRecord, build_lock, check_build_folder, stage_key
 from adpdm_export.model_loading import LoadedModel, load_model
 from engines.errors import AdpdmError
-from engines.manifest import MANIFEST_NAME, Manifest, load_manifest, tool_version
+from engines.manifest import ENGINE_NAME, MANIFEST_NAME, TIMING_CACHE_NAME, Manifest, load_manifest, tool_version
 
 CALIBRATION_DIR = "calibration"
 DEFAULT_BATCH_SIZES = (1, 4, 16)
@@ -132,8 +136,7 @@ def build_engine(
     loaded: Optional[LoadedModel] = None,
 ) -> BuildSummary:
     """Build (or resume) the folder `out` for `model`; returns what each stage did."""
-    from adpdm_export.qdq_export import REPORT_NAME, export_qdq_for, parse_profiles, write_qdq_manifest
-    from calibration.result import CalibrationResult
+    from adpdm_export.qdq_export import parse_profiles
     from engines.platform import pick_backend
 
     t_start = time.perf_counter()
@@ -145,13 +148,23 @@ def build_engine(
     if chosen == "ort" and "ort" not in profiles:
         raise AdpdmError("--backend ort runs the onnxruntime-profile graphs: include 'ort' in the profiles")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise AdpdmError(f"--out {out} exists and is not a folder")
+    check_build_folder(out)  # empty, missing or one of our builds: else one line, before any work
     out.mkdir(parents=True, exist_ok=True)
+    with build_lock(out):  # one build per folder; a second fails at once, naming this one
+        check_build_folder(out)
+        return _build_locked(model, out, settings, chosen, profiles, batch_sizes, resolution, opt_level, cond,
+                             cache_dir, force, progress, say, loaded, t_start)
+
+
+def _build_locked(model, out: Path, settings: CalibrationSettings, chosen, profiles, batch_sizes, resolution,
+                  opt_level, cond, cache_dir, force, progress, say, loaded, t_start) -> BuildSummary:
+    from adpdm_export.qdq_export import REPORT_NAME, WEIGHTS_NAME, export_qdq_for, graph_name, write_qdq_manifest
+    from calibration.result import JSON_NAME, TENSORS_NAME, CalibrationResult
+
+    ledger = StageLedger(out).open()  # marks the folder as ours before any work
     loaded = loaded or load_model(model)
     if cond is None:
         cond = loaded.default_condition(settings.calib_samples)
-    ledger = StageLedger(out)
     manifest_path = out / MANIFEST_NAME
 
     def unfinished() -> None:
@@ -163,6 +176,7 @@ def build_engine(
     key = stage_key(stage="calibrate", model=model_id, settings=asdict(settings), cond=dict(cond),
                     versions=_versions("torch", "diffusers"))
     if force or ledger.current("calibrate", key) is None:
+        ledger.claim("calibrate", [f"{CALIBRATION_DIR}/{JSON_NAME}", f"{CALIBRATION_DIR}/{TENSORS_NAME}"])
         unfinished()
         say("calibrate: running")
     calib = ledger.run("calibrate", key, lambda: _calibrate_stage(loaded, settings, out, cond, cache_dir, progress),
@@ -176,13 +190,15 @@ def build_engine(
     exported: dict[str, Any] = {}
 
     def run_export():
-        exp = export_qdq_for(loaded, result, out, profile=profiles, manifest=False,
+        exp = export_qdq_for(loaded, result, out, profile=profiles, manifest=False, owned=ledger.owned(),
                              progress=lambda msg: say(f"export: {msg}"))
         exported["exp"] = exp
         files = [g for gs in exp.graphs.values() for g in gs] + [exp.weights, out / REPORT_NAME]
         return files
 
     if force or ledger.current("export", key) is None:
+        ledger.claim("export", [graph_name(k, p) for p in profiles for k in range(int(result.num_groups))]
+                     + [WEIGHTS_NAME, REPORT_NAME])
         unfinished()
     exp_rec = ledger.run("export", key, run_export, force=force)
     report = json.loads((out / REPORT_NAME).read_text())
@@ -207,6 +223,7 @@ def build_engine(
                         versions=_versions())
         rec = ledger.current("engines", key)
         if force or rec is None or onnx_manifest.backend != "trt":
+            ledger.claim("engines", [ENGINE_NAME.format(k=g.id) for g in onnx_manifest.groups] + [TIMING_CACHE_NAME])
             t0 = time.perf_counter()
             m = build_trt_engines(out, onnx_manifest, batch_sizes=batch_sizes, resolution=resolution,
                                   opt_level=opt_level, on_group=lambda k, n, s: say(f"engines: group {k + 1}/{n} {s:.1f} s"))

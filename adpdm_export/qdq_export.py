@@ -26,6 +26,7 @@ Pipeline (`export_qdq`):
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -35,13 +36,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import onnx
 import torch
 
 from adpdm_export import qdq_graph_passes as P
+from adpdm_export.build_stages import STAGING_PREFIX, STAGING_RE
 from adpdm_export.ort_profile import MIN_FUSED_RATIO, FusionCounts, fusion_counts, make_ort_profile
 from adpdm_export.qdq_lint import Violation, lint_model, raise_on_violations
 from engines.errors import AdpdmError
@@ -624,9 +626,53 @@ def _eps(out):
 # --------------------------------------------------------------------------- export
 
 
-def _stage_dir(out_dir: Path) -> Path:
+def _clean_stale_staging(out_dir: Path) -> list[Path]:
+    """Remove staging folders of killed exports: names matching our pattern whose lock nobody holds
+    (a live export holds an fcntl lock on its staging folder, released when its process dies)."""
+    removed = []
+    for d in out_dir.iterdir():
+        if not STAGING_RE.match(d.name) or d.is_symlink() or not d.is_dir():
+            continue
+        try:
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live export's
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _stage_dir(out_dir: Path) -> tuple[Path, int]:
+    """A new staging folder in `out_dir`, locked (fcntl) for as long as the returned descriptor is open.
+
+    Stale staging folders of killed exports are removed first. The folder is created under a
+    name outside our pattern, locked, then renamed, so no other export can take it for stale.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=".qdq-staging-", dir=out_dir))
+    _clean_stale_staging(out_dir)
+    while True:
+        new = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, suffix=".new", dir=out_dir))
+        stage = new.with_name(new.name[: -len(".new")])
+        fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not stage.exists():  # never rename onto another export's (empty) folder
+                os.rename(new, stage)
+                return stage, fd
+        except BaseException:
+            os.close(fd)
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        os.close(fd)
+        new.rmdir()
 
 
 def export_qdq(
@@ -644,6 +690,7 @@ def export_qdq(
     parity_tol: float = PARITY_TOL,
     allow_lint: Sequence[str] = (),
     progress: Optional[Callable[[str], None]] = None,
+    owned: Optional[Collection[str]] = None,
 ) -> QdqExport:
     """Export `unet` quantized as `result` describes to one QDQ graph per group and profile.
 
@@ -655,8 +702,10 @@ def export_qdq(
         error vs FP; lint: the TensorRT linter on TensorRT-profile graphs (raises on
         violations, except rules in `allow_lint`); fusion: onnxruntime fusion counts of the
         CPU profile (a warning in the report below MIN_FUSED_RATIO).
+    owned: the files in `out_dir` this export may remove as stale group graphs (build-engine
+        passes what its ledger and manifest list); None: any `unet.g{k}[.ort].onnx`.
     Writes graphs, `unet.weights.data` and `qdq_report.json` into `out_dir`; the manifest is
-    the caller's (`write_manifest`), written last.
+    the caller's (`write_manifest`), written last. Staging folders of killed exports are removed.
     """
     from calibration.quant_unet import quantize_model
 
@@ -672,7 +721,7 @@ def export_qdq(
     t0 = time.perf_counter()
     qmodel = quantize_model(unet, result=result)
     qmodel.eval()
-    stage = _stage_dir(out_dir)
+    stage, stage_fd = _stage_dir(out_dir)
     try:
         say("tracing the quantized UNet (group 0) and building the QDQ template")
         trt_template, info = build_trt_template(qmodel, result, stage, sample_shape, conditioning or {}, opset)
@@ -771,19 +820,22 @@ def export_qdq(
         report = exp.report()
         report["weights_bytes"] = (stage / WEIGHTS_NAME).stat().st_size
         (stage / REPORT_NAME).write_text(json.dumps(report, indent=1, allow_nan=True, default=str))
-        _move_into_place(stage, out_dir, [WEIGHTS_NAME] + [f.name for fs in files.values() for f in fs] + [REPORT_NAME])
+        _move_into_place(stage, out_dir, [WEIGHTS_NAME] + [f.name for fs in files.values() for f in fs] + [REPORT_NAME],
+                         owned=owned)
         exp.report_path = out_dir / REPORT_NAME
         return exp
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        os.close(stage_fd)
 
 
-def _move_into_place(stage: Path, out_dir: Path, names: Sequence[str]) -> None:
-    """Invalidate the old manifest, drop stale group graphs, then rename the staged files in."""
+def _move_into_place(stage: Path, out_dir: Path, names: Sequence[str], owned: Optional[Collection[str]] = None) -> None:
+    """Invalidate the old manifest, drop stale group graphs (only those in `owned`, when given), then
+    rename the staged files in."""
     (out_dir / "manifest.json").unlink(missing_ok=True)
     keep = set(names)
     for f in out_dir.iterdir():
-        if GRAPH_RE.match(f.name) and f.name not in keep and f.is_file():
+        if GRAPH_RE.match(f.name) and f.name not in keep and f.is_file() and (owned is None or f.name in owned):
             f.unlink()
     for n in names:
         os.replace(stage / n, out_dir / n)

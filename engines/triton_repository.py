@@ -14,6 +14,10 @@ Every config.pbtxt is parsed back with Triton's own `ModelConfig` protobuf (ship
 tritonclient as `tritonclient.grpc.model_config_pb2`) and checked (name = folder,
 platform/backend, inputs/outputs, batch sizes) before the repository is renamed into place.
 
+The repository carries a marker file, `.adpdm-triton-repository` (Triton ignores files at
+the repository's top level): `--overwrite` replaces an existing `--out` only when it holds
+that marker (or is empty), and never the source build or a folder that holds it.
+
 The `generate` model's model.py needs `torch`, `diffusers` and this package's `engines`
 (for the very same sampling loop as `adpdm serve`) in the container's Python; see
 docs/serving.md for the two-line image.
@@ -37,6 +41,8 @@ PLATFORMS = ("tensorrt", "onnxruntime")
 GENERATE_MODEL = "generate"
 GROUP_MODEL = "unet_g{k}"
 GENERATE_CONFIG = "adpdm_generate.json"
+REPOSITORY_MARKER = ".adpdm-triton-repository"
+MARKER_FORMAT = "adpdm-triton-repository"
 _ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 3: "TYPE_INT8",
                    2: "TYPE_UINT8", 9: "TYPE_BOOL", 16: "TYPE_BF16"}
 
@@ -198,6 +204,39 @@ def _trt_dims(spec: IOSpec, m: Manifest) -> IOSpec:
     return spec
 
 
+def is_our_repository(folder: str | os.PathLike) -> bool:
+    """A folder this tool wrote: it holds our marker file (a JSON object with format "adpdm-triton-repository")."""
+    marker = Path(folder) / REPOSITORY_MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return False
+    try:
+        doc = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") == MARKER_FORMAT
+
+
+def check_out(out: Path, build_root: Path, overwrite: bool) -> None:
+    """May the repository be written at `out`? Raises AdpdmError (one line) where it may not.
+
+    Never the build folder or one that holds it; a missing folder is fine; an existing one
+    only with --overwrite, and only when empty or one of our repositories (`is_our_repository`).
+    """
+    out_r, build_r = out.resolve(), build_root.resolve()
+    if out_r == build_r or build_r.is_relative_to(out_r):
+        raise AdpdmError(f"--out {out} is the build folder or holds it: choose a new folder for the repository")
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise AdpdmError(f"--out {out} exists and is not a folder (or is a symbolic link): choose a new folder")
+    ours = is_our_repository(out)
+    if not ours and any(out.iterdir()):
+        raise AdpdmError(f"--out {out} exists and is not a model repository written by export-triton "
+                         f"(no {REPOSITORY_MARKER}): choose a new folder; --overwrite replaces only those")
+    if not overwrite:
+        raise AdpdmError(f"{out} exists: pass --overwrite to replace it")
+
+
 def write_repository(
     build: str | os.PathLike | Manifest,
     out: str | os.PathLike,
@@ -216,6 +255,7 @@ def write_repository(
         or "onnxruntime" (the build's ORT-profile group graphs as onnxruntime_onnx models, CPU).
     max_batch: the group models' max_batch_size (default: the TensorRT profile's largest batch, or 16).
     limits: bounds the generate model enforces (max_n, max_steps); defaults as `adpdm serve`.
+    overwrite: replace an existing `out` (only an empty folder or one of our repositories: `check_out`).
     """
     if platform not in PLATFORMS:
         raise AdpdmError(f"unknown platform {platform!r}: choose one of {', '.join(PLATFORMS)}")
@@ -223,8 +263,7 @@ def write_repository(
     if m.root is None:
         raise AdpdmError("export-triton needs a manifest loaded from its build folder")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise AdpdmError(f"{out} exists: pass --overwrite to replace it")
+    check_out(out, m.root, overwrite)
     if platform == "tensorrt":
         if m.backend != "trt" or m.tensorrt is None or any(g.engine is None for g in m.groups):
             raise AdpdmError(
@@ -300,10 +339,21 @@ def write_repository(
             "limits": lim,
         }
         (gdir / GENERATE_CONFIG).write_text(json.dumps(meta, indent=1))
+        (tmp / REPOSITORY_MARKER).write_text(json.dumps(
+            {"format": MARKER_FORMAT, "format_version": 1, "build": str(m.root), "platform": platform}) + "\n")
         validate_repository(tmp)
         if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+            check_out(out, m.root, overwrite)  # again, just before replacing it
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+            os.replace(out, old)  # out -> old, then tmp -> out: never a moment without one of them
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

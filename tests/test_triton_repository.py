@@ -198,3 +198,72 @@ def test_export_triton_cli(build, tmp_path):
     assert main(["export-triton", str(build), "--out", str(out), "--platform", "onnxruntime"]) == 0
     assert sorted(validate_repository(out)) == ["generate", "unet_g0", "unet_g1", "unet_g2"]
     assert main(["export-triton", str(build), "--out", str(out)]) == 2  # no engines, and out exists
+
+
+# --------------------------------------------------------------------------- --out and --overwrite (issue 17)
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    return {p.relative_to(root).as_posix(): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    """Run `adpdm` in-process: (exit status, the single stderr line)."""
+    from adpdm_export.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) <= 1, lines
+    return rc, (lines[0] if lines else "")
+
+
+@pytest.fixture
+def build_in_parent(build, tmp_path):
+    """A copy of the build inside a parent folder that holds an unrelated file too."""
+    parent = tmp_path / "parent"
+    src = shutil.copytree(build, parent / "build")
+    (parent / "unrelated.txt").write_text("not ours")
+    return parent, src
+
+
+def test_overwrite_refuses_the_source_build(build_in_parent, capsys):
+    parent, src = build_in_parent
+    before = _snapshot(parent)
+    rc, line = _cli(capsys, "export-triton", src, "--out", src, "--platform", "onnxruntime", "--overwrite")
+    assert rc == 2 and line == f"error: --out {src} is the build folder or holds it: choose a new folder for the repository"
+    assert _snapshot(parent) == before
+
+
+def test_overwrite_refuses_a_folder_that_holds_the_build(build_in_parent, capsys):
+    parent, src = build_in_parent
+    before = _snapshot(parent.parent)
+    rc, line = _cli(capsys, "export-triton", src, "--out", parent, "--platform", "onnxruntime", "--overwrite")
+    assert rc == 2 and line == f"error: --out {parent} is the build folder or holds it: choose a new folder for the repository"
+    assert _snapshot(parent.parent) == before
+
+
+def test_overwrite_refuses_a_folder_that_is_not_our_repository(build, tmp_path, capsys):
+    out = tmp_path / "models"
+    (out / "my_model" / "1").mkdir(parents=True)
+    (out / "my_model" / "config.pbtxt").write_text('name: "my_model"\n')
+    before = _snapshot(tmp_path)
+    rc, line = _cli(capsys, "export-triton", build, "--out", out, "--platform", "onnxruntime", "--overwrite")
+    assert rc == 2 and line.startswith(f"error: --out {out} exists and is not a model repository written by export-triton")
+    assert _snapshot(tmp_path) == before
+
+
+def test_overwrite_replaces_our_own_repository_only(build, tmp_path, capsys):
+    from engines.triton_repository import REPOSITORY_MARKER, is_our_repository
+
+    out = tmp_path / "repo"
+    (tmp_path / "beside.txt").write_text("unrelated")
+    assert _cli(capsys, "export-triton", build, "--out", out, "--platform", "onnxruntime") == (0, "")
+    assert is_our_repository(out) and (out / REPOSITORY_MARKER).is_file()
+    (out / "unet_g0" / "stale.txt").write_text("from the old repository")
+    rc, line = _cli(capsys, "export-triton", build, "--out", out, "--platform", "onnxruntime")
+    assert rc == 2 and line == f"error: {out} exists: pass --overwrite to replace it"
+    rc, line = _cli(capsys, "export-triton", build, "--out", out, "--platform", "onnxruntime", "--overwrite",
+                    "--max-batch", "3")
+    assert (rc, line) == (0, "")
+    assert validate_repository(out)["unet_g0"].max_batch_size == 3 and not (out / "unet_g0" / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["beside.txt", "repo"]  # no temporary folder left
+    assert (tmp_path / "beside.txt").read_text() == "unrelated"

@@ -17,7 +17,7 @@ def export_triton(
     instances: int = typer.Option(1, "--instances", help="Instances per group model."),
     max_n: int = typer.Option(16, "--max-n", help="generate: most images per request."),
     max_steps: int = typer.Option(250, "--max-steps", help="generate: most sampling steps per request."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (only a repository export-triton wrote: it holds .adpdm-triton-repository)."),
 ) -> None:
     """One Triton model per timestep group plus a Python-backend `generate` model; every config.pbtxt validated."""
     from engines.errors import AdpdmError

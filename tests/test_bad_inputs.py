@@ -1,0 +1,225 @@
+"""`adpdm build-engine --out` never loses a file it did not write (issue 17, "data loss").
+
+Each case runs the command line in-process and asserts the exit status, the one-line
+message on stderr and that nothing outside the build's own files changed. The refusals
+happen before any work (no model is even loaded); the builds use the cheapest settings
+(minmax, 2 samples x 2 steps, a tiny UNet). export-triton's cases are in
+tests/test_triton_repository.py (its config validation needs the serving environment).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from adpdm_export.build_engine import CalibrationSettings, build_engine
+from adpdm_export.build_stages import LEDGER, LOCK_NAME, check_build_folder
+from adpdm_export.cli import main
+from engines.errors import AdpdmError
+from engines.manifest import load_manifest
+from tiny_models import save_unet_folder, tiny_unet2d
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QUICK = CalibrationSettings(method="minmax", calib_samples=2, calib_steps=2)
+QUICK_FLAGS = ["--method", "minmax", "--calib-samples", "2", "--calib-steps", "2", "--backend", "ort", "--no-progress"]
+
+
+def snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) under `root`, paths relative to it."""
+    out: dict[str, bytes | None] = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if rel.split("/")[0] in skip:
+            continue
+        out[rel] = None if p.is_dir() else p.read_bytes()
+    return out
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def one_line(err: str) -> str:
+    """The error: exactly one line of stderr (progress, printed there too, precedes it)."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_unet_folder(tiny_unet2d(), tmp_path_factory.mktemp("bad-inputs") / "unet")
+
+
+@pytest.fixture(scope="module")
+def our_build(model, tmp_path_factory):
+    """A finished build (ort profile) to copy: calibration/, graphs, weights, report, manifest, ledger."""
+    out = tmp_path_factory.mktemp("ours") / "build"
+    build_engine(str(model), out, QUICK, backend="ort", profiles=("ort",))
+    return out
+
+
+# ------------------------------------------------------------------------ the folder rule
+USER_FILES = {
+    "notes.txt": b"my notes",
+    "unet.g5.onnx": b"my own graph",
+    "manifest.json": json.dumps({"name": "my project"}).encode(),  # not an adpdm manifest
+    "calibration/calibration.json": b'{"mine": true}',
+}
+
+
+@pytest.mark.parametrize("name", sorted(USER_FILES))
+def test_build_engine_refuses_a_folder_that_is_not_ours(model, tmp_path, capsys, name):
+    out = tmp_path / "out"
+    (out / name).parent.mkdir(parents=True)
+    (out / name).write_bytes(USER_FILES[name])
+    before = snapshot(tmp_path)
+    rc, err = run_cli(capsys, "build-engine", model, "--out", out, *QUICK_FLAGS)
+    assert rc == 2
+    line = one_line(err)
+    assert line.startswith("error: --out") and "choose an empty or new folder" in line
+    assert snapshot(tmp_path) == before  # not even a lock file
+
+
+def test_the_rule_for_our_build(tmp_path):
+    assert check_build_folder(tmp_path / "missing") is False
+    (tmp_path / "empty").mkdir()
+    assert check_build_folder(tmp_path / "empty") is False
+    (tmp_path / "empty" / LOCK_NAME).write_text("")  # our own control files do not count
+    (tmp_path / "empty" / ".qdq-staging-abcd1234").mkdir()
+    assert check_build_folder(tmp_path / "empty") is False
+    (tmp_path / "ledger").mkdir()
+    (tmp_path / "ledger" / LEDGER).write_text("{}")
+    assert check_build_folder(tmp_path / "ledger") is True
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / LEDGER).write_text("[1, 2]")  # not a ledger of ours
+    with pytest.raises(AdpdmError, match="holds no adpdm build"):
+        check_build_folder(tmp_path / "other")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(AdpdmError, match="not a folder"):
+        check_build_folder(tmp_path / "file")
+
+
+def test_an_empty_folder_is_built_into(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "beside.txt").write_text("unrelated")
+    rc, err = run_cli(capsys, "build-engine", model, "--out", out, *QUICK_FLAGS)
+    assert rc == 0, err
+    assert load_manifest(out).num_groups >= 1
+    assert (tmp_path / "beside.txt").read_text() == "unrelated"
+
+
+# ------------------------------------------------------------------------ inside our own build
+def test_rebuilds_keep_user_files_in_our_build(model, our_build, tmp_path, capsys):
+    out = shutil.copytree(our_build, tmp_path / "build")
+    (out / "notes.txt").write_text("mine")
+    (out / "unet.g7.ort.onnx").write_bytes(b"my graph")  # a graph name, but not one the build wrote
+    (out / "calibration" / "mine.json").write_text("{}")
+    user = {n: (out / n).read_bytes() for n in ("notes.txt", "unet.g7.ort.onnx", "calibration/mine.json")}
+    for extra in ([], ["--force"]):  # the CLI builds both profiles: the export reruns, then everything
+        rc, err = run_cli(capsys, "build-engine", model, "--out", out, *QUICK_FLAGS, *extra)
+        assert rc == 0, err
+        assert {n: (out / n).read_bytes() for n in user} == user
+    assert load_manifest(out).profiles() == ["trt", "ort"]
+
+
+def test_fewer_groups_remove_only_graphs_the_build_wrote(model, tmp_path):
+    out = tmp_path / "build"
+    build_engine(str(model), out, CalibrationSettings(method="uniform-groups", groups=3, calib_samples=2,
+                                                      calib_steps=4), backend="ort", profiles=("ort",))
+    assert (out / "unet.g2.ort.onnx").is_file()
+    (out / "unet.g5.ort.onnx").write_bytes(b"user's")
+    build_engine(str(model), out, CalibrationSettings(method="uniform-groups", groups=2, calib_samples=2,
+                                                      calib_steps=4), backend="ort", profiles=("ort",))
+    assert not (out / "unet.g2.ort.onnx").exists()  # ours, stale: removed
+    assert (out / "unet.g5.ort.onnx").read_bytes() == b"user's"  # not ours: kept
+    assert load_manifest(out).num_groups == 2
+
+
+def test_a_user_file_where_a_stage_would_write_is_refused(model, our_build, tmp_path, capsys):
+    out = shutil.copytree(our_build, tmp_path / "build")
+    (out / "unet.g0.onnx").write_bytes(b"user's")  # the trt-profile graph name: this build never wrote it
+    before = snapshot(out, skip=("calibration", LEDGER, "manifest.json", LOCK_NAME))
+    rc, err = run_cli(capsys, "build-engine", model, "--out", out, *QUICK_FLAGS)
+    assert rc == 2
+    line = one_line(err)
+    assert "unet.g0.onnx was not written by this build" in line
+    assert snapshot(out, skip=("calibration", LEDGER, "manifest.json", LOCK_NAME)) == before
+
+
+# ------------------------------------------------------------------------ one build per folder
+def _hold_lock(out: Path):
+    f = open(out / LOCK_NAME, "a+")
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": 4242, "host": "buildhost", "started": "2025-01-01T00:00:00+00:00",
+                        "command": "adpdm build-engine"}))
+    f.flush()
+    return f
+
+
+def test_a_second_build_fails_at_once_naming_the_holder(model, our_build, tmp_path, capsys):
+    out = shutil.copytree(our_build, tmp_path / "build")
+    held = _hold_lock(out)
+    try:
+        before = snapshot(tmp_path)
+        rc, err = run_cli(capsys, "build-engine", model, "--out", out, *QUICK_FLAGS, "--force")
+        assert rc == 2
+        line = one_line(err)
+        assert "is being built by pid 4242 on buildhost since 2025-01-01T00:00:00+00:00" in line
+        assert snapshot(tmp_path) == before
+        with pytest.raises(AdpdmError, match="pid 4242"):  # the library entry point too
+            build_engine(str(model), out, QUICK, backend="ort", profiles=("ort",))
+    finally:
+        held.close()
+
+
+def test_the_lock_is_released_on_errors(model, our_build, tmp_path):
+    out = shutil.copytree(our_build, tmp_path / "build")
+    with pytest.raises(AdpdmError, match="A7"):  # calibrates, then the export refuses A7
+        build_engine(str(model), out, CalibrationSettings(method="minmax", a_bits=7, calib_samples=2, calib_steps=2),
+                     backend="ort", profiles=("ort",))
+    held = _hold_lock(out)  # would raise BlockingIOError if the failed build still held it
+    held.close()
+    build_engine(str(model), out, QUICK, backend="ort", profiles=("ort",))
+
+
+def test_a_failed_start_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "new"
+    rc, err = run_cli(capsys, "build-engine", tmp_path / "no-such-model", "--out", out, *QUICK_FLAGS)
+    assert rc == 2 and one_line(err).startswith("error:")
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------ staging of killed exports
+def test_stale_staging_folders_are_removed_by_the_next_export(model, our_build, tmp_path, capsys):
+    out = shutil.copytree(our_build, tmp_path / "build")
+    stale = out / ".qdq-staging-dead0001"
+    stale.mkdir()
+    (stale / "unet.weights.data").write_bytes(b"x" * 100)
+    live = out / ".qdq-staging-live0001"  # another export's, still running: it holds its lock
+    live.mkdir()
+    not_ours = out / ".qdq-staging-of-my-own"  # not our pattern
+    not_ours.mkdir()
+    (not_ours / "keep.txt").write_text("mine")
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        rc, err = run_cli(capsys, "build-engine", model, "--out", out, *QUICK_FLAGS, "--force")
+    finally:
+        os.close(fd)
+    assert rc == 0, err
+    assert not stale.exists()
+    assert live.is_dir() and (not_ours / "keep.txt").read_text() == "mine"
+    assert not [p for p in out.iterdir() if p.name.startswith(".qdq-staging-") and p not in (live, not_ours)]
