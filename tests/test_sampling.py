@@ -10,8 +10,9 @@ from tiny_models import save_unet_folder, tiny_cond_unet, tiny_unet2d
 # Documented in README ("Backends agree"): FP32 onnxruntime and PyTorch differ by ~1e-6
 # (relative) per step; the DDIM update divides by sqrt(alpha_bar), which is ~0.006 at
 # t = 999, so early differences grow. Random tiny UNets (large, noisy outputs) end within
-# 1e-2 max abs on the [-1, 1] scale; the trained reference model much closer (test below).
-IMAGE_TOL = 1e-2
+# 1e-3 max abs on the [-1, 1] scale (2.4e-5 measured, 40x margin); the trained reference model
+# much closer (test below).
+IMAGE_TOL = 1e-3
 
 
 @pytest.mark.parametrize("make", [tiny_unet2d, tiny_cond_unet], ids=["UNet2DModel", "UNet2DConditionModel"])
