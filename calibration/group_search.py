@@ -211,12 +211,20 @@ def contiguous_partition(cost: torch.Tensor, max_segments: int, segment_penalty:
     row order given.
     """
     c = cost.to(torch.float64)
-    n, g = c.shape
-    min_len = max(1, min(int(min_len), n))
-    k_max = max(1, min(int(max_segments), n // min_len))
+    g = c.shape[1]
     pre = torch.cat([torch.zeros(1, g, dtype=torch.float64), c.cumsum(0)])  # (N+1, G)
     # seg[a, b] = min_g sum_{a <= i < b} c[i, g]
     seg = (pre[None, :, :] - pre[:, None, :]).min(-1).values  # (N+1, N+1)
+    return segment_partition(seg, max_segments, segment_penalty, min_len)
+
+
+def segment_partition(seg: torch.Tensor, max_segments: int, segment_penalty: float = 0.0,
+                      min_len: int = 1) -> torch.Tensor:
+    """The DP of `contiguous_partition` for any run cost: seg[a, b] = cost of the run of steps a..b-1
+    (N+1 x N+1). Returns the run index (0..K-1) of every step."""
+    n = seg.shape[0] - 1
+    min_len = max(1, min(int(min_len), n))
+    k_max = max(1, min(int(max_segments), n // min_len))
     inf = float("inf")
     best = torch.full((k_max + 1, n + 1), inf, dtype=torch.float64)
     arg = torch.zeros((k_max + 1, n + 1), dtype=torch.int64)
@@ -234,6 +242,28 @@ def contiguous_partition(cost: torch.Tensor, max_segments: int, segment_penalty:
         out[a:b] = k - 1
         b, k = a, k - 1
     return out
+
+
+def scale_dp_partition(log_scales: torch.Tensor, weights: torch.Tensor, max_groups: int,
+                       min_len: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs of steps (rows in timestep order) whose learned per-step log-scales (N x Q) one scale set
+    per run fits best: <= max_groups runs minimizing sum_i w_i ||v_i - mean_run||^2 (w-weighted mean)
+    exactly. Returns (run index per step, (K x Q) the runs' weighted mean log-scales)."""
+    v = log_scales.to(torch.float64)
+    w = weights.to(torch.float64).clamp_min(1e-30)[:, None]
+    zero = torch.zeros(1, v.shape[1], dtype=torch.float64)
+    cw = torch.cat([torch.zeros(1, 1, dtype=torch.float64), w.cumsum(0)])  # (N+1, 1)
+    cs = torch.cat([zero, (w * v).cumsum(0)])  # (N+1, Q)
+    cq = torch.cat([torch.zeros(1, dtype=torch.float64), (w[:, 0] * (v**2).sum(1)).cumsum(0)])  # (N+1,)
+    dw = (cw[None, :, 0] - cw[:, None, 0]).clamp_min(1e-30)  # [a, b]
+    ds = cs[None, :, :] - cs[:, None, :]  # (N+1, N+1, Q)
+    seg = (cq[None, :] - cq[:, None]) - (ds**2).sum(-1) / dw
+    seg = torch.where(torch.arange(seg.shape[0])[None, :] > torch.arange(seg.shape[0])[:, None], seg,
+                      torch.full_like(seg, float("inf")))
+    runs = segment_partition(seg, max_groups, 0.0, min_len)
+    k = int(runs.max()) + 1
+    means = torch.stack([(w[runs == r] * v[runs == r]).sum(0) / w[runs == r].sum() for r in range(k)])
+    return runs, means.to(torch.float32)
 
 
 def group_ranges(step_groups: torch.Tensor, calib_timesteps: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -347,7 +377,7 @@ def _entropy(pi: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # the search
 # ----------------------------------------------------------------------------------------
-PARTITIONS = ("search", "per-step")
+PARTITIONS = ("search", "per-step", "scale-dp")
 
 
 @dataclass
@@ -374,9 +404,12 @@ class GroupSearchConfig:
     loss_ref_items: (step, item) pairs giving the loss normalization (loss at the initial scales).
     eval_batch: batch size of no-grad passes.
     seed: batch sampling and logit noise.
-    partition: `search` (ADP-DM) or `per-step`: the partition fixed to one group per calibration
+    partition: `scale-dp` (the default; below), `search` (the paper's: the relaxed search decides), `per-step`: the partition fixed to one group per calibration
         step, its scales learned exactly as the search's (search_iters + refine_iters steps of
-        the same loss): the learned per-step ceiling that groups are measured against.
+        the same loss): the learned per-step ceiling that groups are measured against; or
+        `scale-dp`: per-step scales learned for search_iters steps, then the <= G contiguous runs
+        their log-scales fit best (weighted by each step's error; `scale_dp_partition`), each
+        run starting from its mean scales, then the refinement.
     """
 
     num_groups: int = 4
@@ -400,7 +433,7 @@ class GroupSearchConfig:
     loss_ref_items: int = 128
     eval_batch: int = 256
     seed: int = 0
-    partition: str = "search"
+    partition: str = "scale-dp"
 
     def validate(self) -> "GroupSearchConfig":
         if self.partition not in PARTITIONS:
@@ -552,6 +585,7 @@ def search_groups(
         raise AdpdmError(f"calibration timesteps outside the model's range 0..{t_count - 1}")
     gen = torch.Generator().manual_seed(int(cfg.seed))
     n, g = data.num_steps, max(1, min(int(cfg.num_groups), data.num_steps))
+    g_max = g
     timings: dict[str, float] = {}
     history: list[dict[str, float]] = []
 
@@ -562,7 +596,8 @@ def search_groups(
 
     t0 = time.perf_counter()
     progress("init", 0, 1, None)
-    fixed = cfg.partition == "per-step"
+    # scale-dp learns on the per-step partition first; with G = 1 there is one partition, learned directly
+    fixed = cfg.partition == "per-step" or (cfg.partition == "scale-dp" and g_max > 1)
     uni = torch.arange(n) if fixed else initial_step_groups(qmodel, data, g, cfg.init, cfg.eval_batch, cfg.init_items)
     g = int(uni.max()) + 1
     init_pairs = data.all_pairs(items=torch.arange(min(data.num_items, int(cfg.init_items))))
@@ -633,7 +668,18 @@ def search_groups(
     # ---- hard partition: drop empty groups, renumber, carry the searched scales -----------
     t0 = time.perf_counter()
     searched = {name: q.scale.detach().clone() for name, q in activation_quantizers(qmodel).items()}
-    if cfg.contiguous and learn_partition:
+    if cfg.partition == "scale-dp" and 1 < g_max < n:
+        order = torch.argsort(data.timesteps)
+        names = list(searched)
+        logs = torch.stack([searched[k].log() for k in names], 1)[order]  # (N, Q) per-step scales, t order
+        weights = step_errors(qmodel, data, cfg.eval_batch)[order] ** 2  # each step's relative MSE
+        runs, means = scale_dp_partition(logs, weights, g_max, max(1, int(round(cfg.min_group_fraction * n))))
+        labels = torch.empty(n, dtype=torch.int64)
+        labels[order] = runs
+        step_groups, old_runs = canonical_groups(labels, data.timesteps)
+        searched = {k: means[:, j].exp() for j, k in enumerate(names)}
+        old_ids = list(old_runs)
+    elif cfg.contiguous and learn_partition:
         # argmax constrained to <= G runs of consecutive timesteps; cost = -log softmax(A) at T = 1
         order = torch.argsort(data.timesteps)
         cost = -torch.log_softmax(logits.detach(), dim=-1)[order]

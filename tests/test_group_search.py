@@ -76,6 +76,7 @@ def regime(t: int) -> int:
 
 
 FAST = dict(search_iters=120, refine_iters=10, batch_size=16, seed=0)
+SEARCH = dict(FAST, partition="search")  # the paper's relaxed search deciding the partition
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,7 +84,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_search_recovers_planted_partition():
     qm, data = planted_setup()
-    out = search_groups(qm, data, GroupSearchConfig(num_groups=3, **FAST))
+    out = search_groups(qm, data, GroupSearchConfig(num_groups=3, **SEARCH))
     groups = out.step_groups.tolist()
     regimes = [regime(int(t)) for t in data.timesteps]
     # the found partition equals the planted one (up to renaming)
@@ -96,7 +97,7 @@ def test_search_recovers_planted_partition():
 
 def test_search_with_more_groups_never_straddles_a_switch():
     qm, data = planted_setup()
-    out = search_groups(qm, data, GroupSearchConfig(num_groups=4, **FAST))
+    out = search_groups(qm, data, GroupSearchConfig(num_groups=4, **SEARCH))
     by_group = {}
     for g, t in zip(out.step_groups.tolist(), data.timesteps.tolist()):
         by_group.setdefault(g, set()).add(regime(int(t)))
@@ -106,10 +107,10 @@ def test_search_with_more_groups_never_straddles_a_switch():
 
 def test_search_beats_uniform_groups_on_planted_model():
     qm, data = planted_setup()
-    out = search_groups(qm, data, GroupSearchConfig(num_groups=3, **FAST))
+    out = search_groups(qm, data, GroupSearchConfig(num_groups=3, **SEARCH))
     searched = float(step_errors(qm, data).mean())
     qm2, _ = planted_setup()
-    base = search_groups(qm2, data, GroupSearchConfig(num_groups=3, search_iters=0, refine_iters=0))
+    base = search_groups(qm2, data, GroupSearchConfig(num_groups=3, search_iters=0, refine_iters=0, partition="search"))
     uniform = float(step_errors(qm2, data).mean())
     assert base.num_groups == 3
     assert searched < 0.5 * uniform, (searched, uniform)
@@ -119,7 +120,7 @@ def test_entropy_term_drives_weights_to_one_hot():
     # no planted switch: every group serves every step about equally well, so only the
     # entropy term can make the weights one-hot (temperature held at 1)
     flat = (1.0, 1.0, 1.0)
-    kw = dict(num_groups=3, search_iters=80, refine_iters=0, batch_size=16, temp_start=1.0, temp_end=1.0)
+    kw = dict(num_groups=3, search_iters=80, refine_iters=0, batch_size=16, temp_start=1.0, temp_end=1.0, partition="search")
     qm, data = planted_setup(factors=flat)
     on = search_groups(qm, data, GroupSearchConfig(entropy_weight=1.0, entropy_ramp=0.0, **kw))
     qm2, _ = planted_setup(factors=flat)
@@ -202,7 +203,7 @@ def test_per_step_partition_is_the_learned_ceiling():
     assert sorted(out.step_groups.tolist()) == list(range(data.num_steps))
     per_step = float(step_errors(qm, data).mean())
     qm3, _ = planted_setup()
-    search_groups(qm3, data, GroupSearchConfig(num_groups=3, **FAST))
+    search_groups(qm3, data, GroupSearchConfig(num_groups=3, **SEARCH))
     assert per_step <= 1.05 * float(step_errors(qm3, data).mean())
     with pytest.raises(Exception, match="partition"):
         GroupSearchConfig(partition="nope").validate()
@@ -216,3 +217,26 @@ def test_one_group_learns_its_scales_for_the_search_iterations_too():
         return torch.cat([q.scale.detach().flatten() for q in activation_quantizers(qm).values()])
 
     assert not torch.equal(scales_after(0), scales_after(20))
+
+
+def test_scale_dp_partition_finds_the_runs_of_similar_scales():
+    """Steps whose learned log-scales form 3 plateaus are split at the plateaus' edges; the weights
+    decide which split a 2-run budget keeps."""
+    from calibration.group_search import scale_dp_partition
+
+    v = torch.tensor([[0.0]] * 5 + [[1.0]] * 3 + [[3.0]] * 4)
+    runs, means = scale_dp_partition(v, torch.ones(12), 3)
+    assert runs.tolist() == [0] * 5 + [1] * 3 + [2] * 4
+    assert torch.allclose(means.flatten(), torch.tensor([0.0, 1.0, 3.0]))
+    # three equal steps of a staircase, two runs: the split falls beside the plateau that weighs most
+    v = torch.tensor([[0.0]] * 4 + [[1.0]] * 4 + [[2.0]] * 4)
+    heavy_low = torch.tensor([100.0] * 4 + [1.0] * 8)
+    assert scale_dp_partition(v, heavy_low, 2)[0].tolist() == [0] * 4 + [1] * 8
+    assert scale_dp_partition(v, heavy_low.flip(0), 2)[0].tolist() == [0] * 8 + [1] * 4
+
+
+def test_scale_dp_search_recovers_planted_partition():
+    qm, data = planted_setup()
+    out = search_groups(qm, data, GroupSearchConfig(num_groups=3, partition="scale-dp", **FAST))
+    assert out.num_groups == 3
+    assert out.step_groups.tolist() == [regime(int(t)) for t in data.timesteps]

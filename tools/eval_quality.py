@@ -14,7 +14,9 @@ trajectories: 64 seeds x 100 DDIM steps by default), then evaluate on held-out s
 * calibration time (trajectory sampling excluded and reported once).
 
 Variants (`--methods`): percentile, minmax, uniform-groups-G{2,4,8}, per-step, adpdm-G{2,4,8},
-adpdm-G4-last (calibration timestep fixed to the last step: the SRM ablation), and
+adpdm-G4-last (calibration timestep fixed to the last step: the SRM ablation), adpdm-G4-search (the
+partition decided by the paper's relaxed search instead of the default scale-dp), adpdm-G1 (ADP-DM's
+learning with one group), adpdm-per-step (one learned scale set per calibration step: the ceiling), and
 `<variant>+conv_in` (the input of conv_in quantized too; docs/design.md keeps it FP by default).
 Grouped baselines use the percentile statistic, like `percentile`, so only the grouping differs.
 
@@ -40,7 +42,7 @@ from quality_harness import fmt as _f  # noqa: E402
 
 ALL_VARIANTS = [
     "percentile", "minmax", "uniform-groups-G2", "uniform-groups-G4", "uniform-groups-G8", "per-step",
-    "adpdm-G1", "adpdm-G2", "adpdm-G4", "adpdm-G8", "adpdm-G4-last", "adpdm-per-step",
+    "adpdm-G1", "adpdm-G2", "adpdm-G4", "adpdm-G8", "adpdm-G4-last", "adpdm-G4-search", "adpdm-per-step",
     "percentile+conv_in", "per-step+conv_in", "adpdm-G1+conv_in", "adpdm-G4+conv_in",
 ]
 ALL_BITS = ["W8A8", "W8A6", "W4A8"]
@@ -65,6 +67,8 @@ def parse_variant(name: str) -> dict:
         spec.update(method="adpdm", groups=int(g))
         if tail == "last":
             spec["options"]["calib_step"] = "last"
+        elif tail == "search":  # the paper's relaxed search decides the partition (default: scale-dp)
+            spec["options"]["partition"] = "search"
         elif tail:
             raise SystemExit(f"unknown adpdm variant {name}")
     else:
