@@ -172,8 +172,14 @@ def gap_closed(runs: dict, bits: str, variant: str) -> float | None:
 
 
 def groups_gap_closed(runs: dict, bits: str, variant: str) -> float | None:
-    """ADP-DM G1 -> learned per-step scales, at the same learning: what the groups themselves add."""
+    """ADP-DM G1 -> learned per-step scales, at the same learning: what the groups themselves add
+    (None where the per-step scales are no better than one set: no gap for groups to close)."""
     if not variant.startswith("adpdm-G") or variant.startswith("adpdm-G1"):
+        return None
+    try:
+        if judged(runs[f"{bits}/adpdm-per-step"]) >= judged(runs[f"{bits}/adpdm-G1"]):
+            return None
+    except KeyError:
         return None
     return _gap(runs, bits, variant, "adpdm-G1", "adpdm-per-step")
 
