@@ -247,7 +247,7 @@ def report(data: dict, img_dir: Path) -> None:
     print("\nPer-sample PSNR vs FP over the held-out seeds (from the run record; runs recorded before it held them: from the 8-bit sample grids):\n")
     print("\n".join(lines2))
     for key, r in runs.items():
-        if r.get("srm"):
+        if r.get("srm") and r["variant"] in ("adpdm-G4", "adpdm-G4+conv_in"):  # the other rows' SRM differs little
             srm = r["srm"]
             print(f"\nSRM candidates for {key} (tau* = {srm['tau']}, oracle gap {100 * srm['oracle_gap']:+.1f}%):")
             print("| step | timestep | empirical risk | MMD^2 | structural risk | oracle (held-out) |")
@@ -256,7 +256,7 @@ def report(data: dict, img_dir: Path) -> None:
                 mark = " (tau*)" if k == srm["best_index"] else ""
                 print(f"| {row['step']} | {row['timestep']}{mark} | {row['empirical_risk']:.5f} | {row['mmd2']:.4f} | "
                       f"{row['structural_risk']:.5f} | {row['oracle']:.5f} |")
-        if r.get("group_ranges"):
+        if r.get("group_ranges") and len(r["group_ranges"]) <= 16:
             print(f"\ngroups of {key}: " + "; ".join(
                 f"g{g}: " + ", ".join(f"{lo}-{hi}" for lo, hi in runs_) for g, runs_ in enumerate(r["group_ranges"])))
     try:
