@@ -285,7 +285,8 @@ def findings(data: dict) -> list[str]:
             noise = max(1.0, ours["psnr_chunk_std_db"], best_psnr["psnr_chunk_std_db"])
             scope = "conv_in FP" if conv_in_fp else "conv_in quantized"
             out.append(
-                f"{bits}, {scope}: adpdm-G4 has {_judged(ours) / _judged(best):.2f}x the noise error (per-sample median) of "
+                f"{bits}, {scope}: adpdm-G4 has {_judged(ours) / _judged(best):.2f}x the noise error "
+                f"({'per-sample median' if 'noise_rel_l2_median' in ours else 'pooled: a row recorded before per-sample figures'}) of "
                 f"the best peer on the same scope, {_label(best)} ({_judged(ours):.4f} vs {_judged(best):.4f}; "
                 f"t < 100: {fmt(ours['noise_rel_l2_buckets'][b0], '.4f')} vs {fmt(best['noise_rel_l2_buckets'][b0], '.4f')}). "
                 f"Final-sample PSNR {ours['psnr_vs_fp_db']:.2f} dB vs the best peer's {best_psnr['psnr_vs_fp_db']:.2f} dB "
@@ -314,6 +315,11 @@ def render_markdown(data: dict, img_dir: Path, rel: str) -> str:
         "conv_out / time embedding / time_emb_proj FP; conv_in FP or quantized as the column says.", "",
         f"Machine: {machine_markdown(m.get('machine', {}))}", "",
     ]
+    old = [r for r in data.get("rows", {}).values() if not r.get("error") and "noise_rel_l2_median" not in r]
+    if old:
+        lines += [f"**{len(old)} rows were recorded before the per-sample figures and the current sampler** (their "
+                  "per-sample columns read n/a; \"Reading these numbers\" below says what changed since and where the "
+                  "current figures of our methods are). Rerun with `--fresh` to refresh them.", ""]
     for finding in findings(data):
         lines.append(f"- {finding}")
     lines.append("")
