@@ -1,24 +1,36 @@
-"""ADP-DM differentiable timestep-group search (docs/design.md, "ADP-DM calibration", step 3).
+"""ADP-DM timestep groups: the partition of the calibration steps and the scales of each group
+(docs/design.md, "ADP-DM calibration", step 3; docs/method.md argues each choice).
 
 Given calibration inputs at N calibration timesteps tau_1 > ... > tau_N (a `CalibSet`:
 UNet inputs and the FP noise predictions at them), find a partition of the N steps into
-at most G groups and one activation scale per (quantized tensor, group):
+at most G groups and one activation scale per (quantized tensor, group). Loss everywhere:
+MSE(eps_q, eps_fp) relative to the FP eps, log-scales learned by Adam (LSQ gradients,
+straight-through rounding); every partition gets the same number of Adam steps.
 
-1. initial scales: per-group percentile of |x| over G equal intervals of the steps
-   (the `uniform-groups` partition), so the G groups start distinct;
+Default partition, `scale-dp`:
+1. one scale set per step (per-step percentile start), learned for `search_iters` steps;
+2. the best split of the timestep-ordered steps into <= G contiguous runs of at least
+   `min_group_fraction` of the steps, minimizing the error-weighted spread of the learned
+   log-scales inside each run (`scale_dp_partition`, exact DP); each run starts from its
+   weighted mean scales.
+
+The paper's partition, `search`:
+1. initial scales: k-means of the per-step log-amax profiles into G groups (`init`), so
+   the G groups start distinct;
 2. relaxed search: logits A (N, G), pi_i = softmax(A_i / temperature); every activation
    quantizer returns sum_g pi_i,g * Q(x; s[l, g]) for an item at step i
-   (`quant_unet.relaxed_mode`). Loss = MSE(eps_q, eps_fp) / MSE at the initial scales
-   + lambda_H(it) * mean_i entropy(pi_i); A and the log-scales (LSQ, straight-through
-   rounding) are optimized jointly with Adam; the temperature is annealed geometrically
-   and lambda_H ramps up linearly (so the groups form before they are frozen);
-3. hard partition g(i) = argmax_g A_i,g, empty groups dropped, groups renumbered by
-   increasing timestep (group 0 holds the smallest timesteps);
-4. refinement: with the hard partition in place, every group's scales are trained on its
-   own steps only (each batch item uses its own group's scales, so a group's scales get
-   gradient from its own timesteps alone);
-5. the table: every training timestep 0..T-1 maps to the group of the nearest
-   calibration timestep (`table_from_steps`).
+   (`quant_unet.relaxed_mode`). Loss / its value at the initial scales
+   + lambda_H(it) * mean_i entropy(pi_i), A and the log-scales optimized jointly; the
+   temperature is annealed geometrically and lambda_H ramps up linearly (so the groups
+   form before they are frozen);
+3. hard partition: the best split into <= G contiguous runs under cost -log softmax(A)
+   (`contiguous_partition`; `contiguous=False`: the plain argmax).
+
+Then, for every partition: empty groups dropped, groups renumbered by increasing timestep
+(group 0 holds the smallest timesteps); refinement with the hard partition in place
+(`refine_iters` steps; each item uses its own group's scales, so a group's scales get
+gradient from its own timesteps alone); the table: every training timestep 0..T-1 maps to
+the group of the nearest calibration timestep (`table_from_steps`).
 
 Output-quantizer scales (applied only in the `ort` profile, so invisible to the `trt`
 loss) are set from per-group percentile statistics of the final partition.
@@ -404,12 +416,15 @@ class GroupSearchConfig:
     loss_ref_items: (step, item) pairs giving the loss normalization (loss at the initial scales).
     eval_batch: batch size of no-grad passes.
     seed: batch sampling and logit noise.
-    partition: `scale-dp` (the default; below), `search` (the paper's: the relaxed search decides), `per-step`: the partition fixed to one group per calibration
-        step, its scales learned exactly as the search's (search_iters + refine_iters steps of
-        the same loss): the learned per-step ceiling that groups are measured against; or
-        `scale-dp`: per-step scales learned for search_iters steps, then the <= G contiguous runs
-        their log-scales fit best (weighted by each step's error; `scale_dp_partition`), each
-        run starting from its mean scales, then the refinement.
+    partition: how the steps are split (every partition gets the same search_iters + refine_iters
+        Adam steps on the scales, so partitions compare at equal learning):
+        `scale-dp` (default): per-step scales learned for search_iters steps, then the <= G
+            contiguous runs their log-scales fit best (weighted by each step's error;
+            `scale_dp_partition`), each run starting from its mean scales, then the refinement;
+        `search`: the paper's relaxed search over logits decides (steps 1-3 of the module doc);
+        `per-step`: one group per calibration step, the learned per-step ceiling that groups are
+            measured against.
+        With G = 1 every partition is the same: one scale set, learned directly.
     """
 
     num_groups: int = 4
