@@ -1,4 +1,4 @@
-"""ADP-DM calibration end to end: SRM calibration timestep, then the differentiable group search.
+"""ADP-DM calibration end to end: SRM calibration timestep, then the timestep groups and their scales.
 
 `calibrate_adpdm(qmodel, trajectories, scheduler_config, config)` runs on a model wrapped by
 `quant_unet.quantize_model` (it sets the weight scales first unless `config.calibrate_weights`
