@@ -125,12 +125,19 @@ def trajectory_settings(
     seed: int,
     cond: Mapping[str, torch.Tensor],
     sample_shape: tuple[int, int, int],
+    unet_config: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
-    sched = {k: v for k, v in dict(scheduler_config).items() if not str(k).startswith("_")}
+    """What decides a trajectory set, as its cache key. The weights' hash does not cover the UNet's
+    config (the same weights with another norm_eps or head layout are another model), so it is in too."""
+    def plain(config: Mapping[str, Any]) -> dict[str, Any]:
+        kept = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+        return json.loads(json.dumps(kept, sort_keys=True, default=str))
+
     return {
         "format_version": FORMAT_VERSION,
         "model_sha256": model_sha,
-        "scheduler_config": json.loads(json.dumps(sched, sort_keys=True, default=str)),
+        "unet_config": plain(unet_config or {}),
+        "scheduler_config": plain(scheduler_config),
         "sampler": SAMPLER,
         "num_steps": int(num_steps),
         "num_samples": int(num_samples),
@@ -180,7 +187,8 @@ def generate_trajectories(
     shape = tuple(sample_shape) if sample_shape else _unet_sample_shape(unet)
     conds = expand_cond(cond, num_samples)
     sha = model_sha or model_sha256(unet)
-    settings = trajectory_settings(sha, scheduler_config, num_samples, num_steps, seed, conds, shape)
+    settings = trajectory_settings(sha, scheduler_config, num_samples, num_steps, seed, conds, shape,
+                                   unet_config=getattr(unet, "config", None))
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"trajectories-{settings_key(settings)[:32]}.safetensors"

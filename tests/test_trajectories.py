@@ -77,6 +77,10 @@ def test_cache_reused_and_never_stale(tiny_unet, ddpm_config, tmp_path):
     generate_trajectories(m, ddpm_config, **kw)
     assert m.calls == calls + 10
     assert len(list(tmp_path.glob("*.safetensors"))) == 4
+    # the same weights under another config (another model) are another key too
+    m.config = type(m.config)({**m.config, "norm_eps": float(m.config["norm_eps"]) * 10})
+    generate_trajectories(m, ddpm_config, **kw)
+    assert m.calls == calls + 13
 
 
 def test_corrupt_cache_regenerated(tiny_unet, ddpm_config, tmp_path):
