@@ -9,10 +9,13 @@ The same loop serves image generation, calibration trajectories and metrics.
 from __future__ import annotations
 
 import inspect
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 import torch
+
+from engines.errors import AdpdmError
 
 
 class NoisePredictor(Protocol):
@@ -39,9 +42,31 @@ class SampleOutput:
     trajectory: Optional[Trajectory] = None
 
 
+MAX_SEED = 2**63 - 2**32  # torch seeds are 64-bit; room for the per-item and scheduler offsets
+
+
+def check_seed(seed: int) -> int:
+    """A seed every generator here accepts, with its offsets (seed + item, seed + 1), or one clear error."""
+    try:
+        value = operator.index(seed)  # ints, numpy integers, 0-d integer tensors
+    except TypeError:
+        value = None
+    if value is None or not 0 <= value <= MAX_SEED:
+        raise AdpdmError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
+    return int(value)
+
+
+def check_steps(scheduler, num_steps: int) -> int:
+    """A step count the scheduler can take (at least 1, at most its training timesteps), or one clear error."""
+    limit = int(getattr(scheduler.config, "num_train_timesteps", 1000))
+    if not 1 <= int(num_steps) <= limit:
+        raise AdpdmError(f"steps must be in 1..{limit} (the scheduler's training timesteps), got {num_steps}")
+    return int(num_steps)
+
+
 def initial_noise(batch: int, shape: tuple[int, int, int], seed: int, dtype=torch.float32) -> torch.Tensor:
     """Seeded Gaussian noise drawn on the CPU, so every backend starts from the same bits."""
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
     return torch.randn((batch, *shape), generator=gen, dtype=dtype)
 
 
@@ -93,7 +118,7 @@ def sample(
     samplers are reproducible too. `on_step(i, num_steps)` reports progress.
     """
     cond = dict(cond or {})
-    scheduler.set_timesteps(int(num_steps))
+    scheduler.set_timesteps(check_steps(scheduler, num_steps))
     gen = torch.Generator(device="cpu").manual_seed(int(seed) + 1)
     x = noise.to(torch.float32) * scheduler.init_noise_sigma
     step_kwargs = scheduler_step_kwargs(scheduler, gen)

@@ -223,3 +223,31 @@ def test_stale_staging_folders_are_removed_by_the_next_export(model, our_build, 
     assert not stale.exists()
     assert live.is_dir() and (not_ours / "keep.txt").read_text() == "mine"
     assert not [p for p in out.iterdir() if p.name.startswith(".qdq-staging-") and p not in (live, not_ours)]
+
+
+# --------------------------------------------------------------------------- sample: checked before any work
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", str(2**64)], "seed must be an integer in 0.."),
+    (["--seed", "-1"], "seed must be an integer in 0.."),
+    (["--steps", "1001", "--scheduler", "ddpm", "--backend", "torch"], "steps must be in 1..1000"),
+])
+def test_sample_refuses_bad_seed_and_steps_in_one_line(capsys, tmp_path, model, args, message):
+    out = tmp_path / "grid.png"
+    rc, err = run_cli(capsys, "sample", model, "--n", "1", "--out", out, *args)
+    assert rc == 2 and message in one_line(err)
+    assert not out.exists()
+
+
+def test_sample_refuses_a_folder_as_out_before_sampling(capsys, tmp_path, model, monkeypatch):
+    import adpdm_export.sampling as sampling
+
+    monkeypatch.setattr(sampling, "open_source", lambda *a, **k: pytest.fail("sampled despite a bad --out"))
+    folder = tmp_path / "grid.png"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("keep")
+    before = snapshot(tmp_path)
+    rc, err = run_cli(capsys, "sample", model, "--out", folder)
+    assert rc == 2 and "is a folder" in one_line(err)
+    assert snapshot(tmp_path) == before

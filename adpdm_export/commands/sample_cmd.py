@@ -29,6 +29,7 @@ def sample_images(
     from engines.conditioning import default_condition
     from engines.errors import AdpdmError
     from engines.images import save_grid
+    from engines.sampler import check_seed
 
     if scheduler not in SCHEDULERS:
         raise AdpdmError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
@@ -36,6 +37,9 @@ def sample_images(
         raise AdpdmError(f"--out must name a .png file (got {out})")
     if n < 1 or steps < 1:
         raise AdpdmError(f"--n and --steps must be >= 1 (got --n {n}, --steps {steps})")
+    if out.is_dir():
+        raise AdpdmError(f"--out {out} is a folder: name the .png file to write")
+    check_seed(seed)  # before any work (loading, sampling)
     src = open_source(model, backend, threads=threads or None)
     console.print(f"sampling {n} images x {steps} steps from {src.description}")
     with stage_progress() as on_progress:
