@@ -75,14 +75,14 @@ def noise_rel_l2(
             "per_sample": item_rel.mean(0).tolist()}
 
 
-def per_sample_summary(values, seeds: Optional[list[int]] = None, prefix: str = "noise_rel_l2") -> dict[str, Any]:
-    """{prefix}_median / _p90 / _max over per-sample values (and the seed of the max)."""
+def per_sample_summary(values, seeds: Optional[list[int]] = None) -> dict[str, Any]:
+    """noise_rel_l2_median / _p90 / _max over per-sample values (and _max_seed, the seed of the max)."""
     v = torch.as_tensor(values, dtype=torch.float64)
     worst = int(v.argmax())
-    out = {f"{prefix}_median": float(v.median()), f"{prefix}_p90": float(torch.quantile(v, 0.9)),
-           f"{prefix}_max": float(v[worst])}
+    out = {"noise_rel_l2_median": float(v.median()), "noise_rel_l2_p90": float(torch.quantile(v, 0.9)),
+           "noise_rel_l2_max": float(v[worst])}
     if seeds is not None:
-        out[f"{prefix}_max_seed"] = int(seeds[worst])
+        out["noise_rel_l2_max_seed"] = int(seeds[worst])
     return out
 
 
@@ -106,6 +106,19 @@ def trajectory_report(traj: TrajectorySet, scheduler_config: Mapping[str, Any]) 
     items = off_range_items(traj, scheduler_config)
     seeds = traj.seeds
     return {"off_range_count": len(items), "off_range_seeds": [seeds[i] for i in items]}
+
+
+def noise_report(model: nn.Module, heldout: TrajectorySet, scheduler_config: Mapping[str, Any], batch_size: int = 64,
+                 progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
+    """The noise-error keys every quality report carries: noise_rel_l2 (pooled), the per-sample
+    summary, noise_rel_l2_per_timestep and the off-range FP trajectories of `heldout`."""
+    nr = noise_rel_l2(model, heldout, batch_size, progress=progress)
+    return {
+        "noise_rel_l2": nr["mean"],
+        **per_sample_summary(nr["per_sample"], heldout.seeds),
+        "noise_rel_l2_per_timestep": {str(t): r for t, r in zip(nr["timesteps"], nr["rel_l2"])},
+        **trajectory_report(heldout, scheduler_config),
+    }
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
@@ -171,13 +184,10 @@ def evaluate(
     """
     p_noise = (lambda d, t: progress("noise error", d, t)) if progress else None
     p_samp = (lambda d, t: progress("sampling", d, t)) if progress else None
-    nr = noise_rel_l2(model, heldout, batch_size, progress=p_noise)
+    noise = noise_report(model, heldout, scheduler_config, batch_size, progress=p_noise)
     images = sample_like(model, scheduler_config, heldout, batch_size, progress=p_samp)
     out: dict[str, Any] = {
-        "noise_rel_l2": nr["mean"],
-        **per_sample_summary(nr["per_sample"], heldout.seeds),
-        "noise_rel_l2_per_timestep": {str(t): r for t, r in zip(nr["timesteps"], nr["rel_l2"])},
-        **trajectory_report(heldout, scheduler_config),
+        **noise,
         "psnr_vs_fp_db": psnr(images, heldout.final),
         "fd": None,
         "fd_fp": None,

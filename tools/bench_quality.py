@@ -261,14 +261,10 @@ def plot(data: dict, img_dir: Path) -> str | None:
     return name
 
 
-def _judged(r: dict) -> float:
-    """Per-sample median noise rel-L2 (rows recorded before it existed: the pooled value)."""
-    return r.get("noise_rel_l2_median", r["noise_rel_l2"])
-
-
 def findings(data: dict) -> list[str]:
     """Plain sentences computed from the rows: adpdm-G4 against the best peer on the shared scope
     (noise error judged on the per-sample median)."""
+    from eval_quality import judged as _judged
     out = []
     rows = [r for r in data["rows"].values() if not r.get("error")]
     b0 = "0-99"

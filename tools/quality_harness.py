@@ -107,18 +107,15 @@ def evaluate_model(qmodel, scheduler_config, heldout, feature_fn, real_stats, ba
     timesteps): median (the figure targets are judged on), p90, max; off-range FP trajectories; final-sample PSNR vs FP over all
     samples, per chunk of CHUNK seeds and per sample; Frechet distance and its change vs FP.
     """
-    from calibration.metrics import frechet_of, noise_rel_l2, per_sample_summary, psnr, sample_like, trajectory_report
+    from calibration.metrics import frechet_of, noise_report, psnr, sample_like
 
-    nr = noise_rel_l2(qmodel, heldout, batch_size)
+    noise = noise_report(qmodel, heldout, scheduler_config, batch_size)
     images = sample_like(qmodel, scheduler_config, heldout, batch_size)
     fp = heldout.final
     chunks = [psnr(images[i: i + CHUNK], fp[i: i + CHUNK]) for i in range(0, images.shape[0], CHUNK)]
     per = per_sample_psnr(images, fp)
     out = {
-        "noise_rel_l2": nr["mean"],
-        **per_sample_summary(nr["per_sample"], heldout.seeds),
-        **trajectory_report(heldout, scheduler_config),
-        "noise_rel_l2_per_timestep": dict(zip([str(t) for t in nr["timesteps"]], nr["rel_l2"])),
+        **noise,
         "psnr_vs_fp_db": psnr(images, fp),
         "psnr_chunks_db": chunks,
         "psnr_chunk_std_db": float(torch.tensor(chunks).std()) if len(chunks) > 1 else 0.0,
