@@ -49,7 +49,7 @@ def check_bits(bits: Any, what: str) -> int:
     return bits
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantConfig:
     """What the quantization-aware UNet quantizes.
 
@@ -86,19 +86,19 @@ class QuantConfig:
         self.validate()
 
     def validate(self) -> "QuantConfig":
-        self.w_bits = check_bits(self.w_bits, "w_bits")
-        self.a_bits = check_bits(self.a_bits, "a_bits")
+        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: normalise in place)
+        put("w_bits", check_bits(self.w_bits, "w_bits"))
+        put("a_bits", check_bits(self.a_bits, "a_bits"))
         if self.profile not in PROFILES:
             raise AdpdmError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
-        if isinstance(self.fp_layers, str):
-            self.fp_layers = (self.fp_layers,)
-        self.fp_layers = tuple(str(p) for p in self.fp_layers)
+        fp = (self.fp_layers,) if isinstance(self.fp_layers, str) else self.fp_layers
+        put("fp_layers", tuple(str(p) for p in fp))
         if int(self.weight_clip_grid) < 1:
             raise AdpdmError(f"weight_clip_grid must be >= 1, got {self.weight_clip_grid}")
-        self.weight_clip_grid = int(self.weight_clip_grid)
+        put("weight_clip_grid", int(self.weight_clip_grid))
         if not 0.0 < float(self.weight_clip_min) <= 1.0:
             raise AdpdmError(f"weight_clip_min must be in (0, 1], got {self.weight_clip_min}")
-        self.weight_clip_min = float(self.weight_clip_min)
+        put("weight_clip_min", float(self.weight_clip_min))
         return self
 
     def is_fp_layer(self, name: str) -> bool:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import nn
 
+from calibration.configs import DEFAULT_SAMPLES, DEFAULT_STEPS
 from calibration.fingerprint import model_sha256
 from engines.errors import AdpdmError
 from engines.sampler import initial_noise, sample
@@ -34,8 +35,6 @@ from engines.torch_predictor import TorchNoisePredictor
 FORMAT_VERSION = 2  # 2: DDIM re-derives eps from a clipped x0 (engines.sampler.scheduler_step_kwargs)
 SAMPLER = "ddim"
 HELDOUT_SEED_OFFSET = 1_000_003
-DEFAULT_SAMPLES = 64
-DEFAULT_STEPS = 100
 DEFAULT_BATCH_SIZE = 64  # UNet batch of every calibration pass (sampling, statistics, ADP-DM's search)
 
 
@@ -101,7 +100,7 @@ def expand_cond(cond: Optional[Mapping[str, Any]], n: int) -> dict[str, torch.Te
     return out
 
 
-def _unet_sample_shape(unet: nn.Module) -> tuple[int, int, int]:
+def unet_sample_shape(unet: nn.Module) -> tuple[int, int, int]:
     cfg = getattr(unet, "config", None)
     if cfg is None:
         raise AdpdmError("cannot tell the sample shape of this UNet; pass sample_shape")
@@ -184,7 +183,7 @@ def generate_trajectories(
     if int(num_steps) < 1:
         raise AdpdmError(f"calibration steps must be >= 1, got {num_steps}")
     num_samples, num_steps = int(num_samples), int(num_steps)
-    shape = tuple(sample_shape) if sample_shape else _unet_sample_shape(unet)
+    shape = tuple(sample_shape) if sample_shape else unet_sample_shape(unet)
     conds = expand_cond(cond, num_samples)
     sha = model_sha or model_sha256(unet)
     settings = trajectory_settings(sha, scheduler_config, num_samples, num_steps, seed, conds, shape,

@@ -13,32 +13,26 @@ import torch
 from diffusers import DDPMScheduler
 
 from calibration import pipeline
-from calibration.adpdm import adpdm_method, config_from_options
+from calibration.configs import ADPDMConfig, DataFreeConfig
 from calibration.result import CalibrationResult
-from engines.errors import AdpdmError
 from tiny_models import tiny_unet2d
 
 FAST = {"search_iters": 8, "refine_iters": 4, "srm_candidates": 3, "srm_eval_steps": 3,
-        "srm_heldout_items": 6, "search_items": 8, "log": None}
+        "srm_heldout_items": 6, "search_items": 8}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def adpdm_registered(monkeypatch):
-    """The ADP-DM plug-in as the pipeline's `adpdm` method (whether or not the pipeline wires it)."""
-    monkeypatch.setitem(pipeline.METHODS, "adpdm", adpdm_method)
-
-
-def _calibrate(seed=0, **kw):
+def _calibrate(seed=0, log=None, **kw):
     unet = tiny_unet2d()
     sc = dict(DDPMScheduler(num_train_timesteps=1000).config)
-    return pipeline.calibrate(unet, sc, method="adpdm", groups=kw.pop("groups", 2), calib_samples=16, calib_steps=6,
-                              seed=seed, batch_size=64, options={**FAST, **kw})
+    config = ADPDMConfig(**{**FAST, "groups": 2, **kw})
+    return pipeline.calibrate(unet, sc, config, data=DataFreeConfig(samples=16, steps=6), seed=seed, batch_size=64,
+                              log=log)
 
 
-def test_pipeline_adpdm_result_roundtrip_and_reproducible(adpdm_registered, tmp_path):
+def test_pipeline_adpdm_result_roundtrip_and_reproducible(tmp_path):
     a = _calibrate()
     assert a.method == "adpdm"
     assert 1 <= a.num_groups <= 2
@@ -60,16 +54,14 @@ def test_pipeline_adpdm_result_roundtrip_and_reproducible(adpdm_registered, tmp_
         assert torch.equal(s, b.activation_scales[n]), n
 
 
-def test_fixed_calibration_step_skips_srm(adpdm_registered):
-    r = _calibrate(calib_step="last", groups=1)
+def test_fixed_calibration_step_skips_srm():
+    lines: list[str] = []
+    r = _calibrate(calib_step="last", groups=1, log=lines.append)
     assert r.extra["adpdm"]["srm"] is None
     assert r.calib_timestep == min(r.extra["adpdm"]["calib_timesteps"])
     assert r.num_groups == 1
-
-
-def test_unknown_option_is_refused():
-    with pytest.raises(AdpdmError, match="unknown ADP-DM options"):
-        config_from_options(4, 0, 99.99, 64, {"serch_iters": 3})
+    assert any("loss" in line for line in lines) and "tau* =" in lines[-1]  # losses, then the summary
+    assert r.config["calibration"]["method_config"] == {**ADPDMConfig(**FAST, groups=1, calib_step="last").to_dict()}
 
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "..", "adpdm_export", "assets", "reference", "model_index.json")
@@ -79,7 +71,7 @@ REFERENCE = os.path.join(os.path.dirname(__file__), "..", "adpdm_export", "asset
 @pytest.mark.skipif(not os.path.isfile(REFERENCE), reason="bundled reference model not built yet")
 def test_cli_calibrate_reference_adpdm(tmp_path):
     env = dict(os.environ, ADPDM_CACHE_DIR=str(tmp_path / "cache"))
-    options = [a for k, v in FAST.items() if k != "log" for a in ("--option", f"{k}={v}")]
+    options = [a for k, v in FAST.items() for a in ("--option", f"{k}={v}")]
     out = tmp_path / "calib"
     r = subprocess.run(
         [sys.executable, "-m", "adpdm_export.cli", "calibrate", "reference", "--method", "adpdm", "--groups", "2",

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from adpdm_export.build_engine import CalibrationSettings, build_engine
+from adpdm_export.build_pipeline import build_engine
+from calibration.configs import DataFreeConfig, MinMaxConfig, UniformGroupsConfig
+from calibration.qconfig import QuantConfig
 from adpdm_export.build_stages import LEDGER, LOCK_NAME, check_build_folder
 from adpdm_export.cli import main
 from engines.errors import AdpdmError
@@ -26,7 +28,7 @@ from tiny_models import save_unet_folder, tiny_unet2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-QUICK = CalibrationSettings(method="minmax", calib_samples=2, calib_steps=2)
+QUICK = dict(method=MinMaxConfig(), data=DataFreeConfig(samples=2, steps=2))
 QUICK_FLAGS = ["--method", "minmax", "--calib-samples", "2", "--calib-steps", "2", "--backend", "ort", "--no-progress"]
 
 
@@ -64,7 +66,7 @@ def model(tmp_path_factory):
 def our_build(model, tmp_path_factory):
     """A finished build (ort profile) to copy: calibration/, graphs, weights, report, manifest, ledger."""
     out = tmp_path_factory.mktemp("ours") / "build"
-    build_engine(str(model), out, QUICK, backend="ort", profiles=("ort",))
+    build_engine(str(model), out, **QUICK, backend="ort", profiles=("ort",))
     return out
 
 
@@ -135,12 +137,12 @@ def test_rebuilds_keep_user_files_in_our_build(model, our_build, tmp_path, capsy
 
 def test_fewer_groups_remove_only_graphs_the_build_wrote(model, tmp_path):
     out = tmp_path / "build"
-    build_engine(str(model), out, CalibrationSettings(method="uniform-groups", groups=3, calib_samples=2,
-                                                      calib_steps=4), backend="ort", profiles=("ort",))
+    build_engine(str(model), out, UniformGroupsConfig(groups=3), data=DataFreeConfig(samples=2, steps=4),
+                 backend="ort", profiles=("ort",))
     assert (out / "unet.g2.ort.onnx").is_file()
     (out / "unet.g5.ort.onnx").write_bytes(b"user's")
-    build_engine(str(model), out, CalibrationSettings(method="uniform-groups", groups=2, calib_samples=2,
-                                                      calib_steps=4), backend="ort", profiles=("ort",))
+    build_engine(str(model), out, UniformGroupsConfig(groups=2), data=DataFreeConfig(samples=2, steps=4),
+                 backend="ort", profiles=("ort",))
     assert not (out / "unet.g2.ort.onnx").exists()  # ours, stale: removed
     assert (out / "unet.g5.ort.onnx").read_bytes() == b"user's"  # not ours: kept
     assert load_manifest(out).num_groups == 2
@@ -180,7 +182,7 @@ def test_a_second_build_fails_at_once_naming_the_holder(model, our_build, tmp_pa
         assert "is being built by pid 4242 on buildhost since 2025-01-01T00:00:00+00:00" in line
         assert snapshot(tmp_path) == before
         with pytest.raises(AdpdmError, match="pid 4242"):  # the library entry point too
-            build_engine(str(model), out, QUICK, backend="ort", profiles=("ort",))
+            build_engine(str(model), out, **QUICK, backend="ort", profiles=("ort",))
     finally:
         held.close()
 
@@ -188,11 +190,10 @@ def test_a_second_build_fails_at_once_naming_the_holder(model, our_build, tmp_pa
 def test_the_lock_is_released_on_errors(model, our_build, tmp_path):
     out = shutil.copytree(our_build, tmp_path / "build")
     with pytest.raises(AdpdmError, match="A7"):  # calibrates, then the export refuses A7
-        build_engine(str(model), out, CalibrationSettings(method="minmax", a_bits=7, calib_samples=2, calib_steps=2),
-                     backend="ort", profiles=("ort",))
+        build_engine(str(model), out, **QUICK, quant=QuantConfig(a_bits=7), backend="ort", profiles=("ort",))
     held = _hold_lock(out)  # would raise BlockingIOError if the failed build still held it
     held.close()
-    build_engine(str(model), out, QUICK, backend="ort", profiles=("ort",))
+    build_engine(str(model), out, **QUICK, backend="ort", profiles=("ort",))
 
 
 def test_a_failed_start_leaves_no_folder(tmp_path, capsys):

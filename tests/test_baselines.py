@@ -7,7 +7,9 @@ import torch
 
 from calibration.baselines import nearest_table, per_step_table, uniform_table
 from calibration.metrics import noise_rel_l2
-from calibration.pipeline import METHODS, calibrate, check_method_args, register_method
+from calibration.configs import (ADPDMConfig, DataFreeConfig, MinMaxConfig, PercentileConfig, PerStepConfig,
+                                 UniformGroupsConfig, method_config)
+from calibration.pipeline import METHODS, calibrate, register_method, resolve_device
 from calibration.qconfig import QuantConfig
 from calibration.quant_unet import activation_quantizers, quantize_model
 from calibration.trajectories import generate_trajectories, heldout_seed
@@ -41,7 +43,7 @@ def setup(tmp_path_factory):
 
 def test_minmax_scale_is_observed_max_over_all_steps(setup):
     unet, cfg, traj, _ = setup
-    res = calibrate(unet, cfg, method="minmax", trajectories=traj)
+    res = calibrate(unet, cfg, MinMaxConfig(), data=traj)
     name = "down_blocks.1.resnets.0.conv1"
     seen = []
     layer = dict(unet.named_modules())[name]
@@ -57,83 +59,98 @@ def test_minmax_scale_is_observed_max_over_all_steps(setup):
 
 def test_percentile_below_minmax(setup):
     unet, cfg, traj, _ = setup
-    mm = calibrate(unet, cfg, method="minmax", trajectories=traj)
-    pc = calibrate(unet, cfg, method="percentile", percentile=99.0, trajectories=traj)
+    mm = calibrate(unet, cfg, MinMaxConfig(), data=traj)
+    pc = calibrate(unet, cfg, PercentileConfig(percentile=99.0), data=traj)
     ratios = [float(pc.activation_scales[n] / mm.activation_scales[n]) for n in mm.activation_scales]
     assert all(r <= 1.0 + 1e-6 for r in ratios) and min(ratios) < 0.9
 
 
 def test_uniform_groups_and_per_step(setup):
     unet, cfg, traj, _ = setup
-    ug = calibrate(unet, cfg, method="uniform-groups", groups=2, trajectories=traj)
+    ug = calibrate(unet, cfg, UniformGroupsConfig(groups=2), data=traj)
     assert ug.num_groups == 2 and [g["timestep_ranges"] for g in ug.groups] == [[[0, 499]], [[500, 999]]]
     assert all(s.shape == (2,) for s in ug.activation_scales.values())
     assert sorted(t for g in ug.groups for t in g["calib_timesteps"]) == sorted(traj.timesteps.tolist())
-    ps = calibrate(unet, cfg, method="per-step", trajectories=traj)
+    ps = calibrate(unet, cfg, PerStepConfig(), data=traj)
     assert ps.num_groups == 8
     for g in ps.groups:
         (t,) = g["calib_timesteps"]
         assert ps.group_of(t) == g["id"]
     # each group's scale is the max over its own steps: the max over groups is the one-group scale
-    mm = calibrate(unet, cfg, method="minmax", trajectories=traj)
+    mm = calibrate(unet, cfg, MinMaxConfig(), data=traj)
     for n, s in mm.activation_scales.items():
         assert ps.activation_scales[n].max().item() == pytest.approx(s.item(), rel=1e-6)
     with pytest.raises(AdpdmError, match="no calibration step"):
-        calibrate(unet, cfg, method="uniform-groups", groups=20, trajectories=traj)
+        calibrate(unet, cfg, UniformGroupsConfig(groups=20), data=traj)
 
 
 def test_bad_arguments(setup):
     unet, cfg, traj, _ = setup
     with pytest.raises(AdpdmError, match="unknown method"):
-        check_method_args("kmeans", None, 8, 8)
+        method_config("kmeans")
     for bits in (1, 9, 0, "x"):
         with pytest.raises(AdpdmError, match="bits"):
-            check_method_args("minmax", None, bits, 8)
+            QuantConfig(w_bits=bits)
         with pytest.raises(AdpdmError, match="bits"):
-            check_method_args("minmax", None, 8, bits)
+            QuantConfig(a_bits=bits)
     with pytest.raises(AdpdmError, match="groups must be >= 1"):
-        check_method_args("uniform-groups", 0, 8, 8)
+        UniformGroupsConfig(groups=0)
     with pytest.raises(AdpdmError, match="one scale set"):
-        calibrate(unet, cfg, method="minmax", groups=4, trajectories=traj)
-    with pytest.raises(AdpdmError, match="per-step"):
-        calibrate(unet, cfg, method="per-step", groups=3, trajectories=traj)
+        method_config("minmax", {"groups": 4})
+    assert method_config("minmax", {"groups": 1}) == MinMaxConfig()  # --groups 1 says what minmax does
+    with pytest.raises(AdpdmError, match="per-step has no setting groups"):
+        method_config("per-step", {"groups": 3})
     with pytest.raises(AdpdmError, match="calibration steps"):
-        calibrate(unet, cfg, calib_steps=1001)
-    with pytest.raises(AdpdmError, match="calibration samples"):
-        calibrate(unet, cfg, calib_samples=0)
+        calibrate(unet, cfg, MinMaxConfig(), data=DataFreeConfig(steps=1001))
+    with pytest.raises(AdpdmError, match="samples must be >= 1"):
+        DataFreeConfig(samples=0)
     with pytest.raises(AdpdmError, match="percentile"):
-        calibrate(unet, cfg, method="percentile", percentile=0, trajectories=traj)
+        PercentileConfig(percentile=0)
+    with pytest.raises(AdpdmError, match="method must be one of the method configs"):
+        calibrate(unet, cfg, "minmax", data=traj)  # type: ignore[arg-type]
+    with pytest.raises(AdpdmError, match="quant must be a QuantConfig"):
+        calibrate(unet, cfg, MinMaxConfig(), {"w_bits": 8}, data=traj)  # type: ignore[arg-type]
+    with pytest.raises(AdpdmError, match="batch_size"):
+        calibrate(unet, cfg, MinMaxConfig(), data=traj, batch_size=0)
     if not torch.cuda.is_available():
         with pytest.raises(AdpdmError, match="cuda"):
-            check_method_args("minmax", None, 8, 8, device="cuda")
+            resolve_device("cuda")
 
 
-def test_adpdm_refused_when_not_installed(setup, monkeypatch):
-    import calibration.pipeline as pl
+def test_configs_are_frozen_and_cast_from_text():
+    import dataclasses
 
-    unet, cfg, traj, _ = setup
-    monkeypatch.setattr(pl, "_load_adpdm", lambda: None)
-    with pytest.raises(AdpdmError, match="not available"):
-        check_method_args("adpdm", 4, 8, 8)
-    with pytest.raises(AdpdmError, match="not available"):
-        calibrate(unet, cfg, method="adpdm", trajectories=traj)
+    c = method_config("adpdm", {"groups": "2", "search_iters": "5", "calib_step": "last", "search_items": "none",
+                                "lambda_mmd": "3.5"})
+    assert c == ADPDMConfig(groups=2, search_iters=5, calib_step="last", search_items=None, lambda_mmd=3.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.groups = 3  # type: ignore[misc]
+    with pytest.raises(AdpdmError, match="search_iters must be >= 0"):
+        dataclasses.replace(c, search_iters=-5)  # checked again on every change
+    with pytest.raises(AdpdmError, match="must be int"):
+        method_config("adpdm", {"search_iters": "many"})
+    with pytest.raises(AdpdmError, match="adpdm has no setting serch_iters"):
+        method_config("adpdm", {"serch_iters": 3})
+    assert ADPDMConfig(calib_step="3").calib_step == 3
+    assert method_config(c.method, {k: v for k, v in c.to_dict().items() if k != "method"}) == c
 
 
 def test_register_method(setup):
     unet, cfg, traj, _ = setup
-    from calibration.pipeline import MethodOutput, _minmax
+    from calibration.method_api import MethodOutput
+    from calibration.pipeline import _minmax
 
-    old = METHODS["adpdm"]
-    register_method("adpdm", lambda ctx: MethodOutput(**{**_minmax(ctx).__dict__, "calib_timestep": 123}))
+    old = METHODS[ADPDMConfig]
+    register_method(ADPDMConfig, lambda ctx: MethodOutput(**{**_minmax(ctx).__dict__, "calib_timestep": 123}))
     try:
-        res = calibrate(unet, cfg, method="adpdm", trajectories=traj)
+        res = calibrate(unet, cfg, ADPDMConfig(), data=traj)
         assert res.method == "adpdm" and res.calib_timestep == 123
     finally:
-        METHODS["adpdm"] = old
+        METHODS[ADPDMConfig] = old
 
 
 def _rel_l2(unet, cfg, traj, held, w_bits, a_bits, method="minmax"):
-    res = calibrate(unet, cfg, method=method, w_bits=w_bits, a_bits=a_bits, trajectories=traj)
+    res = calibrate(unet, cfg, method_config(method), QuantConfig(w_bits=w_bits, a_bits=a_bits), data=traj)
     return noise_rel_l2(quantize_model(unet, result=res), held)["mean"]
 
 
@@ -173,7 +190,8 @@ def test_observing_while_sampling_equals_a_separate_pass(tmp_path, method, kw):
     from conftest import DDPM_CONFIG
 
     unet = tiny_unet2d(seed=3)
-    args = dict(method=method, calib_samples=3, calib_steps=4, cache_dir=str(tmp_path), batch_size=2, **kw)
+    args = dict(method=method_config(method, kw), data=DataFreeConfig(samples=3, steps=4), cache_dir=str(tmp_path),
+                batch_size=2)
     first = calibrate(unet, DDPM_CONFIG, **args)  # samples (and observes while sampling)
     assert len(list(tmp_path.glob("stepstats-*.safetensors"))) == 1
     second = calibrate(unet, DDPM_CONFIG, **args)  # trajectories and statistics from the cache
@@ -189,5 +207,5 @@ def test_observing_while_sampling_equals_a_separate_pass(tmp_path, method, kw):
         assert torch.equal(s, second.activation_scales[n]), n
         assert torch.equal(s, third.activation_scales[n]), n
     # other quantizers (config) are another statistics key
-    calibrate(unet, DDPM_CONFIG, **{**args, "config": QuantConfig(quantize_attention_bmm=True)})
+    calibrate(unet, DDPM_CONFIG, **{**args, "quant": QuantConfig(quantize_attention_bmm=True)})
     assert len(list(tmp_path.glob("stepstats-*.safetensors"))) == 2

@@ -1,7 +1,6 @@
 """build-engine: the stages run once, resume after a deleted output, rerun when any of their inputs
 changes (conditions by value, the model, every flag), and the build serves the runner."""
 
-import dataclasses
 import json
 import shutil
 import types
@@ -9,13 +8,15 @@ import types
 import pytest
 import torch
 
-from adpdm_export.build_engine import CalibrationSettings, build_engine
+from adpdm_export.build_pipeline import build_engine
+from calibration.configs import ADPDMConfig, DataFreeConfig, MinMaxConfig, UniformGroupsConfig
+from calibration.qconfig import QuantConfig
 from engines.errors import AdpdmError
 from engines.manifest import load_manifest
 from engines.runner import TimestepDispatchRunner
 from tiny_models import save_unet_folder, tiny_cond_unet, tiny_unet2d
 
-FAST = CalibrationSettings(method="uniform-groups", groups=2, calib_samples=4, calib_steps=8)
+FAST = dict(method=UniformGroupsConfig(groups=2), data=DataFreeConfig(samples=4, steps=8))
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("be")
     model = save_unet_folder(tiny_unet2d(), root / "unet")
-    summary = build_engine(str(model), root / "build", FAST, backend="ort", cache_dir=str(root / "cache"))
+    summary = build_engine(str(model), root / "build", **FAST, backend="ort", cache_dir=str(root / "cache"))
     return model, root, summary
 
 
@@ -41,7 +42,7 @@ def test_build_writes_a_manifest_that_loads_and_runs(built):
 
 def test_second_run_reuses_every_stage(built):
     model, root, _ = built
-    again = build_engine(str(model), root / "build", FAST, backend="ort", cache_dir=str(root / "cache"))
+    again = build_engine(str(model), root / "build", **FAST, backend="ort", cache_dir=str(root / "cache"))
     assert all(s.reused for s in again.stages)
 
 
@@ -49,7 +50,7 @@ def test_resume_reruns_only_the_stage_whose_output_was_deleted(built):
     model, root, _ = built
     (root / "build" / "unet.g1.ort.onnx").unlink()
     calib_before = (root / "build" / "calibration" / "calibration.json").read_bytes()
-    again = build_engine(str(model), root / "build", FAST, backend="ort", cache_dir=str(root / "cache"))
+    again = build_engine(str(model), root / "build", **FAST, backend="ort", cache_dir=str(root / "cache"))
     status = {s.name: s.reused for s in again.stages}
     assert status == {"calibrate": True, "export": False}
     assert (root / "build" / "calibration" / "calibration.json").read_bytes() == calib_before
@@ -58,8 +59,8 @@ def test_resume_reruns_only_the_stage_whose_output_was_deleted(built):
 
 def test_changed_settings_recalibrate(built):
     model, root, _ = built
-    changed = CalibrationSettings(method="uniform-groups", groups=3, calib_samples=4, calib_steps=8)
-    again = build_engine(str(model), root / "build", changed, backend="ort", cache_dir=str(root / "cache"))
+    changed = {**FAST, "method": UniformGroupsConfig(groups=3)}
+    again = build_engine(str(model), root / "build", **changed, backend="ort", cache_dir=str(root / "cache"))
     assert not any(s.reused for s in again.stages)
     assert load_manifest(root / "build").num_groups == 3
     assert json.loads((root / "build" / "calibration" / "calibration.json").read_text())["method"] == "uniform-groups"
@@ -72,7 +73,7 @@ def test_trt_backend_without_tensorrt_is_one_clear_error(built, tmp_path):
         pytest.skip("TensorRT is installed here")
     model, root, _ = built
     with pytest.raises(AdpdmError, match="TensorRT"):
-        build_engine(str(model), tmp_path / "b", FAST, backend="trt")
+        build_engine(str(model), tmp_path / "b", **FAST, backend="trt")
     assert not (tmp_path / "b").exists()
 
 
@@ -80,7 +81,7 @@ def test_trt_backend_without_tensorrt_is_one_clear_error(built, tmp_path):
 # every input of a stage is in its key: a rebuild into the same --out after any of them
 # changes reruns the stage (and what follows), an identical rebuild reuses it
 # ----------------------------------------------------------------------------------------
-QUICK = CalibrationSettings(method="minmax", calib_samples=2, calib_steps=2)
+QUICK = dict(method=UniformGroupsConfig(groups=1), data=DataFreeConfig(samples=2, steps=2))
 
 
 def labels(*values):
@@ -96,7 +97,7 @@ def rebuild(model, out, settings=QUICK, **kw):
     lines = []
     kw.setdefault("backend", "ort")
     kw.setdefault("profiles", ("ort",))
-    summary = build_engine(str(model), out, settings, say=lines.append, **kw)
+    summary = build_engine(str(model), out, **{**settings, **kw}, say=lines.append)
     return {s.name: s.reused for s in summary.stages}, lines
 
 
@@ -165,38 +166,46 @@ def test_changed_model_in_the_same_folder_reruns_every_stage(tmp_path, change):
     assert rebuild(model, tmp_path / "b", cond=labels(1, 2))[0] == REUSED
 
 
-# One changed value per calibration flag (the test below checks every field is listed).
+# One changed value per calibration flag of `adpdm build-engine` (the test below checks every flag
+# is listed): each maps to one field of the method, quant or data config, or to seed / device.
 FLAG_CHANGES = {
-    "method": "percentile",
-    "groups": 1,
-    "w_bits": 4,
-    "a_bits": 7,  # calibrates, then the export refuses A7
-    "calib_samples": 3,
-    "calib_steps": 3,
-    "seed": 1,
-    "device": "cpu:0",
-    "stat": "percentile",
-    "percentile": 99.0,
-    "quantize_residual": True,
-    "quantize_attention_bmm": True,
-    "method_options": {"calib_step": "last"},
+    "method": {"method": MinMaxConfig()},
+    "groups": {"method": UniformGroupsConfig(groups=2)},
+    "stat": {"method": UniformGroupsConfig(groups=1, stat="percentile")},
+    "percentile": {"method": UniformGroupsConfig(groups=1, percentile=99.0)},
+    "options": {"method": UniformGroupsConfig(groups=1, percentile=99.5)},  # --option percentile=99.5
+    "w_bits": {"quant": QuantConfig(w_bits=4)},
+    "a_bits": {"quant": QuantConfig(a_bits=7)},  # calibrates, then the export refuses A7
+    "quantize_residual": {"quant": QuantConfig(quantize_residual=True)},
+    "quantize_attention_bmm": {"quant": QuantConfig(quantize_attention_bmm=True)},
+    "calib_samples": {"data": DataFreeConfig(samples=3, steps=2)},
+    "calib_steps": {"data": DataFreeConfig(samples=2, steps=3)},
+    "seed": {"seed": 1},
+    "device": {"device": "cpu:0"},
 }
+NOT_CALIBRATION = {"model", "out", "backend", "batch_sizes", "resolution", "opt_level", "force", "class_labels",
+                   "prompt_embeds", "cache_dir", "progress"}  # conditions: the tests above
 
 
 def test_every_calibration_flag_is_tested():
-    assert set(FLAG_CHANGES) == {f.name for f in dataclasses.fields(CalibrationSettings)}
+    import inspect
+
+    from adpdm_export.commands.build_engine_cmd import build_engine as command
+
+    flags = set(inspect.signature(command).parameters) - NOT_CALIBRATION
+    assert set(FLAG_CHANGES) == flags
 
 
 @pytest.mark.parametrize("flag", sorted(FLAG_CHANGES))
 def test_each_calibration_flag_reruns_calibrate(labelled, tmp_path, flag):
     model, build = labelled
     out = copy_of(build, tmp_path)
-    assert getattr(QUICK, flag) != FLAG_CHANGES[flag]
-    changed = dataclasses.replace(QUICK, **{flag: FLAG_CHANGES[flag]})
+    changed = {**QUICK, **FLAG_CHANGES[flag]}
+    assert changed != QUICK
     if flag == "a_bits":
         lines = []
         with pytest.raises(AdpdmError, match="A7"):
-            build_engine(str(model), out, changed, backend="ort", profiles=("ort",), cond=labels(1, 2),
+            build_engine(str(model), out, **changed, backend="ort", profiles=("ort",), cond=labels(1, 2),
                          say=lines.append)
         assert "calibrate: running" in lines
         return
@@ -224,12 +233,10 @@ def test_adpdm_in_a_build_calibrates_the_weights_once_with_the_pipeline_batch(tm
 
     monkeypatch.setattr(pipeline, "calibrate_weights", counted)
     monkeypatch.setattr(adpdm, "calibrate_weights", counted)
-    monkeypatch.setitem(pipeline.METHODS, "adpdm", adpdm.adpdm_method)
     model = save_unet_folder(tiny_unet2d(), tmp_path / "unet")
-    options = {"search_iters": "2", "refine_iters": "1", "srm_candidates": "2", "srm_eval_steps": "2",
-               "srm_heldout_items": "1", "search_items": "3", "log": None}
-    settings = CalibrationSettings(method="adpdm", groups=2, calib_samples=3, calib_steps=4, method_options=options)
-    rebuild(model, tmp_path / "b", settings)
+    method = ADPDMConfig(groups=2, search_iters=2, refine_iters=1, srm_candidates=2, srm_eval_steps=2,
+                         srm_heldout_items=1, search_items=3)
+    rebuild(model, tmp_path / "b", {"method": method, "data": DataFreeConfig(samples=3, steps=4)})
     assert len(calls) == 1
     doc = json.loads((tmp_path / "b" / "calibration" / "calibration.json").read_text())
     assert doc["extra"]["adpdm"]["config"]["batch_size"] == pipeline.DEFAULT_BATCH_SIZE  # not raised to 256

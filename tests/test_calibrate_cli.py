@@ -88,12 +88,13 @@ def test_calibrate_then_eval_in_process(folders, run_inproc, tmp_path):
 
 def test_eval_errors(folders, run_inproc, tmp_path):
     root, unet, other = folders
+    from calibration.configs import DataFreeConfig, MinMaxConfig
     from calibration.pipeline import calibrate
     from adpdm_export.model_loading import load_model
 
     m = load_model(str(unet))
-    res = calibrate(m.unet, m.scheduler_config, calib_samples=2, calib_steps=2, cache_dir=str(tmp_path / "c"),
-                    extra_settings={"model_source": str(unet)})
+    res = calibrate(m.unet, m.scheduler_config, MinMaxConfig(), data=DataFreeConfig(samples=2, steps=2),
+                    cache_dir=str(tmp_path / "c"), extra_settings={"model_source": str(unet)})
     out = res.save(tmp_path / "cal")
     # the calibration against another model: one-line error
     r = run_inproc("eval", out, "--json", "--model", other, "--samples", 2, "--no-progress")
@@ -116,11 +117,16 @@ def test_eval_errors(folders, run_inproc, tmp_path):
         (["--method", "uniform-groups", "--groups", 0], "groups must be >= 1"),
         (["--method", "minmax", "--groups", 3], "one scale set"),
         (["--profile", "tflite"], "profile"),
-        (["--option", "search_iters=3"], "--method minmax takes none"),
-        (["--method", "adpdm", "--option", "serch_iters=3"], "unknown ADP-DM options: serch_iters"),
+        (["--option", "search_iters=3"], "minmax has no setting search_iters"),
+        (["--method", "adpdm", "--option", "serch_iters=3"], "adpdm has no setting serch_iters"),
         (["--method", "adpdm", "--option", "search_iters"], "KEY=VALUE"),
         (["--method", "adpdm", "--option", "search_iters=ten"], "search_iters must be int"),
-        (["--method", "adpdm", "--option", "calib_step=first"], "calib_step must be int"),
+        (["--method", "adpdm", "--option", "search_iters=-5"], "search_iters must be >= 0"),
+        (["--method", "adpdm", "--option", "calib_step=first"], "calib_step must be None, 'last' or a step index"),
+        (["--method", "adpdm", "--groups", 2, "--option", "groups=3"], "give it once"),
+        (["--method", "uniform-groups", "--stat", "max"], "stat must be one of minmax, percentile"),
+        (["--method", "adpdm", "--stat", "percentile"], "adpdm has no setting stat"),
+        (["--calib-samples", 0], "samples must be >= 1"),
     ],
 )
 def test_calibrate_bad_inputs(folders, run_inproc, args, message):
@@ -129,15 +135,6 @@ def test_calibrate_bad_inputs(folders, run_inproc, args, message):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert message in r.stderr
     assert not (root / "bad" / "calibration.json").exists()
-
-
-def test_adpdm_refused_when_not_installed(folders, run_inproc, monkeypatch):
-    import calibration.pipeline as pl
-
-    root, unet, _ = folders
-    monkeypatch.setattr(pl, "_load_adpdm", lambda: None)
-    r = run_inproc("calibrate", unet, "--out", root / "bad", "--method", "adpdm")
-    assert r.returncode == 2 and "not available" in r.stderr
 
 
 def test_bad_input_is_one_line_through_the_script(folders):

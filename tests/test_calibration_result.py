@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from calibration.configs import DataFreeConfig, UniformGroupsConfig
 from calibration.pipeline import calibrate
 from calibration.qconfig import QuantConfig
 from calibration.quant_unet import activation_scales, quantize_model, weight_scales
@@ -21,8 +22,8 @@ def calibrated(tmp_path_factory):
 
     unet = tiny_unet2d()
     cache = tmp_path_factory.mktemp("cache")
-    res = calibrate(unet, DDPM_CONFIG, method="uniform-groups", groups=3, a_bits=8, w_bits=8,
-                    calib_samples=4, calib_steps=6, cache_dir=str(cache))
+    res = calibrate(unet, DDPM_CONFIG, UniformGroupsConfig(groups=3), QuantConfig(w_bits=8, a_bits=8),
+                    data=DataFreeConfig(samples=4, steps=6), cache_dir=str(cache))
     return unet, res
 
 

@@ -89,12 +89,13 @@ def test_doctor_reports_versions_and_backend():
 
 def test_export_with_calibration_writes_group_graphs_and_manifest(unet_folder, tmp_path):
     from adpdm_export.model_loading import load_model
+    from calibration.configs import DataFreeConfig, UniformGroupsConfig
     from calibration.pipeline import calibrate
     from engines.manifest import load_manifest
 
     m = load_model(unet_folder)
-    result = calibrate(m.unet, m.scheduler_config, method="uniform-groups", groups=2, calib_samples=2,
-                       calib_steps=6, cache_dir=str(tmp_path / "cache"))
+    result = calibrate(m.unet, m.scheduler_config, UniformGroupsConfig(groups=2), data=DataFreeConfig(samples=2, steps=6),
+                       cache_dir=str(tmp_path / "cache"))
     result.save(tmp_path / "calib")
     r = run("export", unet_folder, "--calibration", tmp_path / "calib", "--out", tmp_path / "qdq", "--profile", "ort")
     assert r.returncode == 0, r.stderr

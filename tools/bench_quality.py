@@ -80,24 +80,16 @@ def scope_for(w: int, a: int, conv_in_fp: bool):
 def calibrate_ours(setup, name: str, w: int, a: int, conv_in_fp: bool, args) -> tuple[Any, float, dict]:
     """(quantized model, calibration seconds, extra) for one of our methods."""
     from calibration import pipeline
-    from calibration.adpdm import adpdm_method
     from calibration.quant_unet import quantize_model
-    from eval_quality import parse_variant
+    from eval_quality import parse_variant, variant_method
 
-    if pipeline.METHODS.get("adpdm") is not adpdm_method:
-        pipeline.register_method("adpdm", adpdm_method)
     base, _, profile = name.partition("@")
     spec = parse_variant(base)
-    opts = dict(spec["options"])
-    if spec["method"] == "adpdm":
-        opts["log"] = log if args.verbose else None
-        opts.update(args.adpdm_options)
     loaded = setup.loaded
     t0 = time.perf_counter()
     result = pipeline.calibrate(
-        loaded.unet, loaded.scheduler_config, method=spec["method"], groups=spec["groups"],
-        config=quant_config(w, a, not conv_in_fp), trajectories=setup.calib, seed=args.seed,
-        stat=spec["stat"], batch_size=args.batch_size, options=opts,
+        loaded.unet, loaded.scheduler_config, variant_method(spec, args.adpdm_options), quant_config(w, a, not conv_in_fp),
+        data=setup.calib, seed=args.seed, batch_size=args.batch_size, log=log if args.verbose else None,
     )
     t_cal = time.perf_counter() - t0
     extra = {"num_groups": result.num_groups, "calib_timestep": result.calib_timestep}

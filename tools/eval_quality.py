@@ -30,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Optional
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,16 +77,24 @@ def parse_variant(name: str) -> dict:
     return spec
 
 
+def variant_method(spec: dict, adpdm_options: Optional[dict] = None):
+    """The method config of a parsed variant (`--adpdm-option KEY=VALUE` applies to ADP-DM only)."""
+    from calibration.configs import method_config
+
+    values = {k: v for k, v in (("groups", spec["groups"]), ("stat", spec["stat"])) if v is not None}
+    values.update(spec["options"])
+    if spec["method"] == "adpdm":
+        values.update(adpdm_options or {})
+    return method_config(spec["method"], values)
+
+
 def run(args) -> None:
     from calibration import pipeline
-    from calibration.adpdm import adpdm_method
     from calibration.quant_unet import quantize_model
     from calibration.trajectories import heldout_seed
     from engines.images import save_grid
 
     torch.set_num_threads(args.threads)
-    if pipeline.METHODS.get("adpdm") is not adpdm_method:
-        pipeline.register_method("adpdm", adpdm_method)
     store = Path(args.json)
     data = json.loads(store.read_text()) if store.is_file() else {"runs": {}, "meta": {}}
     setup = prepare(args.model, args.calib_samples, args.calib_steps, args.samples, args.eval_steps, args.seed,
@@ -110,15 +119,10 @@ def run(args) -> None:
                 continue
             spec = parse_variant(name)
             log(f"== {key}: calibrating ({spec['method']}, groups={spec['groups']}, options={spec['options']})")
-            opts = dict(spec["options"])
-            if spec["method"] == "adpdm":
-                opts["log"] = log
-                opts.update(args.adpdm_options)
             t0 = time.perf_counter()
             result = pipeline.calibrate(
-                unet, sc, method=spec["method"], groups=spec["groups"],
-                config=quant_config(w, a, spec["quantize_conv_in"]), trajectories=calib, seed=args.seed,
-                stat=spec["stat"], batch_size=args.batch_size, options=opts,
+                unet, sc, variant_method(spec, args.adpdm_options), quant_config(w, a, spec["quantize_conv_in"]),
+                data=calib, seed=args.seed, batch_size=args.batch_size, log=log,
             )
             t_cal = time.perf_counter() - t0
             qmodel = quantize_model(unet, result=result)

@@ -89,11 +89,14 @@ def main(argv=None) -> int:
     if a.calibration:
         result = CalibrationResult.load(a.calibration, expected_model_sha256=loaded.sha256)
     else:
+        from calibration.configs import DataFreeConfig, method_config
         from calibration.pipeline import calibrate
+        from calibration.qconfig import QuantConfig
 
         result = calibrate(
-            loaded.unet, loaded.scheduler_config, method=a.method, groups=a.groups, w_bits=a.w_bits,
-            calib_samples=a.samples, calib_steps=a.steps, cache_dir=str(a.out / "cache"),
+            loaded.unet, loaded.scheduler_config, method_config(a.method, {"groups": a.groups}),
+            QuantConfig(w_bits=a.w_bits), data=DataFreeConfig(samples=a.samples, steps=a.steps),
+            cache_dir=str(a.out / "cache"),
             cond=loaded.default_condition(1) or None,  # null prompt embedding / labels 0.. when conditional
         )
         result.save(a.out / "calibration")

@@ -4,7 +4,7 @@
     python tools/trt_check.py --model reference --out runs/trt-check --fast --json runs/trt-check/report.json
 
 1. Build (or resume) the model's TensorRT build with the project's own orchestration
-   (`adpdm_export.build_engine.build_engine(..., backend="trt")`: calibrate -> QDQ export ->
+   (`adpdm_export.build_pipeline.build_engine(..., backend="trt")`: calibrate -> QDQ export ->
    one strongly typed INT8 engine per timestep group, manifest written last), batch
    profile 1..16.
 2. An FP16 TensorRT engine of the same UNet, from its FP ONNX graph
@@ -335,7 +335,8 @@ def run(args: argparse.Namespace, trt, polygraphy, t_start: float) -> int:
     import torch
     from rich.console import Console
 
-    from adpdm_export.build_engine import CalibrationSettings, build_engine
+    from adpdm_export.build_pipeline import build_engine
+    from calibration.configs import DataFreeConfig, method_config
     from adpdm_export.model_loading import load_model
     from adpdm_export.sampling import fp_graph_for
     from engines.manifest import load_manifest, sha256_file
@@ -363,13 +364,11 @@ def run(args: argparse.Namespace, trt, polygraphy, t_start: float) -> int:
     # 1. the build: calibrate -> export -> INT8 engines (resumed when nothing changed)
     t0 = time.perf_counter()
     loaded = load_model(args.model)
-    settings = CalibrationSettings(
-        method=args.method, groups=args.groups, calib_samples=args.calib_samples, calib_steps=args.calib_steps,
-        seed=args.seed, device=args.calib_device,
-    )
     summary = build_engine(
-        args.model, out, settings, backend="trt", profiles=("trt",), batch_sizes=batch_sizes,
-        opt_level=args.opt_level, force=args.force, say=say, loaded=loaded,
+        loaded, out, method_config(args.method, {"groups": args.groups}),
+        data=DataFreeConfig(samples=args.calib_samples, steps=args.calib_steps), seed=args.seed,
+        device=args.calib_device, backend="trt", profiles=("trt",), batch_sizes=batch_sizes,
+        opt_level=args.opt_level, force=args.force, say=say,
     )
     manifest = load_manifest(out)
     seconds["build"] = time.perf_counter() - t0

@@ -41,7 +41,7 @@ def build_engine(
     seed: opt.Seed = 0,
     device: opt.Device = "cpu",
     stat: opt.Stat = None,
-    percentile: opt.Percentile = 99.99,
+    percentile: opt.Percentile = None,
     class_labels: opt.ClassLabels = None,
     prompt_embeds: opt.PromptEmbeds = None,
     quantize_residual: opt.QuantizeResidual = False,
@@ -51,34 +51,29 @@ def build_engine(
     progress: opt.ShowProgress = True,
 ) -> None:
     """Calibrate MODEL with ADP-DM, export one QDQ graph per timestep group, build the engines."""
-    from adpdm_export.build_engine import CalibrationSettings
-    from adpdm_export.build_engine import build_engine as run_build
+    from adpdm_export.build_pipeline import build_engine as run_build
+    from adpdm_export.build_pipeline import default_profiles
     from adpdm_export.build_stages import LOCK_NAME, build_lock, check_build_folder
     from adpdm_export.commands.calibrate_cmd import load_prompt_embeds, model_conditions, parse_class_labels
-    from adpdm_export.progress import stage_progress
     from adpdm_export.model_loading import load_model
-    from adpdm_export.progress import console
-    from calibration.pipeline import check_method_args
+    from adpdm_export.progress import console, stage_progress, stderr_line
+    from calibration.configs import DataFreeConfig
+    from calibration.pipeline import resolve_device
+    from calibration.qconfig import QuantConfig
     from calibration.trajectories import default_cache_dir
     from engines.errors import AdpdmError
     from engines.platform import pick_backend
 
-    if method not in opt.METHOD_CHOICES:
-        raise AdpdmError(f"unknown method {method!r}; choose one of {', '.join(opt.METHOD_CHOICES)}")
-    check_method_args(method, groups, w_bits, a_bits, device)
+    config = opt.method_from_flags(method, groups, stat, percentile, options)
+    quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, quantize_residual=quantize_residual,
+                        quantize_attention_bmm=quantize_attention_bmm)
+    data = DataFreeConfig(samples=calib_samples, steps=calib_steps)
+    resolve_device(device)
     sizes = _parse_batch_sizes(batch_sizes)
     if not 0 <= opt_level <= 5:
         raise AdpdmError(f"--opt-level must be in 0..5, got {opt_level}")
     chosen = pick_backend(backend)
-    profiles = ("trt", "ort") if w_bits == 8 else ("ort",)
-    if chosen == "trt" and w_bits != 8:
-        raise AdpdmError("TensorRT engines need W8 (INT8 weights); use --w-bits 8 or --backend ort")
-    settings = CalibrationSettings(
-        method=method, groups=groups, w_bits=w_bits, a_bits=a_bits, calib_samples=calib_samples,
-        calib_steps=calib_steps, seed=seed, device=device, stat=stat, percentile=percentile,
-        quantize_residual=quantize_residual, quantize_attention_bmm=quantize_attention_bmm,
-        method_options=opt.parse_method_options(options, method, groups, seed, percentile),
-    )
+    profiles = default_profiles(quant.w_bits, chosen)
     # --out: empty, missing or one of our builds, and no other build in it; checked before loading the model
     check_build_folder(out)
     created = not out.exists()
@@ -88,12 +83,14 @@ def build_engine(
             loaded = load_model(model)
             cond = model_conditions(loaded, calib_samples, parse_class_labels(class_labels, loaded),
                                     load_prompt_embeds(prompt_embeds, loaded))
+            data.check_for(loaded.num_train_timesteps)
             console.print(f"[bold]build-engine[/bold] {model} -> {out} (backend {chosen}, {method}, W{w_bits}A{a_bits})")
             with stage_progress(progress) as on_progress:
                 summary = run_build(
-                    model, out, settings, backend=chosen, profiles=profiles, batch_sizes=sizes, resolution=resolution,
-                    opt_level=opt_level, cond=cond, cache_dir=str(cache_dir or default_cache_dir()), force=force,
-                    progress=on_progress, say=lambda msg: console.print(f"  {msg}"), loaded=loaded,
+                    loaded, out, config, quant, data, seed=seed, device=device, backend=chosen, profiles=profiles,
+                    batch_sizes=sizes, resolution=resolution, opt_level=opt_level, cond=cond,
+                    cache_dir=str(cache_dir or default_cache_dir()), force=force, progress=on_progress,
+                    say=lambda msg: console.print(f"  {msg}"), log=stderr_line,
                 )
         except BaseException:
             if created and [p.name for p in out.iterdir()] == [LOCK_NAME]:  # failed before any work: no folder left

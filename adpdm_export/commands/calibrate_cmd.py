@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from adpdm_export.commands import calibration_options as opt
-from adpdm_export.commands.calibration_options import METHOD_CHOICES
 
 
 def parse_class_labels(text: Optional[str], loaded) -> Optional[list[int]]:
@@ -90,7 +89,7 @@ def calibrate(
     device: opt.Device = "cpu",
     profile: str = typer.Option("trt", "--profile", help="trt (Q/DQ on inputs) or ort (also on Conv/MatMul outputs)."),
     stat: opt.Stat = None,
-    percentile: opt.Percentile = 99.99,
+    percentile: opt.Percentile = None,
     class_labels: opt.ClassLabels = None,
     prompt_embeds: opt.PromptEmbeds = None,
     quantize_residual: opt.QuantizeResidual = False,
@@ -102,47 +101,41 @@ def calibrate(
     progress: opt.ShowProgress = True,
 ) -> None:
     """Calibrate MODEL's UNet for INT8 (data-free) and write the calibration to --out."""
+    from calibration.configs import DataFreeConfig
+    from calibration.pipeline import resolve_device
+    from calibration.qconfig import QuantConfig
     from engines.errors import AdpdmError
 
-    if method not in METHOD_CHOICES:
-        raise AdpdmError(f"unknown method {method!r}; choose one of {', '.join(METHOD_CHOICES)}")
-    from calibration.pipeline import calibrate as run_calibration
-    from calibration.pipeline import check_method_args
-    from calibration.qconfig import QuantConfig
-
-    check_method_args(method, groups, w_bits, a_bits, device)
-    if calib_samples < 1 or calib_steps < 1 or batch_size < 1:
-        raise AdpdmError("--calib-samples, --calib-steps and --batch-size must be >= 1")
-    if stat is not None and stat not in ("minmax", "percentile"):
-        raise AdpdmError(f"--stat must be minmax or percentile, got {stat!r}")
-    method_options = opt.parse_method_options(options, method, groups, seed, percentile)
-    config = QuantConfig(
-        w_bits=w_bits, a_bits=a_bits, profile=profile,
-        quantize_residual=quantize_residual, quantize_attention_bmm=quantize_attention_bmm,
-    )
+    config = opt.method_from_flags(method, groups, stat, percentile, options)
+    quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, profile=profile, quantize_residual=quantize_residual,
+                        quantize_attention_bmm=quantize_attention_bmm)
+    data = DataFreeConfig(samples=calib_samples, steps=calib_steps)
+    if batch_size < 1:
+        raise AdpdmError(f"--batch-size must be >= 1, got {batch_size}")
+    resolve_device(device)
     if out.exists() and not out.is_dir():
         raise AdpdmError(f"--out {out} exists and is not a folder")
     from adpdm_export.model_loading import load_model
-    from adpdm_export.progress import console, stage_progress
+    from adpdm_export.progress import console, stage_progress, stderr_line
+    from calibration.pipeline import calibrate as run_calibration
     from calibration.trajectories import default_cache_dir
 
     loaded = load_model(model)
+    data.check_for(loaded.num_train_timesteps)
     labels = parse_class_labels(class_labels, loaded)
     embeds = load_prompt_embeds(prompt_embeds, loaded)
     cond = model_conditions(loaded, calib_samples, labels, embeds)
     cache = None if no_cache else (cache_dir or default_cache_dir())
     with stage_progress(progress) as on_progress:
         result = run_calibration(
-            loaded.unet, loaded.scheduler_config, method=method, groups=groups, config=config,
-            calib_samples=calib_samples, calib_steps=calib_steps, seed=seed, cond=cond, device=device,
-            cache_dir=None if cache is None else str(cache), stat=stat, percentile=percentile,
-            batch_size=batch_size, progress=on_progress, options=method_options,
-            extra_settings={"model_source": _absolute_source(loaded.source), "model_kind": loaded.kind},
+            loaded.unet, loaded.scheduler_config, config, quant, data=data, seed=seed, cond=cond, device=device,
+            cache_dir=None if cache is None else str(cache), batch_size=batch_size, progress=on_progress,
+            log=stderr_line, extra_settings={"model_source": _absolute_source(loaded.source), "model_kind": loaded.kind},
         )
     result.save(out)
     t = result.timings
     console.print(
-        f"wrote {out}/calibration.json ({method}, W{result.w_bits}A{result.a_bits}, {result.num_groups} group(s), "
+        f"wrote {out}/calibration.json ({config.method}, W{result.w_bits}A{result.a_bits}, {result.num_groups} group(s), "
         f"{len(result.activation_scales)} activation / {len(result.weight_scales)} weight quantizers) "
         f"in {t.get('total_s', 0):.1f} s"
     )

@@ -8,9 +8,9 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-METHOD_CHOICES = ("adpdm", "minmax", "percentile", "uniform-groups", "per-step")
+from calibration.configs import METHOD_NAMES
 
-Method = Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHOD_CHOICES)}.")]
+Method = Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHOD_NAMES)}.")]
 Groups = Annotated[Optional[int], typer.Option("--groups", help="Timestep groups (uniform-groups / adpdm; default 4).")]
 WBits = Annotated[int, typer.Option("--w-bits", help="Weight bits (2..8).")]
 ABits = Annotated[int, typer.Option("--a-bits", help="Activation bits (2..8).")]
@@ -18,8 +18,8 @@ CalibSamples = Annotated[int, typer.Option("--calib-samples", help="Seeds sample
 CalibSteps = Annotated[int, typer.Option("--calib-steps", help="DDIM steps of the calibration trajectories.")]
 Seed = Annotated[int, typer.Option("--seed", help="First calibration seed (item i uses seed + i).")]
 Device = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
-Stat = Annotated[Optional[str], typer.Option("--stat", help="Range statistic for grouped baselines: minmax | percentile.")]
-Percentile = Annotated[float, typer.Option("--percentile", help="Percentile of |x| for the percentile statistic.")]
+Stat = Annotated[Optional[str], typer.Option("--stat", help="Range statistic of uniform-groups / per-step: minmax | percentile.")]
+Percentile = Annotated[Optional[float], typer.Option("--percentile", help="Percentile of |x| for the percentile statistic (default 99.99).")]
 ClassLabels = Annotated[
     Optional[str], typer.Option("--class-labels", help="Comma-separated class labels, used in turn.")
 ]
@@ -37,27 +37,29 @@ CacheDir = Annotated[
 ShowProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars on stderr.")]
 MethodOptions = Annotated[
     Optional[list[str]],
-    typer.Option("--option", help="KEY=VALUE setting of --method adpdm (repeatable), e.g. --option search_iters=50 "
-                                  "--option calib_step=last; keys in docs/method.md."),
+    typer.Option("--option", help="KEY=VALUE setting of the method (repeatable), e.g. --option search_iters=50 "
+                                  "--option calib_step=last; keys in docs/method.md and docs/python-api.md."),
 ]
 
 
-def parse_method_options(items: Optional[list[str]], method: str, groups: Optional[int], seed: int,
-                         percentile: float) -> dict[str, str]:
-    """--option KEY=VALUE pairs as a dict, checked against the method before any work starts."""
+def method_from_flags(method: str, groups: Optional[int], stat: Optional[str], percentile: Optional[float],
+                      options: Optional[list[str]]):
+    """The method's config: each flag is one field (--groups, --stat, --percentile, --option KEY=VALUE);
+    every check is the config's own (calibration.configs), before any work starts."""
+    from calibration.configs import method_config
     from engines.errors import AdpdmError
 
-    if not items:
-        return {}
-    if method != "adpdm":
-        raise AdpdmError(f"--option sets ADP-DM's search; --method {method} takes none")
-    opts: dict[str, str] = {}
-    for item in items:
+    values: dict[str, object] = {}
+    for item in options or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise AdpdmError(f"--option must be KEY=VALUE, got {item!r}")
-        opts[key.strip()] = value.strip()
-    from calibration.adpdm import config_from_options
-
-    config_from_options(groups, seed, percentile, 64, opts)  # unknown keys and bad values fail here
-    return opts
+        values[key.strip()] = value.strip()
+    for flag, name, value in (("--groups", "groups", groups), ("--stat", "stat", stat),
+                              ("--percentile", "percentile", percentile)):
+        if value is None:
+            continue
+        if name in values:
+            raise AdpdmError(f"{flag} and --option {name}= both set {name}; give it once")
+        values[name] = value
+    return method_config(method, values)

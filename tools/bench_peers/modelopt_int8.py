@@ -54,7 +54,7 @@ def unavailable() -> Optional[str]:
 
 
 def _percentile() -> float:
-    from calibration.pipeline import DEFAULT_PERCENTILE
+    from calibration.configs import DEFAULT_PERCENTILE
 
     return float(DEFAULT_PERCENTILE)
 

@@ -355,7 +355,7 @@ def _quantize_config(unet, calib: CalibData, scope: Scope, cfg: _Config, tag: st
     """Export, calibrate and quantize with `cfg`; (QDQ graph, extra, wall seconds)."""
     import onnx
 
-    from calibration.pipeline import DEFAULT_PERCENTILE
+    from calibration.configs import DEFAULT_PERCENTILE
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -26,36 +26,20 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from adpdm_export.build_stages import StageLedger, StageRecord, build_lock, check_build_folder, stage_key
 from adpdm_export.model_loading import LoadedModel, load_model
+from calibration.configs import ADPDMConfig, DataFreeConfig, MethodConfig
+from calibration.progress import Progress
+from calibration.qconfig import QuantConfig
 from engines.errors import AdpdmError
 from engines.manifest import ENGINE_NAME, MANIFEST_NAME, TIMING_CACHE_NAME, Manifest, load_manifest, tool_version
 
 CALIBRATION_DIR = "calibration"
 DEFAULT_BATCH_SIZES = (1, 4, 16)
-
-
-@dataclass
-class CalibrationSettings:
-    """The calibration flags `build-engine` shares with `adpdm calibrate`."""
-
-    method: str = "adpdm"
-    groups: Optional[int] = None
-    w_bits: int = 8
-    a_bits: int = 8
-    calib_samples: int = 64
-    calib_steps: int = 100
-    seed: int = 0
-    device: str = "cpu"
-    stat: Optional[str] = None
-    percentile: float = 99.99
-    quantize_residual: bool = False
-    quantize_attention_bmm: bool = False
-    method_options: dict[str, str] = field(default_factory=dict)  # --option KEY=VALUE (ADP-DM's search)
 
 
 @dataclass
@@ -98,19 +82,13 @@ def _versions(*modules: str) -> dict[str, Optional[str]]:
     return out
 
 
-def _calibrate_stage(loaded: LoadedModel, settings: CalibrationSettings, out: Path, cond, cache_dir, progress):
+def _calibrate_stage(loaded: LoadedModel, method: MethodConfig, quant: QuantConfig, data: DataFreeConfig, seed: int,
+                     device: str, out: Path, cond, cache_dir, progress, log):
     from calibration.pipeline import calibrate
-    from calibration.qconfig import QuantConfig
 
-    config = QuantConfig(
-        w_bits=settings.w_bits, a_bits=settings.a_bits,
-        quantize_residual=settings.quantize_residual, quantize_attention_bmm=settings.quantize_attention_bmm,
-    )
     result = calibrate(
-        loaded.unet, loaded.scheduler_config, method=settings.method, groups=settings.groups, config=config,
-        calib_samples=settings.calib_samples, calib_steps=settings.calib_steps, seed=settings.seed, cond=cond,
-        device=settings.device, cache_dir=cache_dir, stat=settings.stat, percentile=settings.percentile,
-        progress=progress, options=dict(settings.method_options),
+        loaded.unet, loaded.scheduler_config, method, quant, data=data, seed=seed, cond=cond, device=device,
+        cache_dir=cache_dir, progress=progress, log=log,
         extra_settings={"model_source": loaded.source, "model_kind": loaded.kind},
     )
     loaded.unet.to("cpu")
@@ -119,52 +97,100 @@ def _calibrate_stage(loaded: LoadedModel, settings: CalibrationSettings, out: Pa
 
 
 def build_engine(
-    model: str,
+    model: str | LoadedModel,
     out: str | Path,
-    calibration: CalibrationSettings | None = None,
+    method: Optional[MethodConfig] = None,
+    quant: Optional[QuantConfig] = None,
+    data: Optional[DataFreeConfig] = None,
     *,
+    seed: int = 0,
+    device: str = "cpu",
     backend: str = "auto",
-    profiles: Sequence[str] = ("trt", "ort"),
+    profiles: Optional[Sequence[str]] = None,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     resolution: Optional[tuple[int, int]] = None,
     opt_level: int = 3,
     cond: Optional[dict] = None,
     cache_dir: Optional[str] = None,
     force: bool = False,
-    progress: Optional[Callable[[str, int, int], None]] = None,
+    progress: Optional[Progress] = None,
     say: Callable[[str], None] = lambda msg: None,
-    loaded: Optional[LoadedModel] = None,
+    log: Optional[Callable[[str], None]] = None,
 ) -> BuildSummary:
-    """Build (or resume) the folder `out` for `model`; returns what each stage did."""
+    """Build (or resume) the folder `out` for `model` (a name/path for `load_model`, or a LoadedModel).
+
+    method / quant / data: the calibration (default ADP-DM with 4 groups, W8A8, 64 data-free
+    samples x 100 steps); seed and device as for `calibration.pipeline.calibrate`. profiles:
+    the graph profiles to export (default `default_profiles`). Returns what each stage did.
+    """
     from adpdm_export.qdq_export import parse_profiles
+    from calibration.pipeline import resolve_device
     from engines.platform import pick_backend
 
     t_start = time.perf_counter()
-    settings = calibration or CalibrationSettings()
+    method = ADPDMConfig() if method is None else method
+    quant = QuantConfig() if quant is None else quant
+    data = DataFreeConfig() if data is None else data
+    if not isinstance(method, MethodConfig):
+        raise AdpdmError(f"method must be a method config (ADPDMConfig, MinMaxConfig, ...), got {type(method).__name__}")
+    if not isinstance(data, DataFreeConfig):
+        raise AdpdmError("build_engine calibrates data-free (a DataFreeConfig); calibrate user data with "
+                         "calibrate(..., data=...) and export the result")
+    resolve_device(device)
     chosen = pick_backend(backend)  # one clear line where --backend trt cannot run here
-    profiles = parse_profiles(profiles)
+    profiles = default_profiles(quant.w_bits, chosen) if profiles is None else parse_profiles(profiles)
     if chosen == "trt" and "trt" not in profiles:
         raise AdpdmError("--backend trt needs the TensorRT-profile graphs: include 'trt' in the profiles")
     if chosen == "ort" and "ort" not in profiles:
         raise AdpdmError("--backend ort runs the onnxruntime-profile graphs: include 'ort' in the profiles")
     out = Path(out)
     check_build_folder(out)  # empty, missing or one of our builds: else one line, before any work
+    loaded = model if isinstance(model, LoadedModel) else None
+    if loaded is not None:
+        data.check_for(loaded.num_train_timesteps)
     out.mkdir(parents=True, exist_ok=True)
+    plan = CalibrationPlan(method, quant, data, int(seed), str(device))
     with build_lock(out):  # one build per folder; a second fails at once, naming this one
         check_build_folder(out)
-        return _build_locked(model, out, settings, chosen, profiles, batch_sizes, resolution, opt_level, cond,
-                             cache_dir, force, progress, say, loaded, t_start)
+        return _build_locked(model, out, plan, chosen, profiles, batch_sizes, resolution, opt_level, cond,
+                             cache_dir, force, progress, say, log, loaded, t_start)
 
 
-def _build_locked(model, out: Path, settings: CalibrationSettings, chosen, profiles, batch_sizes, resolution,
-                  opt_level, cond, cache_dir, force, progress, say, loaded, t_start) -> BuildSummary:
+def default_profiles(w_bits: int, backend: str) -> tuple[str, ...]:
+    """The graph profiles a build exports: both at W8; only onnxruntime's below (TensorRT runs INT8
+    weights only, so a W<8 build with backend trt is refused here, before any work)."""
+    if int(w_bits) == 8:
+        return ("trt", "ort")
+    if backend == "trt":
+        raise AdpdmError("TensorRT engines need W8 (INT8 weights); use --w-bits 8 or --backend ort")
+    return ("ort",)
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    """The calibration a build runs, as one value: its stage key and its call."""
+
+    method: MethodConfig
+    quant: QuantConfig
+    data: DataFreeConfig
+    seed: int
+    device: str
+
+    def key(self) -> dict[str, Any]:
+        return {"method": self.method.to_dict(), "quant": self.quant.to_dict(), "data": self.data.to_dict(),
+                "seed": self.seed, "device": self.device}
+
+
+def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, profiles, batch_sizes, resolution,
+                  opt_level, cond, cache_dir, force, progress, say, log, loaded, t_start) -> BuildSummary:
     from adpdm_export.qdq_export import REPORT_NAME, WEIGHTS_NAME, export_qdq_for, graph_name, write_qdq_manifest
     from calibration.result import JSON_NAME, TENSORS_NAME, CalibrationResult
 
     ledger = StageLedger(out).open()  # marks the folder as ours before any work
     loaded = loaded or load_model(model)
+    plan.data.check_for(loaded.num_train_timesteps)
     if cond is None:
-        cond = loaded.default_condition(settings.calib_samples)
+        cond = loaded.default_condition(plan.data.samples)
     manifest_path = out / MANIFEST_NAME
 
     def unfinished() -> None:
@@ -173,13 +199,14 @@ def _build_locked(model, out: Path, settings: CalibrationSettings, chosen, profi
     model_id = model_identity(loaded)
 
     # 1. calibrate (conditions by content: `--class-labels 1,2` then `3,4` must recalibrate)
-    key = stage_key(stage="calibrate", model=model_id, settings=asdict(settings), cond=dict(cond),
+    key = stage_key(stage="calibrate", model=model_id, settings=plan.key(), cond=dict(cond),
                     versions=_versions("torch", "diffusers"))
     if force or ledger.current("calibrate", key) is None:
         ledger.claim("calibrate", [f"{CALIBRATION_DIR}/{JSON_NAME}", f"{CALIBRATION_DIR}/{TENSORS_NAME}"])
         unfinished()
         say("calibrate: running")
-    calib = ledger.run("calibrate", key, lambda: _calibrate_stage(loaded, settings, out, cond, cache_dir, progress),
+    calib = ledger.run("calibrate", key, lambda: _calibrate_stage(loaded, plan.method, plan.quant, plan.data, plan.seed,
+                                                                  plan.device, out, cond, cache_dir, progress, log),
                        force=force)
     result = CalibrationResult.load(out / CALIBRATION_DIR, expected_model_sha256=loaded.sha256)
     say(f"calibrate: {'reused' if calib.reused else 'done'} ({result.method}, {result.num_groups} group(s))")

@@ -1,0 +1,154 @@
+"""The Python API in one place: load, calibrate, export, build, run, sample (docs/python-api.md).
+
+`import adpdm_export as adpdm` exposes these names (adpdm_export/__init__.py). Each function
+is a thin composition of the library's layers, the same ones the CLI commands map onto:
+
+    model = adpdm.load_model("reference")
+    result = adpdm.calibrate(model, adpdm.ADPDMConfig(groups=4), quant=adpdm.QuantConfig(w_bits=8, a_bits=8))
+    result.save("calib"); result = adpdm.CalibrationResult.load("calib")
+    manifest = adpdm.export(model, result, "build")
+    runner = adpdm.Runner("build")
+    images = adpdm.sample(runner, n=16, steps=50, seed=0)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+
+from adpdm_export.build_pipeline import DEFAULT_BATCH_SIZES, BuildSummary, build_engine, default_profiles
+from adpdm_export.model_loading import LoadedModel, load_model
+from calibration.configs import ADPDMConfig, DataFreeConfig, MethodConfig
+from calibration.progress import Progress
+from calibration.qconfig import QuantConfig
+from calibration.result import CalibrationResult
+from calibration.trajectories import DEFAULT_BATCH_SIZE
+from engines.errors import AdpdmError
+from engines.manifest import Manifest, load_manifest
+from engines.runner import TimestepDispatchRunner as Runner
+
+
+def _loaded(model: Union[str, LoadedModel]) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(str(model))
+    raise AdpdmError(f"model must be a name/path or the value of adpdm.load_model, got {type(model).__name__}")
+
+
+def calibrate(
+    model: Union[str, LoadedModel],
+    method: Optional[MethodConfig] = None,
+    quant: Optional[QuantConfig] = None,
+    *,
+    data: Any = None,
+    seed: int = 0,
+    cond: Optional[Mapping[str, Any]] = None,
+    device: str = "cpu",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    cache_dir: Optional[str | os.PathLike] = None,
+    progress: Optional[Progress] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> CalibrationResult:
+    """Calibrate `model` (default: ADP-DM with 4 groups, W8A8, data-free).
+
+    data: None / a DataFreeConfig (the FP model samples `samples` seeds from `seed`), a
+    TrajectorySet, or the user's own `(x_t, t[, cond])` batches (an iterable, or a callable
+    returning one). cond: conditions of data-free sampling (default: the model's null ones).
+    cache_dir: where sampled trajectories are cached (default: none).
+    """
+    from calibration.pipeline import calibrate as run
+
+    loaded = _loaded(model)
+    method = ADPDMConfig() if method is None else method
+    if cond is None and (data is None or isinstance(data, DataFreeConfig)):
+        cond = loaded.default_condition((data or DataFreeConfig()).samples)
+    result = run(
+        loaded.unet, loaded.scheduler_config, method, quant, data=data, seed=seed, cond=cond, device=device,
+        batch_size=batch_size, cache_dir=None if cache_dir is None else str(cache_dir), progress=progress, log=log,
+        extra_settings={"model_source": loaded.source, "model_kind": loaded.kind},
+    )
+    loaded.unet.to("cpu")
+    return result
+
+
+def export(
+    model: Union[str, LoadedModel],
+    result: CalibrationResult,
+    out_dir: str | os.PathLike,
+    *,
+    profiles: Optional[Sequence[str]] = None,
+    check: bool = True,
+    say: Optional[Callable[[str], None]] = None,
+) -> Manifest:
+    """One QDQ ONNX graph per timestep group (+ one shared weights file and manifest.json) in `out_dir`.
+
+    profiles: "trt" (Q/DQ on Conv/Linear inputs, for TensorRT) and/or "ort" (onnxruntime CPU);
+    default both at W8, "ort" below. check: parity of every graph against PyTorch. Returns the
+    manifest of the build, ready for `Runner(out_dir)` or `build_engines(out_dir)`.
+    """
+    from adpdm_export.qdq_export import check_supported, export_qdq_for, parse_profiles
+
+    loaded = _loaded(model)
+    if not isinstance(result, CalibrationResult):
+        raise AdpdmError(f"result must be a CalibrationResult, got {type(result).__name__}")
+    chosen = default_profiles(result.w_bits, "ort") if profiles is None else parse_profiles(profiles)
+    check_supported(result, chosen)
+    export_qdq_for(loaded, result, out_dir, profile=chosen, check=check,
+                   progress=say or (lambda msg: None))
+    return load_manifest(out_dir)
+
+
+def build_engines(
+    out_dir: str | os.PathLike,
+    *,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    resolution: Optional[tuple[int, int]] = None,
+    opt_level: int = 3,
+) -> Manifest:
+    """TensorRT: one engine per group graph of an exported build (needs TensorRT and a GPU)."""
+    from engines.build import build_trt_engines
+
+    return build_trt_engines(out_dir, batch_sizes=batch_sizes, resolution=resolution, opt_level=opt_level)
+
+
+def sample(
+    source: Union[Runner, LoadedModel],
+    n: int = 16,
+    steps: int = 50,
+    seed: int = 0,
+    *,
+    scheduler: str = "ddim",
+    cond: Optional[Mapping[str, torch.Tensor]] = None,
+    on_step: Optional[Callable[[int, int], None]] = None,
+) -> torch.Tensor:
+    """`n` images (n, C, H, W) in the model's range [-1, 1] from seeded noise: item i of seed s has
+    the same noise on every backend, so a runner's images compare to the FP model's one to one.
+
+    source: a Runner (the quantized build) or a LoadedModel (the FP model, for reference).
+    cond: conditions per item (default: the model's null/default ones).
+    """
+    from adpdm_export.sampling import generate, predictor_for
+    from engines.conditioning import default_condition
+    from engines.sampler import check_seed
+
+    check_seed(seed)
+    if isinstance(source, Runner):
+        predictor, sched_config = source, dict(source.manifest.scheduler)
+        shape, conditioning = tuple(source.sample_shape), dict(source.manifest.model.conditioning)
+    elif isinstance(source, LoadedModel):
+        predictor, sched_config = predictor_for(source, "torch"), source.scheduler_config
+        shape, conditioning = source.sample_shape, source.conditioning
+    else:
+        raise AdpdmError(f"sample needs a Runner or a LoadedModel, got {type(source).__name__}")
+    cond = default_condition(conditioning, n) if cond is None else dict(cond)
+    return generate(predictor, sched_config, shape, n, steps, seed, cond=cond, scheduler=scheduler,
+                    on_step=on_step).images
+
+
+__all__ = [
+    "ADPDMConfig", "BuildSummary", "CalibrationResult", "DataFreeConfig", "LoadedModel", "Manifest", "QuantConfig",
+    "Runner", "build_engine", "build_engines", "calibrate", "export", "load_model", "sample"
+]
