@@ -20,9 +20,11 @@ pytestmark = [
 ]
 
 
-def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _run(tool: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`tool`: a script under tools/ (bench_quality.py) or a module run with -m (tools.bench_speed)."""
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    return subprocess.run([sys.executable, str(ROOT / "tools" / script), *args], capture_output=True, text=True,
+    target = [str(ROOT / "tools" / tool)] if tool.endswith(".py") else ["-m", tool]
+    return subprocess.run([sys.executable, *target, *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=ROOT)
 
 
@@ -53,7 +55,7 @@ def test_bench_quality_quick(tmp_path):
 
 def test_bench_speed_quick(tmp_path):
     out = tmp_path / "bench_speed_quick.json"
-    r = _run("bench_speed.py", "--quick", "--out-json", str(out), "--no-docs", "--workdir", str(tmp_path / "work"))
+    r = _run("tools.bench_speed", "--quick", "--out-json", str(out), "--no-docs", "--workdir", str(tmp_path / "work"))
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
     for part in ("latency", "dispatch", "rss", "build_engine", "calibration"):

@@ -1,9 +1,9 @@
 """docs/benchmarks.md from the benchmarks' JSON (docs/bench_quality.json, docs/bench_speed.json).
 
-Both benchmark scripts call `write_benchmarks_md()` when they finish, so the page always shows
-the latest full run of each; `python tools/bench_report.py` redraws it by hand. Each script
-renders its own section (`bench_quality.render_markdown`, `bench_speed.render_markdown`); this
-module adds the header, the machine and the commands.
+Both benchmarks call `write_benchmarks_md()` when they finish, so the page always shows the
+latest full run of each; `python tools/bench_report.py` redraws it by hand. Each benchmark
+renders its own section (`bench_quality.render_markdown`, `tools.bench_speed.report.render_markdown`);
+this module adds the header, the machine and the commands.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def write_benchmarks_md(quality_json: Path = QUALITY_JSON, speed_json: Path = SP
         "# Benchmarks: adpdm against the quantizers a user would pick instead",
         "",
         "Written by `tools/bench_report.py` from the JSON that `tools/bench_quality.py` and "
-        "`tools/bench_speed.py` save (do not edit by hand: rerun the commands below). "
+        "`python -m tools.bench_speed` save (do not edit by hand: rerun the commands below). "
         "Peers are optional dependencies of the benchmarks only: "
         "`.venv/bin/pip install -c constraints.txt -e '.[cpu,tools,bench]'`; a peer that is not "
         "installed is reported as missing and the rest runs.",
@@ -100,11 +100,12 @@ def write_benchmarks_md(quality_json: Path = QUALITY_JSON, speed_json: Path = SP
     q = load_json(quality_json)
     s = load_json(speed_json)
     rel = os.path.relpath(img_dir, out.parent)
-    for title, module, data in (("Quality", "bench_quality", q), ("Speed", "bench_speed", s)):
+    for title, module, run, data in (("Quality", "bench_quality", "tools/bench_quality.py", q),
+                                     ("Speed", "tools.bench_speed.report", "-m tools.bench_speed", s)):
         if data:
             parts.append(importlib.import_module(module).render_markdown(data, img_dir, rel))
         else:
-            parts.append(f"## {title}\n\nNot run yet: `.venv/bin/python tools/{module}.py`.\n")
+            parts.append(f"## {title}\n\nNot run yet: `.venv/bin/python {run}`.\n")
     if out.resolve() == BENCH_MD.resolve() and READING_MD.is_file():
         parts.append(READING_MD.read_text())
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("plain", "group", "group-all")
+# google/ddpm-cifar10-32 layout (35.7M parameters), random weights; tools/bench_speed uses it too
+DDPM_CIFAR10 = dict(
+    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+)
 
 
 def status_mib(key: str) -> float:
@@ -133,12 +139,7 @@ def _unet(small: bool):
             down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
         ).eval()
-    # google/ddpm-cifar10-32 layout (35.7M parameters), random weights
-    return UNet2DModel(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    ).eval()
+    return UNet2DModel(**DDPM_CIFAR10).eval()
 
 
 def _save_groups(model_path: Path, out: Path, groups: int) -> None:

@@ -1,4 +1,4 @@
-"""Peer quantizers for tools/bench_quality.py and tools/bench_speed.py: the tools a user would
+"""Peer quantizers for tools/bench_quality.py and tools/bench_speed/: the tools a user would
 pick instead of adpdm (onnxruntime quantize_static, NVIDIA ModelOpt, torchao PT2E, optimum-quanto).
 
 Every peer gets the same calibration budget (`CalibData`: the (x_t, t) pairs of the FP
