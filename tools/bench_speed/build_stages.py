@@ -7,31 +7,31 @@ import tempfile
 import time
 from pathlib import Path
 
-from .calib_time import TINY_ADPDM, Progress, adpdm_registered
+from .calib_time import TINY_ADPDM, Progress
 from .common import log
 
 
 def run_build(args) -> dict:
     import torch
 
-    from adpdm_export.build_engine import CalibrationSettings, build_engine
+    from adpdm_export.build_pipeline import build_engine
+    from calibration.configs import ADPDMConfig, DataFreeConfig
 
     torch.set_num_threads(args.threads)
-    settings = CalibrationSettings()  # the CLI defaults: adpdm, G = 4, 64 samples x 100 steps
     options = dict(TINY_ADPDM) if args.quick else None
-    if args.quick:
-        settings.calib_samples, settings.calib_steps = 4, 8
-        settings.method_options = {k: str(v) for k, v in options.items()}  # build-engine's --option KEY=VALUE
-    log(f"build-engine reference: {settings.method}, {settings.calib_samples} x {settings.calib_steps} (fresh folders)")
-    with tempfile.TemporaryDirectory(prefix="bench-speed-build-") as tmp, adpdm_registered():
+    # the CLI defaults (adpdm, G = 4, 64 samples x 100 steps), or tiny ones with --quick
+    method, data = (ADPDMConfig(**options), DataFreeConfig(samples=4, steps=8)) if options else (ADPDMConfig(), DataFreeConfig())
+    log(f"build-engine reference: {method.method}, {data.samples} x {data.steps} (fresh folders)")
+    with tempfile.TemporaryDirectory(prefix="bench-speed-build-") as tmp:
         t0 = time.perf_counter()
         prog = Progress(t0)
-        summary = build_engine("reference", Path(tmp) / "out", settings, backend="ort", profiles=("trt", "ort"),
-                               cache_dir=str(Path(tmp) / "cache"), progress=prog, say=lambda m: log(f"  {m}"))
+        summary = build_engine("reference", Path(tmp) / "out", method, data=data, backend="ort",
+                               profiles=("trt", "ort"), cache_dir=str(Path(tmp) / "cache"), progress=prog,
+                               say=lambda m: log(f"  {m}"))
         wall = time.perf_counter() - t0
         calib = json.loads((Path(tmp) / "out" / "calibration" / "calibration.json").read_text())
     return {"status": "ok", "model": "reference", "backend": summary.backend, "profiles": ["trt", "ort"],
-            "settings": {k: v for k, v in settings.__dict__.items()}, "adpdm_options": options or "defaults",
+            "settings": {"method": method.to_dict(), "data": data.to_dict()}, "adpdm_options": options or "defaults",
             "threads": args.threads, "wall_s": round(wall, 2), "summary_s": round(summary.seconds, 2),
             "stages": [{"name": s.name, "seconds": round(s.seconds, 2), "reused": bool(s.reused)} for s in summary.stages],
             # model loading and hashing, stage bookkeeping, the manifest

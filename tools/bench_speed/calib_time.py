@@ -3,9 +3,9 @@ recorder and the tiny ADP-DM settings that the build part shares."""
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import time
+from typing import Optional
 
 from .common import log
 from .models import load_bench_model, params_m
@@ -13,16 +13,6 @@ from .models import load_bench_model, params_m
 
 TINY_ADPDM = {"search_iters": 4, "refine_iters": 2, "srm_candidates": 2, "srm_eval_steps": 2, "srm_heldout_items": 2,
               "search_items": 4}
-
-
-@contextlib.contextmanager
-def adpdm_registered():
-    """The adpdm method registered with the pipeline, as tools/eval_quality.py does."""
-    from calibration import pipeline
-    from calibration.adpdm import adpdm_method
-
-    pipeline.register_method("adpdm", adpdm_method)
-    yield
 
 
 class Progress:
@@ -33,7 +23,7 @@ class Progress:
         self.stages: dict[str, dict[str, float]] = {}
         self._last: dict[str, int] = {}
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int, loss: Optional[float] = None) -> None:
         now = time.perf_counter() - self.t0
         st = self.stages.setdefault(stage, {"start_s": round(now, 2), "end_s": round(now, 2), "total": total})
         st["end_s"], st["total"] = round(now, 2), total
@@ -46,6 +36,7 @@ class Progress:
 def run_calibration_time(args) -> dict:
     import torch
 
+    from calibration.configs import ADPDMConfig, DataFreeConfig
     from calibration.pipeline import calibrate
 
     name = "tiny" if args.quick else "ddpm-cifar10"
@@ -54,12 +45,13 @@ def run_calibration_time(args) -> dict:
     options = dict(TINY_ADPDM) if args.quick else dict(args.calib_time_options)
     torch.set_num_threads(args.threads)
     log(f"calibration time: adpdm G=4 on {name} ({params_m(loaded.unet)}M params), {samples} samples x {steps} steps")
-    with tempfile.TemporaryDirectory(prefix="bench-speed-calib-") as cache, adpdm_registered():
+    with tempfile.TemporaryDirectory(prefix="bench-speed-calib-") as cache:
         t0 = time.perf_counter()
         prog = Progress(t0)
-        result = calibrate(loaded.unet, loaded.scheduler_config, method="adpdm", groups=4, calib_samples=samples,
-                           calib_steps=steps, seed=0, cond=loaded.default_condition(samples), cache_dir=cache,
-                           batch_size=64, progress=prog, options={**options, "log": log})
+        result = calibrate(loaded.unet, loaded.scheduler_config, ADPDMConfig(groups=4, **options),
+                           data=DataFreeConfig(samples=samples, steps=steps), seed=0,
+                           cond=loaded.default_condition(samples), cache_dir=cache, batch_size=64, progress=prog,
+                           log=log)
         wall = time.perf_counter() - t0
     log(f"calibration time: {wall:.1f} s")
     return {"status": "ok", "model": name, "params_m": params_m(loaded.unet), "weights": "random (seed 0)",

@@ -138,11 +138,12 @@ def build_ours(loaded, traj, groups: int, out: Path) -> tuple[Path, dict]:
     """Calibrate (uniform-groups, minmax: scales do not matter for speed) and export the CPU profile
     into a build folder with a manifest; returns the folder and facts about the export."""
     from adpdm_export.qdq_export import export_qdq_for
+    from calibration.configs import UniformGroupsConfig
     from calibration.pipeline import calibrate
 
     t0 = time.perf_counter()
-    result = calibrate(loaded.unet, loaded.scheduler_config, method="uniform-groups", groups=groups,
-                       trajectories=traj, stat="minmax")
+    result = calibrate(loaded.unet, loaded.scheduler_config, UniformGroupsConfig(groups=groups, stat="minmax"),
+                       data=traj)
     t1 = time.perf_counter()
     exp = export_qdq_for(loaded, result, out, profile="ort", check=False, lint=False, fusion=True)
     fusion = exp.fusion.get("ort", {})
