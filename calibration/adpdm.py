@@ -36,6 +36,9 @@ from calibration.weight_clipping import calibrate_weights
 from engines.errors import AdpdmError
 from engines.scheduling import make_scheduler
 
+MIN_SRM_ITEMS = 3
+
+
 def search_config(config: ADPDMConfig, seed: int, batch_size: int) -> GroupSearchConfig:
     """The group search's settings from the user's config (the rest keep GroupSearchConfig's defaults)."""
     return GroupSearchConfig(
@@ -47,11 +50,19 @@ def search_config(config: ADPDMConfig, seed: int, batch_size: int) -> GroupSearc
     ).validate()
 
 
-def srm_config(config: ADPDMConfig, seed: int, batch_size: int) -> SRMConfig:
-    """SRM's settings from the user's config."""
+def srm_config(config: ADPDMConfig, seed: int, batch_size: int, num_items: Optional[int] = None) -> SRMConfig:
+    """SRM's settings from the user's config. With fewer than srm_heldout_items + 2 calibration
+    items (`num_items`), a quarter of them (at least one) is held out instead, so small
+    calibration sets still run."""
+    heldout = int(config.srm_heldout_items)
+    if num_items is not None and num_items < heldout + 2:
+        if num_items < MIN_SRM_ITEMS:
+            raise AdpdmError(f"ADP-DM's SRM needs at least {MIN_SRM_ITEMS} calibration samples (2 to score, 1 held "
+                             f"out), got {num_items}; use more samples or a fixed calib_step")
+        heldout = max(1, num_items // 4)
     return SRMConfig(
         num_candidates=config.srm_candidates, eval_steps=config.srm_eval_steps,
-        heldout_items=config.srm_heldout_items, lambda_mmd=config.lambda_mmd, num_groups=config.groups,
+        heldout_items=heldout, lambda_mmd=config.lambda_mmd, num_groups=config.groups,
         percentile=config.percentile, batch_size=int(batch_size), seed=int(seed),
     )
 
@@ -126,7 +137,9 @@ def calibrate_adpdm(
     if not isinstance(cfg, ADPDMConfig):
         raise AdpdmError(f"config must be an ADPDMConfig, got {type(cfg).__name__}")
     batch_size = max(int(batch_size), 1)
-    srm, search = srm_config(cfg, seed, batch_size), search_config(cfg, seed, batch_size)
+    num_items = int(trajectories.x_t.shape[1])
+    srm = srm_config(cfg, seed, batch_size, num_items if cfg.calib_step is None else None)
+    search = search_config(cfg, seed, batch_size)
     progress = progress or no_progress
     timings: dict[str, float] = {}
     t_all = time.perf_counter()

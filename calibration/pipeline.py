@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from calibration.adpdm import adpdm_method
+from calibration.adpdm import adpdm_method, srm_config
 from calibration.baselines import (
     StepStats,
     save_step_stats,
@@ -170,6 +170,8 @@ def calibrate(
     t_count = num_train_timesteps(scheduler_config)
     if isinstance(data, DataFreeConfig):
         data.check_for(t_count)
+        if isinstance(method, ADPDMConfig) and method.calib_step is None:
+            srm_config(method, seed, batch_size, data.samples)  # too few samples for SRM: before sampling
     unet = unet.to(dev).eval()
     sha = model_sha256(unet)
     timings: dict[str, float] = {}
