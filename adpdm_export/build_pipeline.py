@@ -183,7 +183,8 @@ class CalibrationPlan:
 
 def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, profiles, batch_sizes, resolution,
                   opt_level, cond, cache_dir, force, progress, say, log, loaded, t_start) -> BuildSummary:
-    from adpdm_export.qdq_export import REPORT_NAME, WEIGHTS_NAME, export_qdq_for, graph_name, write_qdq_manifest
+    from adpdm_export.qdq_export import REPORT_NAME, WEIGHTS_NAME, export_qdq_for, graph_name
+    from adpdm_export.qdq_manifest import write_qdq_manifest
     from calibration.result import JSON_NAME, TENSORS_NAME, CalibrationResult
 
     ledger = StageLedger(out).open()  # marks the folder as ours before any work

@@ -16,11 +16,12 @@ Pipeline (`export_qdq`):
    activation-scale values of group k (`unet.g{k}.onnx`, `unet.g{k}.ort.onnx`). That the
    group graphs differ only in those values is checked in code.
 5. Checks: the TensorRT-rule linter on every TensorRT-profile graph; parity per group
-   (onnxruntime, optimizations off, against the wrapper simulating the same profile with
-   that group active, at timesteps of that group: relative L2 <= PARITY_TOL); error vs the
-   FP model; onnxruntime fusion counts for the CPU profile.
+   (`qdq_parity.check_group_graph`: onnxruntime, optimizations off, against the wrapper
+   simulating the same profile with that group active, at timesteps of that group: relative
+   L2 <= PARITY_TOL); error vs the FP model; onnxruntime fusion counts for the CPU profile.
 6. Files are built in a staging folder and renamed into place; `qdq_report.json` records
-   the checks. The manifest (engines/manifest.py) is written last by `write_manifest`.
+   the checks. The manifest (engines/manifest.py) is written last by `write_manifest`
+   (`qdq_manifest.write_qdq_manifest`, which `export_qdq_for` calls).
 """
 
 from __future__ import annotations
@@ -46,17 +47,12 @@ from adpdm_export import qdq_graph_passes as P
 from adpdm_export.build_stages import STAGING_PREFIX, STAGING_RE
 from adpdm_export.ort_profile import MIN_FUSED_RATIO, FusionCounts, fusion_counts, make_ort_profile
 from adpdm_export.qdq_lint import Violation, lint_model, raise_on_violations
+from adpdm_export.qdq_manifest import write_qdq_manifest
+from adpdm_export.qdq_parity import PARITY_TOL, GraphCheck, check_group_graph
 from engines.errors import AdpdmError
-from engines.ort_backend import OUTPUT_NAME as OUTPUT
 
 WEIGHTS_NAME = P.WEIGHTS_NAME
 REPORT_NAME = P.REPORT_NAME
-PARITY_TOL = 1e-3
-# A free-running divergence is accepted as a rounding tie only while the elements that differ at the
-# first diverging quantizer are at most this fraction of its tensor. How many values sit within
-# float noise of a rounding boundary depends on the CPU's kernels (a handful in 10^4 here), so no
-# fixed count is a property of the export; a wrong scale or group moves a large fraction.
-TIE_MAX_FRACTION = 1e-3
 PROFILES = ("trt", "ort")
 OPSET = 19
 OPSET_INT4 = 21
@@ -100,30 +96,6 @@ def check_supported(result, profiles: Sequence[str]) -> None:
 
 
 # --------------------------------------------------------------------------- results
-
-
-@dataclass
-class GraphCheck:
-    group: int
-    profile: str
-    file: str
-    timesteps: list[int]
-    parity_rel_l2: float  # onnxruntime (optimizations off) vs the wrapper simulating this profile and group
-    parity_max_abs: float
-    fp_rel_l2: float  # onnxruntime (optimizations off) vs the FP model
-    sim_fp_rel_l2: float  # the wrapper's simulation vs the FP model
-    optimized_rel_l2: Optional[float] = None  # onnxruntime fully optimized (what runs on CPU) vs simulation
-    optimized_fp_rel_l2: Optional[float] = None
-    # "exact" | "within-tolerance" | "ties" (beyond the tolerance, but starting at rounding
-    # ties: accepted) | "mismatch"
-    forced_rel_l2: Optional[float] = None  # teacher-forced parity (probe_parity): float noise only
-    forced: Optional[dict] = None  # per-quantizer teacher-forced checks (worst input rel L2, bad outputs)
-    verdict: str = ""
-    divergence: Optional[dict] = None  # the first quantizer whose outputs differ, and why (probe_parity)
-
-    @property
-    def ok(self) -> bool:
-        return self.verdict in ("exact", "within-tolerance", "ties")
 
 
 @dataclass
@@ -303,324 +275,6 @@ def build_trt_template(
         P.set_opset(model, target)
     info = {"scale_to_quantizer": scale_to_q, "folded": folded, "merged": merged}
     return model, info
-
-
-# --------------------------------------------------------------------------- parity
-
-
-def _group_timesteps(result, group: int, n: int = 3) -> list[int]:
-    """Up to `n` timesteps of `group`: its lowest, highest and middle ones."""
-    ts = [t for lo, hi in result.groups[group]["timestep_ranges"] for t in (lo, hi)]
-    if not ts:
-        table = result.timestep_to_group
-        ts = (table == group).nonzero().flatten().tolist()
-    lo, hi = min(ts), max(ts)
-    members = [t for t in range(lo, hi + 1) if int(result.timestep_to_group[t]) == group]
-    picks = [members[0], members[-1], members[len(members) // 2]]
-    out = []
-    for t in picks:
-        if t not in out:
-            out.append(int(t))
-    return out[:n]
-
-
-def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def _parity_inputs(result, group: int, sample_shape, conditioning, seed: int = 0):
-    ts = _group_timesteps(result, group)
-    inputs = _example_inputs(sample_shape, conditioning, len(ts), seed + 1000 * group, result.num_train_timesteps)
-    inputs["timestep"] = torch.tensor(ts, dtype=torch.int64)
-    return ts, inputs
-
-
-def _split(inputs: Mapping[str, torch.Tensor]):
-    vals = list(inputs.values())
-    return vals[0], vals[1], dict(zip(list(inputs)[2:], vals[2:]))
-
-
-def _run_probe(graph: Path, points, inputs) -> dict[str, np.ndarray]:
-    """onnxruntime (optimizations off) on `graph` with every probed tensor made a graph output."""
-    from engines.ort_backend import make_session
-
-    model = onnx.load(str(graph), load_external_data=False)
-    existing = {o.name for o in model.graph.output}
-    for _, _, a, b in points:
-        for name in (a, b):
-            if name not in existing:
-                model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-                existing.add(name)
-    sample, timestep, cond = _split(inputs)
-    feeds = {"sample": sample, "timestep": timestep, **cond}
-    probe = graph.with_name(f".probe-{os.getpid()}-{graph.name}")  # beside the graph: same external data
-    try:
-        probe.write_bytes(model.SerializeToString())
-        sess = make_session(probe, providers=["CPUExecutionProvider"], optimize=False)
-        names = [o.name for o in sess.get_outputs()]
-        feed = {i.name: np.ascontiguousarray(feeds[i.name].numpy()) for i in sess.get_inputs()}
-        return dict(zip(names, sess.run(names, feed)))
-    finally:
-        probe.unlink(missing_ok=True)
-
-
-def _activation_points(graph: Path, names: Sequence[str]) -> list[tuple[str, float, str, str]]:
-    """(quantizer, scale, Q input, DQ output) of every activation Q/DQ pair, in graph order."""
-    model = onnx.load(str(graph), load_external_data=False)
-    ix = P.GraphIndex(model)
-    known = set(names)
-    points = []
-    for pair in P.qdq_pairs(model, ix):
-        if pair.is_weight or pair.q is None or not pair.q.input[1].endswith(P.SCALE_SUFFIX):
-            continue
-        qn = pair.q.input[1][: -len(P.SCALE_SUFFIX)]
-        if qn in known:
-            points.append((qn, float(np.float32(ix.const_value(pair.q.input[1]))), pair.q.input[0], pair.dq.output[0]))
-    return points
-
-
-def _first_divergence(points, got, captured, group: int) -> dict[str, Any]:
-    for qn, scale, x_name, y_name in points:
-        if qn not in captured:
-            return {"verdict": "mismatch", "quantizer": qn, "reason": "the simulation never ran this quantizer"}
-        xt, yt = (t.double().numpy() for t in captured[qn])
-        xo, yo = got[x_name].astype(np.float64), got[y_name].astype(np.float64)
-        if xt.shape != xo.shape:
-            return {"verdict": "mismatch", "quantizer": qn, "reason": f"shape {xo.shape} vs {xt.shape} in the simulation"}
-        diff = yo != yt
-        if not diff.any():
-            continue
-        steps = np.abs(yo - yt)[diff] / scale
-        in_rel = float(np.abs(xo - xt).max() / max(np.abs(xt).max(), 1e-30))
-        lo = np.minimum(xo, xt)[diff] / scale
-        hi = np.maximum(xo, xt)[diff] / scale
-        # The rounding boundary between the two outputs, which the two inputs must straddle. Slack:
-        # PyTorch rounds x * float32(1/s), onnxruntime x / s: a few float32 ulps apart.
-        boundary = (yo + yt)[diff] / (2.0 * scale)
-        tol = 1e-6 * np.maximum(np.abs(boundary), 1.0)
-        straddles = (lo <= boundary + tol) & (boundary - tol <= hi)
-        info = {
-            "quantizer": qn,
-            "group": group,
-            "elements_differing": int(diff.sum()),
-            "elements": int(diff.size),
-            "max_steps": float(steps.max()),
-            "input_max_rel_diff": in_rel,
-        }
-        if np.all(np.abs(steps - 1.0) < 1e-3) and in_rel < 1e-4 and bool(straddles.all()):
-            if diff.sum() <= TIE_MAX_FRACTION * diff.size:
-                return {"verdict": "ties", **info}
-            return {"verdict": "mismatch", **info,
-                    "reason": f"more than {TIE_MAX_FRACTION:.0e} of the values are one-step ties: not float noise"}
-        return {"verdict": "mismatch", **info, "reason": "outputs differ by more than a rounding tie"}
-    return {"verdict": "no-quantizer-differs"}
-
-
-@contextlib.contextmanager
-def _capture_quantizers(qmodel: torch.nn.Module, captured: dict) -> Iterator[dict]:
-    """Record each activation quantizer's first (input, output) into `captured`."""
-    from calibration.quant_unet import activation_quantizers
-
-    hooks = []
-    for name, q in activation_quantizers(qmodel).items():
-        def hook(mod, args, out, name=name):
-            captured.setdefault(name, (args[0].detach().clone(), out.detach().clone()))
-
-        hooks.append(q.register_forward_hook(hook))
-    try:
-        yield captured
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def probe_parity(
-    graph: Path,
-    qmodel: torch.nn.Module,
-    inputs: Mapping[str, torch.Tensor],
-    profile: str,
-    group: int,
-    captured: Optional[dict] = None,
-) -> dict[str, Any]:
-    """Tie-aware parity of one group graph against the wrapper (simulating `profile`).
-
-    8-bit rounding makes a quantized net discontinuous: where a value sits on a rounding
-    boundary, float noise of the order of 1e-7 between onnxruntime's and PyTorch's kernels
-    (conv accumulation order, attention, normalization) moves it by one grid step, and the
-    two runs then legitimately diverge downstream. So besides the free-running comparison:
-
-    * teacher-forced parity: the simulation is run with every quantizer's *input* replaced
-      by onnxruntime's input to the same QuantizeLinear (and, once its own result is
-      recorded, its output by onnxruntime's DequantizeLinear output, so an exact tie does
-      not perturb what follows). Then, per quantizer, (a) its own output must equal
-      onnxruntime's (exact ties aside: scales, zero points), (b) the input the simulation
-      computed itself from the forced upstream values must equal onnxruntime's up to float
-      noise (weights, placement, the float ops between quantizers), and (c) the final output
-      too (`forced_rel_l2`);
-    * first divergence: comparing each quantizer's output in graph order, the first
-      difference must be a rounding tie: one grid step, at a boundary the two
-      float-noise-close inputs straddle.
-    """
-    from calibration.quant_unet import activation_quantizers, quant_mode
-
-    acts = activation_quantizers(qmodel)
-    points = _activation_points(graph, list(acts))
-    got = _run_probe(graph, points, inputs)
-    sample, timestep, cond = _split(inputs)
-    if captured is None:
-        captured = {}
-        with _capture_quantizers(qmodel, captured), torch.no_grad(), quant_mode(qmodel, profile=profile):
-            qmodel(sample, timestep, **cond)
-    first = _first_divergence(points, got, captured, group)
-
-    forced_in, forced_y = {}, {}
-    for qn, _, x_name, y_name in points:
-        forced_in.setdefault(qn, torch.from_numpy(np.ascontiguousarray(got[x_name])))
-        forced_y.setdefault(qn, torch.from_numpy(np.ascontiguousarray(got[y_name])))
-    natural: dict[str, torch.Tensor] = {}  # what the simulation computed, before forcing
-    forced_out: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, q in acts.items():
-        if name in forced_in:
-            def pre(mod, args, name=name):
-                x = forced_in[name]
-                if tuple(x.shape) != tuple(args[0].shape):
-                    raise AdpdmError(f"{name}: onnxruntime tensor {tuple(x.shape)} vs {tuple(args[0].shape)} in the simulation")
-                natural.setdefault(name, args[0].detach().clone())
-                return (x.to(args[0].dtype),)
-
-            def post(mod, args, out, name=name):
-                # Record the simulation's quantized values (compared below), then continue with
-                # onnxruntime's: an exact tie at this quantizer must not perturb what follows.
-                forced_out.setdefault(name, out.detach().clone())
-                y = forced_y[name]
-                return y.to(out.dtype) if tuple(y.shape) == tuple(out.shape) else out
-
-            hooks += [q.register_forward_pre_hook(pre), q.register_forward_hook(post)]
-    try:
-        with torch.no_grad(), quant_mode(qmodel, profile=profile):
-            forced = _eps(qmodel(sample, timestep, **cond))
-    finally:
-        for h in hooks:
-            h.remove()
-    out = torch.from_numpy(got[OUTPUT])
-
-    # Per quantizer, with identical inputs: the same quantized values (exact ties aside), and
-    # the simulation's own input (computed from the forced upstream values) equal to
-    # onnxruntime's up to float noise. The worst of each, by name.
-    worst_in = (0.0, "")
-    bad_out = (0, "")
-    for qn, scale, x_name, y_name in points:
-        if qn not in natural:
-            bad_out = (max(bad_out[0], 1), qn)
-            continue
-        r = _rel_l2(natural[qn], forced_in[qn])
-        if r > worst_in[0]:
-            worst_in = (r, qn)
-        yo = got[y_name].astype(np.float64)
-        yt = forced_out[qn].double().numpy()
-        x = forced_in[qn].double().numpy()
-        diff = yo != yt
-        if diff.any():
-            boundary = (yo + yt)[diff] / (2.0 * scale)
-            near = np.abs(x[diff] / scale - boundary) <= 1e-6 * np.maximum(np.abs(boundary), 1.0)
-            one_step = np.abs(np.abs(yo - yt)[diff] / scale - 1.0) < 1e-3
-            n_bad = int((~(near & one_step)).sum())
-            if n_bad > bad_out[0]:
-                bad_out = (n_bad, qn)
-    return {
-        "forced_rel_l2": _rel_l2(out, forced),
-        "forced_worst_input_rel_l2": worst_in[0],
-        "forced_worst_input_at": worst_in[1],
-        "forced_bad_outputs": bad_out[0],
-        "forced_bad_outputs_at": bad_out[1],
-        "first_divergence": first,
-        "quantizers_probed": len(points),
-    }
-
-
-def check_group_graph(
-    graph: Path,
-    qmodel: torch.nn.Module,
-    fp_unet: torch.nn.Module,
-    result,
-    group: int,
-    profile: str,
-    sample_shape: Sequence[int],
-    conditioning: Mapping[str, Any],
-    seed: int = 0,
-    optimized: bool = False,
-    parity_tol: float = PARITY_TOL,
-) -> GraphCheck:
-    """Parity of one group graph against the wrapper simulating `profile` with `group` active.
-
-    Verdicts: "exact" / "within-tolerance" (free-running relative L2 <= parity_tol and
-    teacher-forced too); "ties" (free-running beyond the tolerance, but the teacher-forced
-    parity holds and the first difference is a rounding tie: accepted, reported);
-    "mismatch" otherwise. See `probe_parity`.
-    """
-    from calibration.quant_unet import quant_mode
-    from engines.ort_backend import OrtNoisePredictor, make_session
-
-    ts, inputs = _parity_inputs(result, group, sample_shape, conditioning, seed)
-    sample, timestep, cond = _split(inputs)
-    pred = OrtNoisePredictor(make_session(graph, providers=["CPUExecutionProvider"], optimize=False))
-    got = pred(sample, timestep, **cond)
-    captured: dict = {}
-    with torch.no_grad():
-        with _capture_quantizers(qmodel, captured), quant_mode(qmodel, profile=profile):
-            sim = _eps(qmodel(sample, timestep, **cond))
-        fp = _eps(fp_unet(sample, timestep, **cond))
-    check = GraphCheck(
-        group=group,
-        profile=profile,
-        file=graph.name,
-        timesteps=ts,
-        parity_rel_l2=_rel_l2(got, sim),
-        parity_max_abs=float((got - sim).abs().max()),
-        fp_rel_l2=_rel_l2(got, fp),
-        sim_fp_rel_l2=_rel_l2(sim, fp),
-    )
-    probe = probe_parity(graph, qmodel, inputs, profile, group, captured)
-    check.forced_rel_l2 = probe["forced_rel_l2"]
-    check.forced = {k: v for k, v in probe.items() if k.startswith("forced_") and k != "forced_rel_l2"}
-    check.divergence = probe["first_divergence"]
-    first = check.divergence["verdict"]
-    forced_bad = (
-        check.forced_rel_l2 > parity_tol
-        or probe["forced_worst_input_rel_l2"] > parity_tol
-        or probe["forced_bad_outputs"] > 0
-    )
-    if forced_bad or first == "mismatch":
-        check.verdict = "mismatch"
-        if forced_bad and first != "mismatch":
-            at = probe["forced_bad_outputs_at"] if probe["forced_bad_outputs"] else probe["forced_worst_input_at"]
-            check.divergence = {
-                "verdict": "mismatch",
-                "quantizer": at or "(after the last quantizer)",
-                "reason": (
-                    f"with onnxruntime's inputs forced into the simulation: {probe['forced_bad_outputs']} quantized "
-                    f"values differ beyond ties, worst quantizer-input rel L2 {probe['forced_worst_input_rel_l2']:.2e}, "
-                    f"output rel L2 {check.forced_rel_l2:.2e}"
-                ),
-                "free_running": first,
-            }
-    elif check.parity_rel_l2 == 0.0:
-        check.verdict = "exact"
-    elif check.parity_rel_l2 <= parity_tol:
-        check.verdict = "within-tolerance"
-    else:
-        check.verdict = "ties" if first == "ties" else "mismatch"
-    if optimized:
-        opt = OrtNoisePredictor(make_session(graph, providers=["CPUExecutionProvider"], optimize=True))(sample, timestep, **cond)
-        check.optimized_rel_l2 = _rel_l2(opt, sim)
-        check.optimized_fp_rel_l2 = _rel_l2(opt, fp)
-    return check
-
-
-def _eps(out):
-    return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, (tuple, list)) else out)
 
 
 # --------------------------------------------------------------------------- export
@@ -841,74 +495,6 @@ def _move_into_place(stage: Path, out_dir: Path, names: Sequence[str], owned: Op
         os.replace(stage / n, out_dir / n)
 
 
-def qdq_manifest(
-    exp: QdqExport,
-    loaded,
-    result,
-    source: Optional[str] = None,
-    fp_graph: Optional[str] = None,
-    fp_weights: Optional[str] = None,
-):
-    """The engines.manifest.Manifest describing a QDQ export (files are hashed when written).
-
-    fp_graph / fp_weights: an FP graph (and its weights file) in the same folder to list as
-    profile "fp" of every group (e.g. `unet.onnx` / `unet.onnx.data` from `export_onnx`).
-    """
-    from engines.manifest import CalibrationSummary, Manifest, ModelInfo, make_groups
-
-    table = [int(x) for x in result.timestep_to_group.tolist()]
-    graphs = {p: [g.name for g in gs] for p, gs in exp.graphs.items()}
-    weights = {p: exp.weights.name for p in exp.graphs}
-    if fp_graph:
-        graphs["fp"] = [fp_graph] * int(result.num_groups)
-        if fp_weights:
-            weights["fp"] = fp_weights
-    cfg = dict(getattr(loaded.unet, "config", {}) or {})
-    return Manifest(
-        model=ModelInfo(
-            source=str(source or loaded.source),
-            sha256=loaded.sha256,
-            type=loaded.kind,
-            sample_size=tuple(int(x) for x in loaded.sample_size),
-            in_channels=int(loaded.in_channels),
-            out_channels=int(loaded.out_channels),
-            conditioning={k: dict(v) for k, v in (loaded.conditioning or {}).items()},
-            config=json.loads(json.dumps(cfg, default=lambda o: list(o) if isinstance(o, tuple) else str(o))),
-        ),
-        scheduler=dict(loaded.scheduler_config),
-        calibration=CalibrationSummary(
-            method=str(result.method),
-            weight_bits=int(result.w_bits),
-            act_bits=int(result.a_bits),
-            num_groups=int(result.num_groups),
-            tau_star=None if result.calib_timestep is None else int(result.calib_timestep),
-            extra={"calibration_profile": result.profile},
-        ),
-        timestep_to_group=table,
-        groups=make_groups(table, graphs),
-        weights=weights,
-        backend="ort",
-    )
-
-
-def write_qdq_manifest(
-    exp: QdqExport,
-    loaded,
-    result,
-    source: Optional[str] = None,
-    extra_files: Sequence[str] = (),
-    fp_graph: Optional[str] = None,
-    fp_weights: Optional[str] = None,
-) -> Path:
-    """Write manifest.json LAST (atomically), recording every graph, the weights and the report
-    (plus `extra_files`, e.g. scheduler_config.json, and an optional FP graph as profile "fp")."""
-    from engines.manifest import write_manifest
-
-    extra = [REPORT_NAME] + [f for f in extra_files if f != REPORT_NAME]
-    m = qdq_manifest(exp, loaded, result, source, fp_graph=fp_graph, fp_weights=fp_weights)
-    return write_manifest(exp.out_dir, m, extra_files=extra)
-
-
 def export_qdq_for(
     loaded,
     result,
@@ -943,20 +529,13 @@ def export_qdq_for(
 
 
 __all__ = [
-    "GraphCheck",
-    "PARITY_TOL",
-    "TIE_MAX_FRACTION",
     "QdqExport",
     "REPORT_NAME",
     "WEIGHTS_NAME",
     "build_trt_template",
-    "check_group_graph",
-    "probe_parity",
     "check_supported",
     "export_qdq",
     "export_qdq_for",
     "graph_name",
     "parse_profiles",
-    "qdq_manifest",
-    "write_qdq_manifest",
 ]

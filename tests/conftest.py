@@ -1,6 +1,8 @@
-"""Shared fixtures: tiny random diffusers UNets (seeded, CPU, eval mode) and a DDPM scheduler config.
+"""Shared fixtures: tiny random diffusers UNets (seeded, CPU, eval mode), a DDPM scheduler config,
+and the QDQ exports of the tiny UNets that the export and parity tests share.
 
-Builders live in tests/tiny_models.py; these fixtures give each test a fresh model.
+Builders live in tests/tiny_models.py and tests/qdq_fixtures.py; these fixtures give each test a
+fresh model (the exports are built once per session and only read).
 """
 
 from __future__ import annotations
@@ -37,3 +39,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _export_tiny(tmp_path_factory, name: str, make_unet, spec: dict, **kw):
+    """(unet, result, QdqExport) of a tiny UNet quick-calibrated with 2 groups, built on one torch thread."""
+    from adpdm_export.qdq_export import export_qdq
+    from qdq_fixtures import quick_result
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        unet = make_unet()
+        result = quick_result(unet, **spec)
+        exp = export_qdq(unet, result, tmp_path_factory.mktemp(name), **kw, **spec)
+    finally:
+        torch.set_num_threads(n)
+    return unet, result, exp
+
+
+@pytest.fixture(scope="session")
+def u2d_export(tmp_path_factory):
+    """The UNet2DModel exported for both profiles with every check (parity, lint, fusion)."""
+    from qdq_fixtures import U2D
+
+    return _export_tiny(tmp_path_factory, "qdq-u2d", tiny_unet2d, U2D, profile="both")
+
+
+@pytest.fixture(scope="session")
+def u2c_export(tmp_path_factory):
+    """The UNet2DConditionModel exported for the TensorRT profile (parity and lint, no fusion counts)."""
+    from qdq_fixtures import U2C
+
+    return _export_tiny(tmp_path_factory, "qdq-u2c", tiny_cond_unet, U2C, profile="trt", fusion=False)

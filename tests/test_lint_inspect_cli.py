@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from adpdm_export.qdq_export import REPORT_NAME, WEIGHTS_NAME, export_qdq_for
-from test_qdq_export import U2D, quick_result
+from qdq_fixtures import U2D, quick_result
 from test_qdq_lint import build
 from tiny_models import save_unet_folder, tiny_unet2d
 

@@ -19,7 +19,7 @@ from adpdm_export.ort_profile import (
 )
 from adpdm_export.qdq_export import WEIGHTS_NAME, export_qdq
 from engines.errors import AdpdmError
-from test_qdq_export import U2C, U2D, quick_result
+from qdq_fixtures import U2C, U2D, quick_result
 from tiny_models import tiny_cond_unet, tiny_unet2d
 
 

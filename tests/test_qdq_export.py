@@ -1,11 +1,11 @@
-"""QDQ export: per-group parity (UNet2DModel, UNet2DConditionModel), group graphs identical but
-for activation scales, one shared weights file, the quantization contract on the graphs,
-dedupe, refusals (W4A8 on TensorRT, A4), INT4 weights for onnxruntime, mismatches caught."""
+"""QDQ export (`adpdm_export.qdq_export`): group graphs identical but for activation scales, one
+shared weights file, the quantization contract on the graphs, dedupe, stale graphs replaced,
+refusals (W4A8 on TensorRT, A6), INT4 weights for onnxruntime, the reference model end to end.
+Parity itself: tests/test_qdq_parity.py; the shared exports: `u2d_export` in conftest.py."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,157 +14,14 @@ import torch
 from onnx import TensorProto, helper, numpy_helper as nh
 
 from adpdm_export import qdq_graph_passes as P
-from adpdm_export.onnx_export import example_inputs
-from adpdm_export.qdq_export import (
-    PARITY_TOL, REPORT_NAME, TIE_MAX_FRACTION, WEIGHTS_NAME, _first_divergence, check_group_graph, export_qdq,
-)
+from adpdm_export.qdq_export import REPORT_NAME, WEIGHTS_NAME, export_qdq
 from adpdm_export.qdq_lint import lint_model
 from engines.errors import AdpdmError
-from tiny_models import tiny_cond_unet, tiny_unet2d
-
-T = 1000
-U2D = dict(sample_shape=(1, 16, 16), conditioning={})
-U2C = dict(sample_shape=(4, 16, 16), conditioning={"encoder_hidden_states": {"dim": 24}})
+from qdq_fixtures import U2D, quick_result
+from tiny_models import tiny_unet2d
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def quick_result(unet, sample_shape, conditioning, groups=2, seed=0, **cfg):
-    """A CalibrationResult from max-abs statistics of a few random inputs per group (uniform groups)."""
-    from calibration.baselines import set_activation_scales, uniform_table
-    from calibration.observers import ActivationObserver
-    from calibration.qconfig import QuantConfig
-    from calibration.quant_unet import observe_mode, quantize_model
-    from calibration.result import result_from_model
-
-    qm = quantize_model(unet, QuantConfig(**cfg), table=uniform_table(groups, T))
-    obs = ActivationObserver(groups)
-    with observe_mode(qm, obs), torch.no_grad():
-        for g in range(groups):
-            inp = example_inputs(sample_shape, conditioning, batch=4, seed=seed + g, num_train_timesteps=T)
-            lo, hi = g * T // groups, (g + 1) * T // groups
-            inp["timestep"] = torch.randint(lo, hi, (4,), generator=torch.Generator().manual_seed(g))
-            v = list(inp.values())
-            qm(v[0], v[1], **dict(zip(list(inp)[2:], v[2:])))
-    set_activation_scales(qm, obs.amax())
-    return result_from_model(qm, "test-minmax", {})
-
-
-@pytest.fixture(scope="module")
-def u2d_export(tmp_path_factory):
-    unet = tiny_unet2d()
-    result = quick_result(unet, **U2D)
-    out = tmp_path_factory.mktemp("qdq-u2d")
-    exp = export_qdq(unet, result, out, profile="both", **U2D)
-    return unet, result, exp
-
-
-@pytest.fixture(scope="module")
-def u2c_export(tmp_path_factory):
-    unet = tiny_cond_unet()
-    result = quick_result(unet, **U2C)
-    out = tmp_path_factory.mktemp("qdq-u2c")
-    exp = export_qdq(unet, result, out, profile="trt", fusion=False, **U2C)
-    return unet, result, exp
-
-
-def _checks(exp, profile):
-    return [c for c in exp.checks if c.profile == profile]
-
-
-# --------------------------------------------------------------------------- parity
-
-
-@pytest.mark.parametrize("which, profile", [("u2d", "trt"), ("u2d", "ort"), ("u2c", "trt")])
-def test_parity_per_group(which, profile, request):
-    unet, result, exp = request.getfixturevalue(f"{which}_export")
-    checks = _checks(exp, profile)
-    assert [c.group for c in checks] == list(range(result.num_groups))
-    for c in checks:
-        # every timestep used belongs to the group
-        assert all(int(result.timestep_to_group[t]) == c.group for t in c.timesteps)
-        # teacher-forced: with onnxruntime's quantizer inputs, every quantizer gives the same values
-        # and every quantizer input and the output agree up to float noise
-        assert c.forced_rel_l2 < 1e-5, c
-        assert c.forced["forced_bad_outputs"] == 0 and c.forced["forced_worst_input_rel_l2"] < 1e-5, c.forced
-        # free-running: within the tolerance, or beyond it only after a rounding tie: one grid step, on
-        # a small fraction of the tensor (how many values sit on a tie depends on the CPU's kernels)
-        assert c.verdict in ("exact", "within-tolerance", "ties"), c
-        if c.parity_rel_l2 > PARITY_TOL:
-            d = c.divergence
-            assert d["verdict"] == "ties" and d["max_steps"] < 1.001, d
-            assert 1 <= d["elements_differing"] <= TIE_MAX_FRACTION * d["elements"], d
-        # quantized vs FP: an honest INT8 error, not zero, not garbage
-        assert 1e-3 < c.fp_rel_l2 < 0.3, c
-        assert abs(c.fp_rel_l2 - c.sim_fp_rel_l2) < 0.05
-
-
-@pytest.mark.slow
-def test_parity_cond_unet_ort_profile(tmp_path):
-    unet = tiny_cond_unet()
-    result = quick_result(unet, **U2C)
-    exp = export_qdq(unet, result, tmp_path, profile="ort", **U2C)
-    for c in exp.checks:
-        assert c.forced_rel_l2 < 1e-5 and c.ok, c
-    assert exp.fusion["ort"]["ratio"] >= 0.95
-
-
-def test_a_wrong_scale_is_a_mismatch_not_a_tie(u2d_export, tmp_path):
-    """A group graph carrying another scale for one quantizer fails the check, naming it."""
-    unet, result, exp = u2d_export
-    from calibration.quant_unet import quantize_model
-
-    src = exp.graphs["trt"][0]
-    m = onnx.load(str(src), load_external_data=False)
-    victim = "up_blocks.1.resnets.0.conv1.input_quantizer.scale"
-    for t in m.graph.initializer:
-        if t.name == victim:
-            t.CopyFrom(nh.from_array(np.float32(nh.to_array(t) * 1.02), victim))
-    bad = src.parent / "bad.g0.onnx"
-    bad.write_bytes(m.SerializeToString())
-    try:
-        qm = quantize_model(unet, result=result)
-        c = check_group_graph(bad, qm, unet, result, 0, "trt", **U2D)
-    finally:
-        bad.unlink()
-    assert c.verdict == "mismatch"
-    assert c.divergence["quantizer"] == victim[: -len(".scale")]
-    assert c.forced["forced_bad_outputs"] > 0
-
-
-def _tie_case(n_ties: int, size: int = 10_000, scale: float = 0.1, steps: int = 1):
-    """One quantizer whose onnxruntime input sits float noise above `n_ties` rounding boundaries."""
-    xt = np.linspace(-5.0, 5.0, size)
-    xt[:n_ties] = (np.arange(n_ties) % 40 + 0.5) * scale  # exactly on a boundary (x / s = k + 0.5)
-    xo = xt.copy()
-    xo[:n_ties] += 1e-9  # float noise: onnxruntime's input lands just above it
-    yt = np.floor(xt / scale + 0.5 - 1e-12) * scale  # the simulation rounds down at the tie
-    yo = yt.copy()
-    yo[:n_ties] += steps * scale  # onnxruntime `steps` grid steps up
-    points = [("q", scale, "x", "y")]
-    got = {"x": xo.astype(np.float64), "y": yo}
-    captured = {"q": (torch.from_numpy(xt), torch.from_numpy(yt))}
-    return _first_divergence(points, got, captured, group=0)
-
-
-def test_tie_criterion_accepts_rare_ties_and_refuses_many():
-    """A few one-step ties are float noise; the same ties on more than TIE_MAX_FRACTION of the tensor
-    are not (a wrong scale moves many values), and a two-step difference is never a tie."""
-    assert _tie_case(3)["verdict"] == "ties"
-    assert _tie_case(int(TIE_MAX_FRACTION * 10_000))["verdict"] == "ties"
-    many = _tie_case(int(TIE_MAX_FRACTION * 10_000) + 1)
-    assert many["verdict"] == "mismatch" and "ties" in many["reason"]
-    assert _tie_case(3, steps=2)["verdict"] == "mismatch"
-
-
-def test_group_graph_checked_against_another_group_is_a_mismatch(u2d_export):
-    unet, result, exp = u2d_export
-    from calibration.quant_unet import quantize_model
-
-    qm = quantize_model(unet, result=result)
-    c = check_group_graph(exp.graphs["trt"][1], qm, unet, result, 0, "trt", **U2D)
-    assert c.verdict == "mismatch"
 
 
 # --------------------------------------------------------------------------- files and structure

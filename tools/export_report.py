@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from adpdm_export.onnx_export import example_inputs, export_onnx
     from adpdm_export.ort_profile import fusion_counts
-    from adpdm_export.qdq_export import check_group_graph, export_qdq_for
+    from adpdm_export.qdq_export import export_qdq_for
+    from adpdm_export.qdq_parity import check_group_graph
     from calibration.quant_unet import quantize_model
     from calibration.result import CalibrationResult
 
