@@ -33,7 +33,8 @@ from typing import Any, Callable, Optional, Sequence
 from adpdm_export.build_stages import StageLedger, StageRecord, build_lock, check_build_folder, stage_key
 from adpdm_export.model_loading import LoadedModel, load_model
 from engines.errors import AdpdmError
-from engines.manifest import ENGINE_NAME, MANIFEST_NAME, TIMING_CACHE_NAME, Manifest, load_manifest, tool_version
+from engines.manifest import load_manifest
+from engines.manifest_schema import ENGINE_NAME, MANIFEST_NAME, TIMING_CACHE_NAME, Manifest, tool_version
 
 CALIBRATION_DIR = "calibration"
 DEFAULT_BATCH_SIZES = (1, 4, 16)

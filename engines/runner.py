@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from engines.errors import AdpdmError
-from engines.manifest import Manifest, load_manifest
+from engines.manifest import load_manifest
+from engines.manifest_schema import Manifest
 from engines.platform import BACKEND_CHOICES, pick_backend
 
 ORT_PROFILE_ORDER = ("ort", "trt", "fp")  # which group graphs onnxruntime runs, best first

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from engines.errors import AdpdmError
-from engines.manifest import Manifest
+from engines.manifest_schema import Manifest
 from engines.ort_backend import OUTPUT_NAME
 from engines.platform import gpu_identity, require_tensorrt
 

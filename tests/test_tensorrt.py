@@ -11,14 +11,8 @@ import torch
 
 from engines.build import build_trt_engines, make_profile
 from engines.errors import AdpdmError
-from engines.manifest import (
-    MANIFEST_NAME,
-    TensorrtInfo,
-    TrtProfile,
-    load_manifest,
-    with_tensorrt,
-    write_manifest,
-)
+from engines.manifest import load_manifest, write_manifest
+from engines.manifest_schema import MANIFEST_NAME, TensorrtInfo, TrtProfile, with_tensorrt
 from engines.platform import cuda_status, pick_backend, tensorrt_status
 from engines.runner import TimestepDispatchRunner
 from engines.trt_backend import check_engine_platform
