@@ -23,16 +23,13 @@ from calibration.baselines import (
     StepStats,
     save_step_stats,
     step_observer,
-    calib_timesteps_by_group,
     calibrate_activations,
-    per_step_table,
-    single_group_table,
-    uniform_table,
 )
 from calibration.fingerprint import model_sha256
 from calibration.qconfig import QuantConfig, check_bits
 from calibration.quant_unet import observe_mode, quantize_model, set_table
 from calibration.result import CalibrationResult, result_from_model
+from calibration.timestep_tables import calib_timesteps_by_group, per_step_table, single_group_table, uniform_table
 from calibration.trajectories import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES, DEFAULT_STEPS, TrajectorySet, generate_trajectories
 from calibration.weight_clipping import calibrate_weights
 from engines.errors import AdpdmError

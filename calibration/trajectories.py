@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 
 from calibration.fingerprint import model_sha256
 from engines.errors import AdpdmError
+from engines.file_io import atomic_write, sha256_json
 from engines.sampler import initial_noise, sample
 from engines.scheduling import make_scheduler
 from engines.torch_predictor import TorchNoisePredictor
@@ -148,7 +148,7 @@ def trajectory_settings(
 
 
 def settings_key(settings: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    return sha256_json(settings)
 
 
 # ----------------------------------------------------------------------------------------
@@ -240,7 +240,6 @@ def save_trajectories(ts: TrajectorySet, path: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         "timesteps": ts.timesteps.contiguous(),
         "x_t": ts.x_t.contiguous(),
@@ -251,15 +250,8 @@ def save_trajectories(ts: TrajectorySet, path: str | os.PathLike) -> Path:
     }
     for k, v in ts.cond.items():
         tensors[f"cond.{k}"] = v.contiguous()
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"settings": json.dumps(ts.settings, sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    metadata = {"settings": json.dumps(ts.settings, sort_keys=True)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_trajectories(path: str | os.PathLike, expected_settings: Optional[Mapping[str, Any]] = None) -> Optional[TrajectorySet]:
