@@ -498,7 +498,7 @@ def run_dispatch(mbs: list[ModelBench], args) -> dict:
             rows.append({"model": mb.name, "status": "failed", "reason": mb.info.get("ours", {}).get("reason")})
             continue
         runner = mb.runner
-        gs = runner._sessions  # the runner's own OrtGroupSessions (bench-only access)
+        gs = runner.group_backend.sessions  # the runner's own OrtGroupSessions (bench-only access)
         for batch in args.batches:
             x, ts = make_inputs(mb, batch)
             t = ts[0]
@@ -684,7 +684,8 @@ def rss_child(args) -> None:
         "steady_mib": round(status_mib("VmRSS") - r0, 1), "pss_steady_mib": round(pss_mib() - p0, 1),
         "peak_mib": round(status_mib("VmHWM") - r0, 1), "load_s": round(load_s, 2),
         "latency_ms": [round(v, 3) for v in times], "latency_ms_median": round(statistics.median(times), 3),
-        "shared_bytes_per_session": int(runner._sessions.shared_bytes) if hasattr(runner, "_sessions") else None,
+        "shared_bytes_per_session": (int(runner.group_backend.sessions.shared_bytes)
+                                     if hasattr(runner, "group_backend") else None),
     }), flush=True)
 
 
