@@ -36,7 +36,8 @@ from calibration.configs import ADPDMConfig, DataFreeConfig, MethodConfig
 from calibration.progress import Progress
 from calibration.qconfig import QuantConfig
 from engines.errors import AdpdmError
-from engines.manifest import ENGINE_NAME, MANIFEST_NAME, TIMING_CACHE_NAME, Manifest, load_manifest, tool_version
+from engines.manifest import load_manifest
+from engines.manifest_schema import ENGINE_NAME, MANIFEST_NAME, TIMING_CACHE_NAME, Manifest, tool_version
 
 CALIBRATION_DIR = "calibration"
 DEFAULT_BATCH_SIZES = (1, 4, 16)

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -31,8 +30,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from engines.errors import AdpdmError
-from engines.manifest import FORMAT as MANIFEST_FORMAT
-from engines.manifest import MANIFEST_NAME, atomic_write_text, sha256_file
+from engines.file_io import atomic_write_text, sha256_file, sha256_json
+from engines.manifest_schema import FORMAT as MANIFEST_FORMAT
+from engines.manifest_schema import MANIFEST_NAME
 
 LEDGER = ".adpdm-stages.json"
 LOCK_NAME = ".adpdm-build.lock"
@@ -195,7 +195,7 @@ def _content(value: Any) -> Any:
 
 def stage_key(**parts: Any) -> str:
     """A stable hash of a stage's settings and inputs (JSON, sorted keys; tensors and arrays by content)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=_content).encode()).hexdigest()
+    return sha256_json(parts, default=_content)
 
 
 @dataclass

@@ -30,7 +30,7 @@ def qdq_manifest(
     fp_graph / fp_weights: an FP graph (and its weights file) in the same folder to list as
     profile "fp" of every group (e.g. `unet.onnx` / `unet.onnx.data` from `export_onnx`).
     """
-    from engines.manifest import CalibrationSummary, Manifest, ModelInfo, make_groups
+    from engines.manifest_schema import CalibrationSummary, Manifest, ModelInfo, make_groups
 
     table = [int(x) for x in result.timestep_to_group.tolist()]
     graphs = {p: [g.name for g in gs] for p, gs in exp.graphs.items()}

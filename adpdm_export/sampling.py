@@ -61,7 +61,7 @@ class Source:
 
 
 def is_build_folder(path: str | os.PathLike) -> bool:
-    from engines.manifest import MANIFEST_NAME
+    from engines.manifest_schema import MANIFEST_NAME
 
     return Path(path).is_dir() and (Path(path) / MANIFEST_NAME).is_file()
 

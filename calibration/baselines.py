@@ -9,7 +9,8 @@
   a handful of engines); every training timestep maps to the group of the nearest
   calibration timestep (the same rule ADP-DM uses).
 
-Groups are numbered in increasing timestep order.
+Groups are numbered in increasing timestep order; the tables come from
+calibration/timestep_tables.py.
 """
 
 from __future__ import annotations
@@ -22,52 +23,12 @@ from torch import nn
 
 from calibration.observers import ActivationObserver
 from calibration.quant_unet import activation_quantizers, get_state, observe_mode, set_table
+from calibration.timestep_tables import per_step_table
 from calibration.trajectories import TrajectorySet
 from engines.errors import AdpdmError
+from engines.file_io import atomic_write, sha256_json
 
 STATS = ("minmax", "percentile")
-
-
-# ----------------------------------------------------------------------------------------
-# timestep -> group tables
-# ----------------------------------------------------------------------------------------
-def single_group_table(num_train_timesteps: int) -> torch.Tensor:
-    return torch.zeros(int(num_train_timesteps), dtype=torch.int64)
-
-
-def uniform_table(num_groups: int, num_train_timesteps: int) -> torch.Tensor:
-    """Timestep t -> floor(t * G / T): G equal intervals, group 0 the lowest timesteps."""
-    g, t = int(num_groups), int(num_train_timesteps)
-    if g < 1:
-        raise AdpdmError(f"groups must be >= 1, got {g}")
-    if g > t:
-        raise AdpdmError(f"groups ({g}) cannot exceed the number of training timesteps ({t})")
-    return torch.arange(t, dtype=torch.int64) * g // t
-
-
-def nearest_table(calib_timesteps: list[int], labels: list[int], num_train_timesteps: int) -> torch.Tensor:
-    """Each timestep 0..T-1 -> label of the nearest calibration timestep (ties: the lower one)."""
-    if len(calib_timesteps) != len(labels) or not calib_timesteps:
-        raise AdpdmError("nearest_table needs one label per calibration timestep")
-    order = sorted(range(len(calib_timesteps)), key=lambda i: calib_timesteps[i])
-    c = torch.tensor([calib_timesteps[i] for i in order], dtype=torch.int64)
-    lab = torch.tensor([labels[i] for i in order], dtype=torch.int64)
-    t = torch.arange(int(num_train_timesteps), dtype=torch.int64)
-    idx = (t[:, None] - c[None, :]).abs().argmin(1)  # first minimum: the lower timestep on ties
-    return lab[idx]
-
-
-def per_step_table(calib_timesteps: list[int], num_train_timesteps: int) -> torch.Tensor:
-    """One group per distinct calibration timestep, numbered in increasing timestep order."""
-    uniq = sorted(set(int(t) for t in calib_timesteps))
-    return nearest_table(uniq, list(range(len(uniq))), num_train_timesteps)
-
-
-def calib_timesteps_by_group(table: torch.Tensor, calib_timesteps: list[int]) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for t in calib_timesteps:
-        out.setdefault(int(table[int(t)]), []).append(int(t))
-    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -155,8 +116,6 @@ class StepStats:
 
 
 def _stats_path(cache_dir, traj: TrajectorySet, qmodel: nn.Module, histogram: bool, batch_size: int):
-    import hashlib
-    import json
     from pathlib import Path
 
     key = {
@@ -167,15 +126,13 @@ def _stats_path(cache_dir, traj: TrajectorySet, qmodel: nn.Module, histogram: bo
         "batch_size": int(batch_size),
         "version": 1,
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    digest = sha256_json(key, default=str)
     return Path(cache_dir) / f"stepstats-{digest[:32]}.safetensors", key
 
 
 def save_step_stats(stats: StepStats, cache_dir, traj: TrajectorySet, qmodel: nn.Module, batch_size: int) -> None:
     """Cache per-step statistics next to the trajectories (keyed by them, the quantizer set and settings)."""
     import json
-    import os
-    import tempfile
 
     from safetensors.torch import save_file
 
@@ -184,17 +141,10 @@ def save_step_stats(stats: StepStats, cache_dir, traj: TrajectorySet, qmodel: nn
     if not traj.settings:
         return
     path, key = _stats_path(cache_dir, traj, qmodel, stats.observer.histogram, batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors, meta = observer_to_tensors(stats.observer)
     tensors["timesteps"] = torch.tensor(stats.timesteps, dtype=torch.int64)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"key": json.dumps(key, sort_keys=True, default=str), "meta": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    metadata = {"key": json.dumps(key, sort_keys=True, default=str), "meta": json.dumps(meta)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_step_stats(cache_dir, traj: TrajectorySet, qmodel: nn.Module, histogram: bool, batch_size: int):

@@ -11,7 +11,7 @@ Default partition, `scale-dp`:
 1. one scale set per step (per-step percentile start), learned for `search_iters` steps;
 2. the best split of the timestep-ordered steps into <= G contiguous runs of at least
    `min_group_fraction` of the steps, minimizing the error-weighted spread of the learned
-   log-scales inside each run (`scale_dp_partition`, exact DP); each run starts from its
+   log-scales inside each run (`timestep_tables.scale_dp_partition`, exact DP); each run starts from its
    weighted mean scales.
 
 The paper's partition, `search`:
@@ -24,13 +24,13 @@ The paper's partition, `search`:
    temperature is annealed geometrically and lambda_H ramps up linearly (so the groups
    form before they are frozen);
 3. hard partition: the best split into <= G contiguous runs under cost -log softmax(A)
-   (`contiguous_partition`; `contiguous=False`: the plain argmax).
+   (`timestep_tables.contiguous_partition`; `contiguous=False`: the plain argmax).
 
 Then, for every partition: empty groups dropped, groups renumbered by increasing timestep
 (group 0 holds the smallest timesteps); refinement with the hard partition in place
 (`refine_iters` steps; each item uses its own group's scales, so a group's scales get
 gradient from its own timesteps alone); the table: every training timestep 0..T-1 maps to
-the group of the nearest calibration timestep (`table_from_steps`).
+the group of the nearest calibration timestep (`timestep_tables.nearest_table`).
 
 Output-quantizer scales (applied only in the `ort` profile, so invisible to the `trt`
 loss) are set from per-group percentile statistics of the final partition.
@@ -61,7 +61,16 @@ from calibration.quant_unet import (
     set_table,
 )
 from calibration.quantizers import ActQuantizer
+from calibration.timestep_tables import (
+    canonical_groups,
+    contiguous_partition,
+    nearest_table,
+    scale_dp_partition,
+    step_lookup,
+    uniform_step_groups,
+)
 from engines.errors import AdpdmError
+from engines.timestep_groups import TimestepGroups
 
 # progress(stage, step, total, loss or None)
 Progress = Callable[[str, int, int, Optional[float]], None]
@@ -171,133 +180,10 @@ def step_errors(
     return (err / cnt.clamp_min(1)).to(torch.float32)
 
 
-# ----------------------------------------------------------------------------------------
-# partitions and tables
-# ----------------------------------------------------------------------------------------
-def uniform_step_groups(num_steps: int, num_groups: int) -> torch.Tensor:
-    """G equal runs of consecutive steps (the `uniform-groups` partition), (N,) int64."""
-    g = max(1, min(int(num_groups), int(num_steps)))
-    return (torch.arange(num_steps) * g // max(1, num_steps)).to(torch.int64)
-
-
-def table_from_steps(calib_timesteps: torch.Tensor, step_groups: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
-    """Group of every training timestep 0..T-1: the group of the nearest calibration timestep.
-
-    Ties (a timestep exactly halfway between two calibration timesteps) go to the smaller
-    calibration timestep.
-    """
-    ct = torch.as_tensor(calib_timesteps, dtype=torch.int64).reshape(-1)
-    sg = torch.as_tensor(step_groups, dtype=torch.int64).reshape(-1)
-    if ct.numel() != sg.numel() or ct.numel() == 0:
-        raise AdpdmError(f"{ct.numel()} calibration timesteps but {sg.numel()} step groups")
-    order = torch.argsort(ct)
-    ct, sg = ct[order], sg[order]
-    t = torch.arange(int(num_train_timesteps), dtype=torch.int64)
-    dist = (t[:, None] - ct[None, :]).abs()
-    nearest = torch.argmin(dist, dim=1)  # argmin returns the first (smallest timestep) on ties
-    return sg[nearest]
-
-
-def canonical_groups(step_groups: torch.Tensor, calib_timesteps: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """Drop empty groups and renumber by increasing timestep (first appearance from t = 0 up).
-
-    Returns (new step groups (N,), old group id of each new group).
-    """
-    sg = torch.as_tensor(step_groups, dtype=torch.int64).reshape(-1)
-    order = torch.argsort(torch.as_tensor(calib_timesteps, dtype=torch.int64))
-    old_ids: list[int] = []
-    for g in sg[order].tolist():
-        if g not in old_ids:
-            old_ids.append(g)
-    remap = {old: new for new, old in enumerate(old_ids)}
-    return torch.tensor([remap[g] for g in sg.tolist()], dtype=torch.int64), old_ids
-
-
-def contiguous_partition(cost: torch.Tensor, max_segments: int, segment_penalty: float = 0.0,
-                         min_len: int = 1) -> torch.Tensor:
-    """Best split of steps (rows of cost (N, G), in timestep order) into <= max_segments runs.
-
-    Each run takes the label (column) of least total cost; the total (sum of the chosen costs
-    + segment_penalty per run) is minimized exactly by dynamic programming. Every run has at
-    least `min_len` steps (capped at N). Returns the run index (0..K-1) of every step, in the
-    row order given.
-    """
-    c = cost.to(torch.float64)
-    g = c.shape[1]
-    pre = torch.cat([torch.zeros(1, g, dtype=torch.float64), c.cumsum(0)])  # (N+1, G)
-    # seg[a, b] = min_g sum_{a <= i < b} c[i, g]
-    seg = (pre[None, :, :] - pre[:, None, :]).min(-1).values  # (N+1, N+1)
-    return segment_partition(seg, max_segments, segment_penalty, min_len)
-
-
-def segment_partition(seg: torch.Tensor, max_segments: int, segment_penalty: float = 0.0,
-                      min_len: int = 1) -> torch.Tensor:
-    """The DP of `contiguous_partition` for any run cost: seg[a, b] = cost of the run of steps a..b-1
-    (N+1 x N+1). Returns the run index (0..K-1) of every step."""
-    n = seg.shape[0] - 1
-    min_len = max(1, min(int(min_len), n))
-    k_max = max(1, min(int(max_segments), n // min_len))
-    inf = float("inf")
-    best = torch.full((k_max + 1, n + 1), inf, dtype=torch.float64)
-    arg = torch.zeros((k_max + 1, n + 1), dtype=torch.int64)
-    best[0, 0] = 0.0
-    for k in range(1, k_max + 1):
-        for b in range(min_len, n + 1):
-            cand = best[k - 1, : b - min_len + 1] + seg[: b - min_len + 1, b] + segment_penalty
-            a = int(torch.argmin(cand))
-            best[k, b], arg[k, b] = cand[a], a
-    k = int(torch.argmin(best[1:, n])) + 1
-    out = torch.empty(n, dtype=torch.int64)
-    b = n
-    while k > 0:
-        a = int(arg[k, b])
-        out[a:b] = k - 1
-        b, k = a, k - 1
-    return out
-
-
-def scale_dp_partition(log_scales: torch.Tensor, weights: torch.Tensor, max_groups: int,
-                       min_len: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs of steps (rows in timestep order) whose learned per-step log-scales (N x Q) one scale set
-    per run fits best: <= max_groups runs minimizing sum_i w_i ||v_i - mean_run||^2 (w-weighted mean)
-    exactly. Returns (run index per step, (K x Q) the runs' weighted mean log-scales)."""
-    v = log_scales.to(torch.float64)
-    w = weights.to(torch.float64).clamp_min(1e-30)[:, None]
-    zero = torch.zeros(1, v.shape[1], dtype=torch.float64)
-    cw = torch.cat([torch.zeros(1, 1, dtype=torch.float64), w.cumsum(0)])  # (N+1, 1)
-    cs = torch.cat([zero, (w * v).cumsum(0)])  # (N+1, Q)
-    cq = torch.cat([torch.zeros(1, dtype=torch.float64), (w[:, 0] * (v**2).sum(1)).cumsum(0)])  # (N+1,)
-    dw = (cw[None, :, 0] - cw[:, None, 0]).clamp_min(1e-30)  # [a, b]
-    ds = cs[None, :, :] - cs[:, None, :]  # (N+1, N+1, Q)
-    seg = (cq[None, :] - cq[:, None]) - (ds**2).sum(-1) / dw
-    seg = torch.where(torch.arange(seg.shape[0])[None, :] > torch.arange(seg.shape[0])[:, None], seg,
-                      torch.full_like(seg, float("inf")))
-    runs = segment_partition(seg, max_groups, 0.0, min_len)
-    k = int(runs.max()) + 1
-    means = torch.stack([(w[runs == r] * v[runs == r]).sum(0) / w[runs == r].sum() for r in range(k)])
-    return runs, means.to(torch.float32)
-
-
-def group_ranges(step_groups: torch.Tensor, calib_timesteps: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """Per group, its runs of calibration timesteps as (lo, hi) inclusive, ascending."""
-    ct = torch.as_tensor(calib_timesteps, dtype=torch.int64)
-    sg = torch.as_tensor(step_groups, dtype=torch.int64)
-    order = torch.argsort(ct)
-    ct, sg = ct[order].tolist(), sg[order].tolist()
-    g_count = max(sg) + 1
-    out: list[list[tuple[int, int]]] = [[] for _ in range(g_count)]
-    start = 0
-    for k in range(1, len(ct) + 1):
-        if k == len(ct) or sg[k] != sg[start]:
-            out[sg[start]].append((ct[start], ct[k - 1]))
-            start = k
-    return out
-
-
 def install_partition(qmodel: nn.Module, calib_timesteps: torch.Tensor, step_groups: torch.Tensor) -> torch.Tensor:
     """Install the table of `step_groups` on the wrapped model (resizing quantizers); returns it."""
     st = get_state(qmodel)
-    table = table_from_steps(calib_timesteps, step_groups, st.table.numel())
+    table = nearest_table(calib_timesteps, step_groups, st.table.numel())
     _freeze_all(qmodel)
     set_table(qmodel, table)
     return table
@@ -479,26 +365,23 @@ class GroupSearchOutcome:
     timings: dict[str, float]
 
     @property
+    def groups(self) -> TimestepGroups:
+        """The table as the grouping value type (a calibration timestep's group is its step's group)."""
+        return TimestepGroups(self.table)
+
+    @property
     def num_groups(self) -> int:
         return int(self.step_groups.max()) + 1
 
     def ranges(self) -> list[list[tuple[int, int]]]:
-        return group_ranges(self.step_groups, self.calib_timesteps)
+        """Per group, its runs of calibration timesteps as (lo, hi) inclusive, ascending."""
+        return self.groups.ranges(self.calib_timesteps.tolist())
 
     def calib_timesteps_by_group(self) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = {}
-        for t, g in zip(self.calib_timesteps.tolist(), self.step_groups.tolist()):
-            out.setdefault(int(g), []).append(int(t))
-        return out
+        return self.groups.calib_timesteps_by_group(self.calib_timesteps.tolist())
 
     def mean_max_pi(self) -> float:
         return float(self.pi.max(1).values.mean())
-
-
-def _step_lookup(calib_timesteps: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
-    lut = torch.full((int(num_train_timesteps),), -1, dtype=torch.int64)
-    lut[calib_timesteps] = torch.arange(calib_timesteps.numel())
-    return lut
 
 
 def kmeans_step_groups(features: torch.Tensor, num_groups: int, iters: int = 50) -> torch.Tensor:
@@ -623,7 +506,7 @@ def search_groups(
 
     # ---- relaxed search ------------------------------------------------------------
     t0 = time.perf_counter()
-    lut = _step_lookup(data.timesteps, t_count)
+    lut = step_lookup(data.timesteps, t_count)
     logits = torch.zeros(n, g)
     if fixed:  # one-hot at every temperature (reported pi; the fixed partition learns in the hard mode)
         logits[torch.arange(n), uni] = 30.0
@@ -752,10 +635,7 @@ __all__ = [
     "GroupSearchConfig",
     "GroupSearchOutcome",
     "Progress",
-    "canonical_groups",
-    "contiguous_partition",
     "fp_predictions",
-    "group_ranges",
     "initial_step_groups",
     "initialize_groups",
     "initialize_uniform",
@@ -767,6 +647,4 @@ __all__ = [
     "searchable_quantizers",
     "set_scales_from_observer",
     "step_errors",
-    "table_from_steps",
-    "uniform_step_groups",
 ]

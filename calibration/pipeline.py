@@ -24,11 +24,7 @@ from calibration.baselines import (
     StepStats,
     save_step_stats,
     step_observer,
-    calib_timesteps_by_group,
     calibrate_activations,
-    per_step_table,
-    single_group_table,
-    uniform_table,
 )
 from calibration.configs import (
     ADPDMConfig,
@@ -45,6 +41,7 @@ from calibration.progress import Progress, stage_steps
 from calibration.qconfig import QuantConfig
 from calibration.quant_unet import observe_mode, quantize_model, set_table
 from calibration.result import CalibrationResult, result_from_model
+from calibration.timestep_tables import calib_timesteps_by_group, per_step_table, single_group_table, uniform_table
 from calibration.trajectories import DEFAULT_BATCH_SIZE, TrajectorySet, generate_trajectories, unet_sample_shape
 from calibration.user_data import UserData, trajectories_from_batches
 from calibration.weight_clipping import calibrate_weights

@@ -22,10 +22,8 @@ Quantizer names are module paths in the wrapped model, e.g.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -33,6 +31,8 @@ from typing import Any, Optional
 import torch
 
 from engines.errors import AdpdmError
+from engines.file_io import atomic_write, sha256_file
+from engines.timestep_groups import TimestepGroups
 
 FORMAT = "adpdm-calibration"
 FORMAT_VERSION = 1
@@ -43,17 +43,9 @@ TABLE_KEY = "timestep_to_group"
 
 def groups_from_table(table: torch.Tensor, calib_timesteps: Optional[dict[int, list[int]]] = None) -> list[dict[str, Any]]:
     """[{id, timestep_ranges: [[lo, hi], ...] inclusive, calib_timesteps}] for each group."""
-    t = table.tolist()
-    g_count = max(t) + 1 if t else 0
-    ranges: list[list[list[int]]] = [[] for _ in range(g_count)]
-    start = 0
-    for i in range(1, len(t) + 1):
-        if i == len(t) or t[i] != t[start]:
-            ranges[t[start]].append([start, i - 1])
-            start = i
     out = []
-    for g in range(g_count):
-        d: dict[str, Any] = {"id": g, "timestep_ranges": ranges[g]}
+    for g, runs in enumerate(TimestepGroups(table).ranges()):
+        d: dict[str, Any] = {"id": g, "timestep_ranges": [list(r) for r in runs]}
         d["calib_timesteps"] = sorted((calib_timesteps or {}).get(g, []))
         out.append(d)
     return out
@@ -68,25 +60,6 @@ def _dumps(obj: Any, indent: str = "") -> str:
     if isinstance(obj, list) and any(isinstance(v, dict) for v in obj):
         return "[\n" + ",\n".join(inner + _dumps(v, inner) for v in obj) + "\n" + indent + "]"
     return json.dumps(obj, allow_nan=False, default=str)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @dataclass
@@ -218,10 +191,10 @@ class CalibrationResult:
         tensors: dict[str, torch.Tensor] = {TABLE_KEY: self.timestep_to_group.contiguous()}
         for n, s in {**self.activation_scales, **self.weight_scales}.items():
             tensors[f"{n}.scale"] = s.detach().to("cpu", torch.float32).contiguous()
-        _atomic_write(d / TENSORS_NAME, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
-        doc = self.to_json_dict(_file_sha256(d / TENSORS_NAME))
+        atomic_write(d / TENSORS_NAME, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
+        doc = self.to_json_dict(sha256_file(d / TENSORS_NAME))
         text = _dumps(json.loads(json.dumps(doc, allow_nan=False, default=str))) + "\n"
-        _atomic_write(d / JSON_NAME, lambda p: Path(p).write_text(text))
+        atomic_write(d / JSON_NAME, lambda p: Path(p).write_text(text))
         return d
 
     @classmethod
@@ -250,7 +223,7 @@ class CalibrationResult:
         if not tpath.is_file():
             raise AdpdmError(f"{tpath} is missing")
         want_sha = doc.get("tensors_sha256")
-        if want_sha and _file_sha256(tpath) != want_sha:
+        if want_sha and sha256_file(tpath) != want_sha:
             raise AdpdmError(f"{tpath} does not match {JSON_NAME} (truncated or modified); recalibrate")
         try:
             from safetensors import safe_open

@@ -33,15 +33,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from calibration.group_search import (
-    CalibSet,
-    install_partition,
-    set_scales_from_observer,
-    step_errors,
-    uniform_step_groups,
-)
+from calibration.group_search import CalibSet, install_partition, set_scales_from_observer, step_errors
 from calibration.observers import ActivationObserver
 from calibration.quant_unet import forward_eps, fp_mode, get_state, observe_mode, quantized_layers
+from calibration.timestep_tables import uniform_step_groups
 from engines.errors import AdpdmError
 
 Progress = Callable[[str, int, int, Optional[float]], None]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch import nn
 from calibration.configs import DEFAULT_SAMPLES, DEFAULT_STEPS
 from calibration.fingerprint import model_sha256
 from engines.errors import AdpdmError
+from engines.file_io import atomic_write, sha256_json
 from engines.sampler import initial_noise, sample
 from engines.scheduling import make_scheduler
 from engines.torch_predictor import TorchNoisePredictor
@@ -109,7 +109,7 @@ def unet_sample_shape(unet: nn.Module) -> tuple[int, int, int]:
     return (int(cfg.in_channels), *size)
 
 
-def _tensor_digest(t: torch.Tensor) -> str:
+def tensor_digest(t: torch.Tensor) -> str:
     t = t.detach().cpu().contiguous()
     h = hashlib.sha256(str(t.dtype).encode() + str(tuple(t.shape)).encode())
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -141,13 +141,13 @@ def trajectory_settings(
         "num_steps": int(num_steps),
         "num_samples": int(num_samples),
         "seed": int(seed),
-        "cond": {k: _tensor_digest(v) for k, v in sorted(cond.items())},
+        "cond": {k: tensor_digest(v) for k, v in sorted(cond.items())},
         "sample_shape": list(sample_shape),
     }
 
 
 def settings_key(settings: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    return sha256_json(settings)
 
 
 # ----------------------------------------------------------------------------------------
@@ -239,7 +239,6 @@ def save_trajectories(ts: TrajectorySet, path: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         "timesteps": ts.timesteps.contiguous(),
         "x_t": ts.x_t.contiguous(),
@@ -250,15 +249,8 @@ def save_trajectories(ts: TrajectorySet, path: str | os.PathLike) -> Path:
     }
     for k, v in ts.cond.items():
         tensors[f"cond.{k}"] = v.contiguous()
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"settings": json.dumps(ts.settings, sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    metadata = {"settings": json.dumps(ts.settings, sort_keys=True)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_trajectories(path: str | os.PathLike, expected_settings: Optional[Mapping[str, Any]] = None) -> Optional[TrajectorySet]:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from calibration.trajectories import TrajectorySet, _tensor_digest
+from calibration.trajectories import TrajectorySet, tensor_digest
 from engines.errors import AdpdmError
 from engines.sampler import predicted_x0
 from engines.scheduling import make_scheduler, num_train_timesteps
@@ -124,8 +124,8 @@ def trajectories_from_batches(
         "model_sha256": model_sha,
         "num_samples": n_items,
         "num_steps": len(timesteps),
-        "x_t_sha256": _tensor_digest(x_t),
-        "cond_sha256": {k: _tensor_digest(v) for k, v in conds.items()},
+        "x_t_sha256": tensor_digest(x_t),
+        "cond_sha256": {k: tensor_digest(v) for k, v in conds.items()},
     }
     return TrajectorySet(
         timesteps=torch.tensor(timesteps, dtype=torch.int64),

@@ -11,15 +11,14 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from engines.errors import AdpdmError
-from engines.manifest import (
+from engines.manifest import load_manifest, write_manifest
+from engines.manifest_schema import (
     TIMING_CACHE_NAME,
     Manifest,
     TensorrtInfo,
     TrtProfile,
-    load_manifest,
     with_tensorrt,
     without_tensorrt,
-    write_manifest,
 )
 from engines.platform import require_tensorrt
 from engines.trt_builder import DEFAULT_OPT_LEVEL, build_group_engines

@@ -28,6 +28,9 @@ Python API (checked against 1.32; numbers in docs/runtime.md, `tools/measure_ort
 
 CUDA provider: weights are copied to the GPU per session (no sharing); the CPU-side
 sharing above is switched off there.
+
+`OrtGroupBackend` puts the sessions of a build's UNet group graphs behind the runner's
+`GroupBackend` interface (torch tensors in and out).
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from engines.errors import AdpdmError
+from engines.group_backend import InputSpec
 from engines.ort_backend import INPUT_NAMES, OUTPUT_NAME, OrtNoisePredictor, _import_ort, default_providers
 
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
@@ -250,9 +255,31 @@ class OrtGroupSessions:
         self._arrays.clear()
 
 
+class OrtGroupBackend:
+    """A build's group graphs in OrtGroupSessions as a `GroupBackend`: torch tensors in and out, on the CPU.
+
+    Any batch size; only the sample size the build was calibrated for.
+    """
+
+    name = "ort"
+
+    def __init__(self, sessions: OrtGroupSessions, profile: str):
+        self.sessions = sessions
+        self.profile: str | None = profile
+        self.device = torch.device("cpu")
+        self.input_spec = InputSpec(names=tuple(sessions.input_names))
+
+    def run(self, group: int, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.sessions.predictor(group)(**feeds)
+
+    def close(self) -> None:
+        self.sessions.close()
+
+
 __all__ = [
     "INPUT_NAMES",
     "OPTIMIZATION_LEVELS",
+    "OrtGroupBackend",
     "OrtGroupSessions",
     "prepacked_weights_container_available",
     "shared_initializers",

@@ -1,11 +1,12 @@
 """The timestep-dispatching runner: one build folder, G group graphs/engines, one noise predictor.
 
 `TimestepDispatchRunner(build_dir)(sample, timestep, **cond)` looks up each batch item's
-group from its timestep *value* (`manifest.timestep_to_group`), runs each group's
-session (onnxruntime) or engine (TensorRT) on its slice of the batch, and returns the
-outputs in input order. A batch may mix groups. Every input is checked against the
-manifest before anything runs: a bad input is one AdpdmError line, never an onnxruntime
-or TensorRT error from inside a run.
+group from its timestep *value* (the manifest's `TimestepGroups`), runs the group on its
+slice of the batch through a `GroupBackend` (onnxruntime sessions or TensorRT engines,
+chosen once by `engines.group_backend.open_group_backend`), and returns the outputs in
+input order. A batch may mix groups. Every input is checked against the manifest and the
+backend's `InputSpec` before anything runs: a bad input is one AdpdmError line, never an
+onnxruntime or TensorRT error from inside a run.
 
 The runner is a noise predictor for `engines.sampler.sample`; `runner.as_unet()` is a
 drop-in for `pipe.unet` in diffusers pipelines (engines/unet_adapter.py).
@@ -20,10 +21,10 @@ import numpy as np
 import torch
 
 from engines.errors import AdpdmError
-from engines.manifest import Manifest, load_manifest
-from engines.platform import BACKEND_CHOICES, pick_backend
+from engines.group_backend import GroupBackend, open_group_backend
+from engines.manifest import load_manifest
+from engines.manifest_schema import Manifest
 
-ORT_PROFILE_ORDER = ("ort", "trt", "fp")  # which group graphs onnxruntime runs, best first
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
@@ -35,7 +36,7 @@ class TimestepDispatchRunner:
         onnxruntime), "ort" or "trt".
     providers / threads / ort_options: onnxruntime session settings (engines.ort_group_sessions).
     profile: which group graphs onnxruntime loads ("ort", "trt", "fp"); default: the first
-        of ORT_PROFILE_ORDER the build has.
+        of engines.group_backend.ORT_PROFILE_ORDER the build has.
     verify: check every build file's sha256 on load (True), its size only ("size"), or not.
     cuda_graphs: TensorRT only: capture one CUDA graph per (group, input shapes).
     """
@@ -59,41 +60,18 @@ class TimestepDispatchRunner:
         else:
             self.manifest = load_manifest(build, verify=verify)
         m = self.manifest
-        self.backend = self._resolve_backend(backend)
+        self.group_backend: GroupBackend = open_group_backend(
+            m, backend, providers=providers, threads=threads, profile=profile, cuda_graphs=cuda_graphs,
+            ort_options=ort_options,
+        )
+        self.backend = self.group_backend.name
+        self.profile: Optional[str] = self.group_backend.profile
+        self.device = self.group_backend.device
+        self.input_spec = self.group_backend.input_spec
+        self.min_batch, self.max_batch = self.input_spec.batch
         self.cond_specs: dict[str, dict[str, Any]] = dict(m.model.conditioning)
         self.cond_names: tuple[str, ...] = tuple(self.cond_specs)
-        self._table = torch.tensor(m.timestep_to_group, dtype=torch.int64)
-        self.profile: Optional[str] = None
-        self._sessions = None
-        self._engines = None
-        if self.backend == "trt":
-            from engines.trt_backend import TrtGroupEngines
-
-            self._engines = TrtGroupEngines(m, cuda_graphs=cuda_graphs)
-            self.device = self._engines.device
-            self.max_batch = m.tensorrt.profile.batch[2]  # type: ignore[union-attr]
-            self.min_batch = m.tensorrt.profile.batch[0]  # type: ignore[union-attr]
-        else:
-            from engines.ort_group_sessions import OrtGroupSessions
-
-            self.profile = profile or next((p for p in ORT_PROFILE_ORDER if p in m.profiles()), None)
-            if self.profile is None:
-                raise AdpdmError(f"the build has no ONNX graphs onnxruntime can run (profiles: {m.profiles()})")
-            opts = dict(ort_options or {})
-            if self.profile == "ort":
-                # the CPU profile's INT8 weights are fused and pre-packed at any level, so level "all" (NCHWc
-                # layouts) costs no memory here and runs ~15% faster on small UNets (docs/benchmarks.md)
-                opts.setdefault("optimization", "all")
-            self._sessions = OrtGroupSessions(m.graph_paths(self.profile), providers, threads, **opts)
-            expected = {"sample", "timestep", *self.cond_names}
-            if set(self._sessions.input_names) != expected:
-                raise AdpdmError(
-                    f"the group graphs take inputs {self._sessions.input_names} but the manifest describes "
-                    f"{sorted(expected)}: the build is inconsistent, rebuild it"
-                )
-            self.device = torch.device("cpu")
-            self.max_batch = None
-            self.min_batch = 1
+        self.timestep_groups = m.timestep_groups
 
     # ------------------------------------------------------------------ properties
     @property
@@ -110,31 +88,16 @@ class TimestepDispatchRunner:
         h, w = self.manifest.model.sample_size
         return (self.manifest.model.in_channels, h, w)
 
-    def _resolve_backend(self, backend: str) -> str:
-        if backend not in BACKEND_CHOICES:
-            raise AdpdmError(f"unknown backend {backend!r}: choose one of {', '.join(BACKEND_CHOICES)}")
-        has_engines = self.manifest.backend == "trt"
-        if backend == "ort":
-            return "ort"
-        if backend == "trt":
-            if not has_engines:
-                raise AdpdmError(
-                    "this build has no TensorRT engines (manifest backend 'ort'): run `adpdm build-engine --backend trt`, "
-                    "or use backend='ort'"
-                )
-            return pick_backend("trt")  # raises with the reason where TensorRT or the GPU is missing
-        return "trt" if has_engines and pick_backend("auto") == "trt" else "ort"
-
     # ------------------------------------------------------------------ dispatch
     def group_of(self, timestep: Any) -> torch.Tensor:
         """Group id per timestep value (int64 tensor); raises for values outside [0, T)."""
         t = self._timesteps(timestep, None)
-        return self._table[t]
+        return self.timestep_groups.group_of(t)
 
     def __call__(self, sample: torch.Tensor, timestep: Any, **cond: Any) -> torch.Tensor:
         sample, t, cond = self.check_inputs(sample, timestep, **cond)
         out_device = sample.device
-        groups = self._table[t.cpu()]
+        groups = self.timestep_groups.group_of(t.cpu())
         run_device = self.device
         x = sample.to(run_device)
         tt = t.to(run_device)
@@ -163,9 +126,7 @@ class TimestepDispatchRunner:
     predict = __call__
 
     def _run_group(self, k: int, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self._engines is not None:
-            return self._engines.run(k, {"sample": x, "timestep": t, **cond})
-        return self._sessions.predictor(k)(x, t, **cond)  # type: ignore[union-attr]
+        return self.group_backend.run(k, {"sample": x, "timestep": t, **cond})
 
     # ------------------------------------------------------------------ input checks
     def check_inputs(
@@ -187,13 +148,14 @@ class TimestepDispatchRunner:
         if sample.shape[1] != C:
             raise AdpdmError(f"sample has {sample.shape[1]} channels, the model takes {C} (shape {tuple(sample.shape)})")
         self._check_resolution(sample.shape[2], sample.shape[3])
+        by = self.input_spec.limited_by
         if self.max_batch is not None and B > self.max_batch:
             raise AdpdmError(
-                f"batch {B} is above the largest batch the TensorRT engines were built for ({self.max_batch}): "
+                f"batch {B} is above the largest batch the {by} engines were built for ({self.max_batch}): "
                 f"split the batch or rebuild with larger --batch-sizes"
             )
         if B < self.min_batch:
-            raise AdpdmError(f"batch {B} is below the smallest batch the TensorRT engines were built for ({self.min_batch})")
+            raise AdpdmError(f"batch {B} is below the smallest batch the {by} engines were built for ({self.min_batch})")
         bad = ~torch.isfinite(sample.reshape(B, -1)).all(dim=1)
         if bad.any():
             raise AdpdmError(f"sample contains NaN or inf (batch item(s) {torch.nonzero(bad).flatten().tolist()})")
@@ -214,12 +176,13 @@ class TimestepDispatchRunner:
         return sample, t, out
 
     def _check_resolution(self, h: int, w: int) -> None:
-        if self.backend == "trt":
-            p = self.manifest.tensorrt.profile  # type: ignore[union-attr]
-            if not (p.height[0] <= h <= p.height[2] and p.width[0] <= w <= p.width[2]):
+        spec = self.input_spec
+        if spec.height is not None and spec.width is not None:
+            (h0, h1), (w0, w1) = spec.height, spec.width
+            if not (h0 <= h <= h1 and w0 <= w <= w1):
                 raise AdpdmError(
-                    f"resolution {h}x{w} is outside the TensorRT profile ({p.height[0]}..{p.height[2]} x "
-                    f"{p.width[0]}..{p.width[2]}): rebuild the engines for it"
+                    f"resolution {h}x{w} is outside the {spec.limited_by} profile ({h0}..{h1} x "
+                    f"{w0}..{w1}): rebuild the engines for it"
                 )
         elif (h, w) != tuple(self.manifest.model.sample_size):
             H, W = self.manifest.model.sample_size
@@ -269,7 +232,7 @@ class TimestepDispatchRunner:
             raise AdpdmError(
                 f"encoder_hidden_states must be (batch={B}, sequence, {spec['dim']}), got {tuple(v.shape)}"
             )
-        S = (self.manifest.tensorrt.profile.sequence_length if self.backend == "trt" else None) or None  # type: ignore[union-attr]
+        S = self.input_spec.sequence_length
         if S is not None and v.shape[1] != S:
             raise AdpdmError(f"encoder_hidden_states has sequence length {v.shape[1]}, the engines take {S}")
         if not torch.isfinite(v).all():
@@ -299,10 +262,7 @@ class TimestepDispatchRunner:
         return RunnerUNet(self)
 
     def close(self) -> None:
-        if self._sessions is not None:
-            self._sessions.close()
-        if self._engines is not None:
-            self._engines.close()
+        self.group_backend.close()
 
     def __enter__(self):
         return self

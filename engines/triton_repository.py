@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from engines.errors import AdpdmError
-from engines.manifest import Manifest, load_manifest
+from engines.manifest import load_manifest
+from engines.manifest_schema import Manifest
 
 PLATFORMS = ("tensorrt", "onnxruntime")
 GENERATE_MODEL = "generate"

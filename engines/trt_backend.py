@@ -10,6 +10,8 @@ Optionally one CUDA graph is captured per (group, input shapes) and replayed.
 
 Engines are specific to the GPU model and TensorRT version they were built with: the
 manifest records both, and loading on anything else is an AdpdmError that says to rebuild.
+`TrtGroupEngines` is the runner's `GroupBackend` for builds with engines; its `InputSpec`
+is the engines' optimization profile (batch, height and width ranges).
 Written against the TensorRT 10 Python API; imported lazily (loads without TensorRT).
 """
 
@@ -20,7 +22,8 @@ from typing import Any, Mapping, Optional
 import torch
 
 from engines.errors import AdpdmError
-from engines.manifest import Manifest
+from engines.group_backend import InputSpec
+from engines.manifest_schema import Manifest
 from engines.ort_backend import OUTPUT_NAME
 from engines.platform import gpu_identity, require_tensorrt
 
@@ -67,7 +70,10 @@ class _Graphed:
 
 
 class TrtGroupEngines:
-    """Group engines of a TensorRT build; `run(k, feeds)` runs group k on torch CUDA tensors."""
+    """Group engines of a TensorRT build; `run(k, feeds)` runs group k on torch CUDA tensors (a `GroupBackend`)."""
+
+    name = "trt"
+    profile = None  # engines, not ONNX graphs
 
     def __init__(self, manifest: Manifest, *, cuda_graphs: bool = False, device: Optional[int] = None, check_platform: bool = True):
         trt = require_tensorrt()  # one AdpdmError line where TensorRT or a GPU is missing
@@ -105,6 +111,14 @@ class TrtGroupEngines:
                 raise AdpdmError(f"engine outputs are {outputs}, expected ['{OUTPUT_NAME}']")
             self.io.append((inputs, _torch_dtype(trt, e.get_tensor_dtype(OUTPUT_NAME))))
         self.input_names = list(self.io[0][0]) if self.io else []
+        p = manifest.tensorrt.profile  # type: ignore[union-attr]
+        self.input_spec = InputSpec(
+            names=tuple(self.input_names),
+            batch=(p.batch[0], p.batch[2]),
+            height=(p.height[0], p.height[2]),
+            width=(p.width[0], p.width[2]),
+            sequence_length=p.sequence_length or None,
+        )
         self.cuda_graphs = bool(cuda_graphs)
         self._graphs: dict[tuple, _Graphed] = {}
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from engines.errors import AdpdmError
-from engines.manifest import ENGINE_NAME, TIMING_CACHE_NAME, TrtProfile, atomic_write_bytes
+from engines.file_io import atomic_write_bytes
+from engines.manifest_schema import ENGINE_NAME, TIMING_CACHE_NAME, TrtProfile
 from engines.platform import gpu_identity, require_tensorrt
 
 DEFAULT_OPT_LEVEL = 3  # TensorRT's default; 5 searches longest

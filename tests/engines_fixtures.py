@@ -23,7 +23,8 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from engines.manifest import CalibrationSummary, Manifest, ModelInfo, make_groups, write_manifest
+from engines.manifest import write_manifest
+from engines.manifest_schema import CalibrationSummary, Manifest, ModelInfo, make_groups
 from tiny_models import tiny_cond_unet, tiny_unet2d
 
 WEIGHTS = "unet.weights.data"

@@ -18,7 +18,8 @@ U2C = dict(sample_shape=(4, 16, 16), conditioning={"encoder_hidden_states": {"di
 
 def quick_result(unet, sample_shape, conditioning, groups=2, seed=0, **cfg):
     """A CalibrationResult from max-abs statistics of a few random inputs per group (uniform groups)."""
-    from calibration.baselines import set_activation_scales, uniform_table
+    from calibration.baselines import set_activation_scales
+    from calibration.timestep_tables import uniform_table
     from calibration.observers import ActivationObserver
     from calibration.qconfig import QuantConfig
     from calibration.quant_unet import observe_mode, quantize_model

@@ -1,11 +1,10 @@
-"""Baselines (minmax, percentile, uniform-groups, per-step): tables, scales, errors by bit width."""
+"""Baselines (minmax, percentile, uniform-groups, per-step): scales, errors by bit width."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from calibration.baselines import nearest_table, per_step_table, uniform_table
 from calibration.metrics import noise_rel_l2
 from calibration.configs import (ADPDMConfig, DataFreeConfig, MinMaxConfig, PercentileConfig, PerStepConfig,
                                  UniformGroupsConfig, method_config)
@@ -15,19 +14,6 @@ from calibration.quant_unet import activation_quantizers, quantize_model
 from calibration.trajectories import generate_trajectories, heldout_seed
 from engines.errors import AdpdmError
 from tiny_models import tiny_unet2d
-
-
-def test_tables():
-    u = uniform_table(4, 1000)
-    assert u[0] == 0 and u[249] == 0 and u[250] == 1 and u[999] == 3 and u.numel() == 1000
-    n = nearest_table([900, 100, 500], [2, 0, 1], 1000)
-    assert n[0] == 0 and n[299] == 0 and n[300] == 0 and n[301] == 1 and n[700] == 1 and n[701] == 2
-    p = per_step_table([990, 660, 330, 0], 1000)
-    assert p.max() == 3 and p[0] == 0 and p[999] == 3 and p[660] == 2
-    with pytest.raises(AdpdmError):
-        uniform_table(0, 1000)
-    with pytest.raises(AdpdmError):
-        uniform_table(2000, 1000)
 
 
 @pytest.fixture(scope="module")

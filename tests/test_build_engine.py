@@ -247,7 +247,8 @@ def _fake_tensorrt(mp, state):
     """TensorRT stand-ins (placeholder engine files, a "trt" manifest) so the engine stage's keys run here."""
     import engines.build
     import engines.platform
-    from engines.manifest import TensorrtInfo, TrtProfile, with_tensorrt, write_manifest
+    from engines.manifest import write_manifest
+    from engines.manifest_schema import TensorrtInfo, TrtProfile, with_tensorrt
 
     def build(out, m, batch_sizes, resolution=None, opt_level=3, on_group=None):
         state["built"] += 1

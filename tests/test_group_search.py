@@ -8,17 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibration.group_search import (
-    CalibSet,
-    GroupSearchConfig,
-    canonical_groups,
-    fp_predictions,
-    group_ranges,
-    search_groups,
-    step_errors,
-    table_from_steps,
-    uniform_step_groups,
-)
+from calibration.group_search import CalibSet, GroupSearchConfig, fp_predictions, search_groups, step_errors
 from calibration.qconfig import QuantConfig
 from calibration.quant_unet import activation_quantizers, get_state, quantize_model
 from calibration.weight_clipping import calibrate_weights
@@ -130,28 +120,6 @@ def test_entropy_term_drives_weights_to_one_hot():
     assert off.mean_max_pi() < 0.8, off.mean_max_pi()
 
 
-def test_table_nearest_calibration_timestep():
-    ct = torch.tensor([900, 500, 100])
-    sg = torch.tensor([2, 1, 0])
-    table = table_from_steps(ct, sg, 1000)
-    assert table.shape == (1000,)
-    assert table[0] == 0 and table[300] == 0 and table[301] == 1  # 300 is halfway: smaller wins
-    assert table[700] == 1 and table[701] == 2 and table[999] == 2
-
-
-def test_canonical_groups_drop_empty_and_order_by_timestep():
-    ct = torch.tensor([900, 700, 500, 300, 100])
-    sg, old = canonical_groups(torch.tensor([3, 3, 0, 0, 2]), ct)
-    assert sg.tolist() == [2, 2, 1, 1, 0]
-    assert old == [2, 0, 3]
-    assert group_ranges(sg, ct) == [[(100, 100)], [(300, 500)], [(700, 900)]]
-
-
-def test_uniform_step_groups():
-    assert uniform_step_groups(8, 4).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert uniform_step_groups(3, 8).tolist() == [0, 1, 2]
-
-
 def test_search_is_reproducible_and_installs_table():
     qm, data = planted_setup(steps=12, items=8)
     cfg = GroupSearchConfig(num_groups=2, search_iters=20, refine_iters=5)
@@ -164,34 +132,6 @@ def test_search_is_reproducible_and_installs_table():
         assert torch.equal(sa[n], q.scale), n
     assert torch.equal(get_state(qm).table, a.table)
     assert all(q.log_scale is None for q in activation_quantizers(qm).values())
-
-
-
-def test_contiguous_partition_dp():
-    from calibration.group_search import contiguous_partition
-
-    # noisy per-step preferences for 3 runs: 0 0 0 1 0 1 1 2 2 2 (one stray vote in run 1)
-    pref = [0, 0, 0, 1, 0, 1, 1, 2, 2, 2]
-    cost = torch.ones(10, 3)
-    for i, p in enumerate(pref):
-        cost[i, p] = 0.0
-    runs = contiguous_partition(cost, 3)
-    assert runs.tolist() in ([0, 0, 0, 1, 1, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 1, 1, 2, 2, 2])
-    assert contiguous_partition(cost, 1).tolist() == [0] * 10
-    # runs never exceed the budget and are contiguous
-    r = contiguous_partition(torch.rand(30, 4, generator=torch.Generator().manual_seed(0)), 4)
-    assert int(r.max()) <= 3 and bool((r.diff() >= 0).all())
-
-
-def test_contiguous_partition_min_run_length():
-    from calibration.group_search import contiguous_partition
-
-    cost = torch.ones(20, 3)
-    cost[:, 0] = 0.0
-    cost[9, 0], cost[9, 1] = 1.0, 0.0  # one step prefers group 1 alone
-    assert contiguous_partition(cost, 3).tolist().count(1) == 1
-    runs = contiguous_partition(cost, 3, min_len=4)
-    assert all(runs.tolist().count(r) >= 4 for r in set(runs.tolist()))
 
 
 def test_per_step_partition_is_the_learned_ceiling():
@@ -217,22 +157,6 @@ def test_one_group_learns_its_scales_for_the_search_iterations_too():
         return torch.cat([q.scale.detach().flatten() for q in activation_quantizers(qm).values()])
 
     assert not torch.equal(scales_after(0), scales_after(20))
-
-
-def test_scale_dp_partition_finds_the_runs_of_similar_scales():
-    """Steps whose learned log-scales form 3 plateaus are split at the plateaus' edges; the weights
-    decide which split a 2-run budget keeps."""
-    from calibration.group_search import scale_dp_partition
-
-    v = torch.tensor([[0.0]] * 5 + [[1.0]] * 3 + [[3.0]] * 4)
-    runs, means = scale_dp_partition(v, torch.ones(12), 3)
-    assert runs.tolist() == [0] * 5 + [1] * 3 + [2] * 4
-    assert torch.allclose(means.flatten(), torch.tensor([0.0, 1.0, 3.0]))
-    # three equal steps of a staircase, two runs: the split falls beside the plateau that weighs most
-    v = torch.tensor([[0.0]] * 4 + [[1.0]] * 4 + [[2.0]] * 4)
-    heavy_low = torch.tensor([100.0] * 4 + [1.0] * 8)
-    assert scale_dp_partition(v, heavy_low, 2)[0].tolist() == [0] * 4 + [1] * 8
-    assert scale_dp_partition(v, heavy_low.flip(0), 2)[0].tolist() == [0] * 8 + [1] * 4
 
 
 def test_scale_dp_search_recovers_planted_partition():

@@ -7,21 +7,17 @@ from pathlib import Path
 import pytest
 
 from engines.errors import AdpdmError
-from engines.manifest import (
+from engines.file_io import atomic_write_bytes, check_relpath, sha256_file
+from engines.manifest import load_manifest, write_manifest
+from engines.manifest_schema import (
     MANIFEST_NAME,
     CalibrationSummary,
     Manifest,
     ModelInfo,
     TensorrtInfo,
     TrtProfile,
-    atomic_write_bytes,
-    check_relpath,
-    load_manifest,
     make_groups,
-    ranges_from_table,
-    sha256_file,
     with_tensorrt,
-    write_manifest,
 )
 
 T = 100
@@ -257,7 +253,6 @@ def test_extra_files_are_recorded(tmp_path):
 
 
 def test_helpers():
-    assert ranges_from_table([0, 0, 1, 1, 0]) == {0: [(0, 1), (4, 4)], 1: [(2, 3)]}
     assert check_relpath("engines/unet.g0.plan") == "engines/unet.g0.plan"
     for bad in ("..", "./x", "x/", "a//b", "a\\b", " x"):
         with pytest.raises(AdpdmError):

@@ -56,8 +56,8 @@ def x_of(batch, seed=0, shape=(1, 16, 16)):
 
 
 def direct(runner, k, x, t, **cond):
-    """Group k's session run by hand on the whole batch (no dispatch)."""
-    return runner._sessions.predictor(k)(x, t, **cond)
+    """Group k run by its backend on the whole batch (no dispatch)."""
+    return runner.group_backend.run(k, {"sample": x, "timestep": t, **cond})
 
 
 def test_loads_and_describes(runner, build3):
@@ -285,3 +285,27 @@ def test_text_conditioned_call_like_stable_diffusion(build_text):
 def test_manifest_of_fixture_is_valid_json(build3):
     d = json.loads((build3 / "manifest.json").read_text())
     assert d["backend"] == "ort" and len(d["timestep_to_group"]) == 1000
+
+
+def test_backend_input_spec_limits_are_checked_before_running(build3, monkeypatch):
+    """The limits a backend declares (here a TensorRT-like profile on the onnxruntime backend) are the
+    runner's checks: the TensorRT path's messages, without TensorRT."""
+    import engines.runner as runner_module
+    from engines.group_backend import InputSpec, open_group_backend
+
+    def limited(manifest, backend, **kw):
+        b = open_group_backend(manifest, "ort", **kw)
+        b.input_spec = InputSpec(names=b.input_spec.names, batch=(2, 3), height=(16, 32), width=(16, 16))
+        return b
+
+    monkeypatch.setattr(runner_module, "open_group_backend", limited)
+    r = TimestepDispatchRunner(build3, backend="ort", threads=1)
+    assert (r.min_batch, r.max_batch) == (2, 3)
+    with pytest.raises(AdpdmError, match=r"above the largest batch the TensorRT engines were built for \(3\)"):
+        r(x_of(4), 10)
+    with pytest.raises(AdpdmError, match=r"below the smallest batch the TensorRT engines were built for \(2\)"):
+        r(x_of(1), 10)
+    with pytest.raises(AdpdmError, match=r"outside the TensorRT profile \(16..32 x 16..16\)"):
+        r(x_of(2, shape=(1, 16, 24)), 10)
+    assert r(x_of(2, shape=(1, 32, 16)), 10).shape == (2, 1, 32, 16)  # inside the profile: it runs
+    r.close()

@@ -11,14 +11,8 @@ import torch
 
 from engines.build import build_trt_engines, make_profile
 from engines.errors import AdpdmError
-from engines.manifest import (
-    MANIFEST_NAME,
-    TensorrtInfo,
-    TrtProfile,
-    load_manifest,
-    with_tensorrt,
-    write_manifest,
-)
+from engines.manifest import load_manifest, write_manifest
+from engines.manifest_schema import MANIFEST_NAME, TensorrtInfo, TrtProfile, with_tensorrt
 from engines.platform import cuda_status, pick_backend, tensorrt_status
 from engines.runner import TimestepDispatchRunner
 from engines.trt_backend import check_engine_platform
@@ -164,7 +158,7 @@ def test_trt_runner_matches_onnxruntime(trt_build, cuda_graphs):
     b, _ = trt_build
     trt_runner = TimestepDispatchRunner(b, backend="trt", cuda_graphs=cuda_graphs)
     ort_runner = TimestepDispatchRunner(b, backend="ort", profile="trt")  # the same graphs in onnxruntime
-    eng = trt_runner._engines
+    eng = trt_runner.group_backend
     # one device-memory block, sized for the largest engine, shared by every context
     assert eng.device_memory.numel() == max(eng._device_memory_size(e) for e in eng.engines)
     assert len(eng.contexts) == 2

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from engines.errors import AdpdmError
-from engines.manifest import TensorrtInfo, TrtProfile, load_manifest
+from engines.manifest import load_manifest
+from engines.manifest_schema import TensorrtInfo, TrtProfile
 from engines_fixtures import make_build
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="config validation needs tritonclient[grpc]")

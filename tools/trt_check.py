@@ -90,7 +90,7 @@ def simple_compare_func(atol: float, rtol: float, stat: str):
 
 def build_fp16_engine(trt, graph: Path, path: Path, manifest, opt_level: int) -> float:
     """The FP16 baseline engine of the FP graph (weakly typed + BuilderFlag.FP16), same profile as the build."""
-    from engines.manifest import atomic_write_bytes
+    from engines.file_io import atomic_write_bytes
     from engines.trt_builder import profile_shapes
 
     if not hasattr(trt.BuilderFlag, "FP16"):
@@ -339,7 +339,8 @@ def run(args: argparse.Namespace, trt, polygraphy, t_start: float) -> int:
     from calibration.configs import DataFreeConfig, method_config
     from adpdm_export.model_loading import load_model
     from adpdm_export.sampling import fp_graph_for
-    from engines.manifest import load_manifest, sha256_file
+    from engines.file_io import sha256_file
+    from engines.manifest import load_manifest
     from engines.ort_backend import OUTPUT_NAME, make_session
     from engines.platform import gpu_identity
     from engines.trt_backend import TrtGroupEngines

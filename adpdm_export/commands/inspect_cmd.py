@@ -16,10 +16,6 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def _ranges(rs) -> str:
-    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in rs)
-
-
 def inspect_build(
     build_dir: Path = typer.Argument(..., help="A build folder (manifest.json, group graphs, weights)."),
     verify: bool = typer.Option(True, help="Check every file's size and sha256 against the manifest."),
@@ -31,6 +27,7 @@ def inspect_build(
     from adpdm_export.progress import console
     from adpdm_export.qdq_graph_passes import REPORT_NAME
     from engines.manifest import load_manifest
+    from engines.timestep_groups import format_ranges
 
     m = load_manifest(build_dir, verify=verify)
     sizes = {f.path: f.size for f in m.files}
@@ -82,7 +79,7 @@ def inspect_build(
     if any(g.engine for g in m.groups):
         table.add_column("engine")
     for g in m.groups:
-        row = [str(g.id), _ranges(g.timestep_ranges)]
+        row = [str(g.id), format_ranges(g.timestep_ranges)]
         row += [f"{g.graphs[p]} ({_size(sizes.get(g.graphs[p], 0))})" for p in profiles]
         if checks:
             row += [f"{checks[(p, g.id)]['fp_rel_l2']:.3g}" if (p, g.id) in checks else "-" for p in profiles]

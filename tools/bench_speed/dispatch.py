@@ -30,7 +30,7 @@ def run_dispatch(mbs: list[ModelBench], args) -> dict:
             rows.append({"model": mb.name, "status": "failed", "reason": mb.info.get("ours", {}).get("reason")})
             continue
         runner = mb.runner
-        gs = runner._sessions  # the runner's own OrtGroupSessions (bench-only access)
+        gs = runner.group_backend.sessions  # the runner's own OrtGroupSessions (bench-only access)
         for batch in args.batches:
             x, ts = make_inputs(mb, batch)
             t = ts[0]

@@ -81,7 +81,8 @@ def rss_child(args) -> None:
         "steady_mib": round(status_mib("VmRSS") - r0, 1), "pss_steady_mib": round(pss_mib() - p0, 1),
         "peak_mib": round(status_mib("VmHWM") - r0, 1), "load_s": round(load_s, 2),
         "latency_ms": [round(v, 3) for v in times], "latency_ms_median": round(statistics.median(times), 3),
-        "shared_bytes_per_session": int(runner._sessions.shared_bytes) if hasattr(runner, "_sessions") else None,
+        "shared_bytes_per_session": (int(runner.group_backend.sessions.shared_bytes)
+                                     if hasattr(runner, "group_backend") else None),
     }), flush=True)
 
 
