@@ -168,11 +168,11 @@ def tensor_key(t: Any) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from calibration.trajectories import _tensor_digest  # the trajectory cache's hash of a condition
+    from calibration.trajectories import tensor_digest  # the trajectory cache's hash of a condition
 
     if isinstance(t, np.ndarray):
         t = torch.from_numpy(np.ascontiguousarray(t))
-    return {"shape": list(t.shape), "sha256": _tensor_digest(t.reshape(-1))}  # reshape: 0-d tensors too
+    return {"shape": list(t.shape), "sha256": tensor_digest(t.reshape(-1))}  # reshape: 0-d tensors too
 
 
 def _content(value: Any) -> Any:
