@@ -36,7 +36,7 @@ class Progress:
 def run_calibration_time(args) -> dict:
     import torch
 
-    from calibration.configs import ADPDMConfig, DataFreeConfig
+    from calibration.configs import DataFreeConfig, method_config
     from calibration.pipeline import calibrate
 
     name = "tiny" if args.quick else "ddpm-cifar10"
@@ -48,7 +48,7 @@ def run_calibration_time(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-speed-calib-") as cache:
         t0 = time.perf_counter()
         prog = Progress(t0)
-        result = calibrate(loaded.unet, loaded.scheduler_config, ADPDMConfig(groups=4, **options),
+        result = calibrate(loaded.unet, loaded.scheduler_config, method_config("adpdm", {"groups": 4, **options}),
                            data=DataFreeConfig(samples=samples, steps=steps), seed=0,
                            cond=loaded.default_condition(samples), cache_dir=cache, batch_size=64, progress=prog,
                            log=log)
