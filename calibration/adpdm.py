@@ -34,6 +34,7 @@ from calibration.srm import SRMConfig, SRMReport, calibration_set_from_x0, selec
 from calibration.trajectories import DEFAULT_BATCH_SIZE
 from calibration.weight_clipping import calibrate_weights
 from engines.errors import AdpdmError
+from engines.timestep_groups import format_ranges
 from engines.scheduling import make_scheduler
 
 MIN_SRM_ITEMS = 3
@@ -82,8 +83,7 @@ class ADPDMOutcome:
     def summary(self) -> str:
         lines = [f"ADP-DM: {self.search.num_groups} group(s) over the timesteps (calibration timesteps per group):"]
         for g, runs in enumerate(self.search.ranges()):
-            txt = ", ".join(f"{lo}-{hi}" if lo != hi else f"{lo}" for lo, hi in runs)
-            lines.append(f"  group {g}: t in {txt}")
+            lines.append(f"  group {g}: t in {format_ranges(runs)}")
         src = "SRM" if self.srm is not None else "fixed"
         lines.append(f"  calibration timestep tau* = {self.calib_timestep} (step {self.calib_step}, {src})")
         if self.srm is not None:

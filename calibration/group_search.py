@@ -49,7 +49,9 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 from torch import nn
 
+from calibration.configs import PARTITIONS
 from calibration.observers import ActivationObserver
+from calibration.progress import Progress, no_progress
 from calibration.quant_unet import (
     activation_quantizers,
     forward_eps,
@@ -71,13 +73,6 @@ from calibration.timestep_tables import (
 )
 from engines.errors import AdpdmError
 from engines.timestep_groups import TimestepGroups
-
-# progress(stage, step, total, loss or None)
-Progress = Callable[[str, int, int, Optional[float]], None]
-
-
-def _no_progress(stage: str, step: int, total: int, loss: Optional[float]) -> None:
-    return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -275,7 +270,6 @@ def _entropy(pi: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # the search
 # ----------------------------------------------------------------------------------------
-PARTITIONS = ("search", "per-step", "scale-dp")
 
 
 @dataclass
@@ -476,7 +470,7 @@ def search_groups(
     Weight quantizers must already hold their scales; they are not changed.
     """
     cfg = (config or GroupSearchConfig()).validate()
-    progress = progress or _no_progress
+    progress = progress or no_progress
     st = get_state(qmodel)
     t_count = st.table.numel()
     if int(data.timesteps.max()) >= t_count or int(data.timesteps.min()) < 0:

@@ -35,11 +35,11 @@ from torch import nn
 
 from calibration.group_search import CalibSet, install_partition, set_scales_from_observer, step_errors
 from calibration.observers import ActivationObserver
+from calibration.progress import Progress, no_progress
 from calibration.quant_unet import forward_eps, fp_mode, get_state, observe_mode, quantized_layers
 from calibration.timestep_tables import uniform_step_groups
 from engines.errors import AdpdmError
 
-Progress = Callable[[str, int, int, Optional[float]], None]
 
 
 @dataclass
@@ -259,7 +259,7 @@ def select_calibration_timestep(
     (callers recalibrate).
     """
     cfg = config or SRMConfig()
-    progress = progress or (lambda *a: None)
+    progress = progress or no_progress
     t_start = time.perf_counter()
     n, b = int(traj.timesteps.numel()), int(traj.x_t.shape[1])
     h = int(cfg.heldout_items)
