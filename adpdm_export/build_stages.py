@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from engines.errors import AdpdmError
-from engines.file_io import atomic_write_text, sha256_file, sha256_json
+from engines.file_io import atomic_write_text, check_output_folder, sha256_file, sha256_json
 from engines.manifest_schema import FORMAT as MANIFEST_FORMAT
 from engines.manifest_schema import MANIFEST_NAME
 
@@ -80,11 +80,9 @@ def check_build_folder(out: str | os.PathLike) -> bool:
     is present must be ours). Empty: nothing in it but our lock file and export staging
     folders. Anything else raises AdpdmError (one line), before any work.
     """
-    out = Path(out)
+    out = check_output_folder(out)
     if not out.exists() and not out.is_symlink():
         return False
-    if not out.is_dir():
-        raise AdpdmError(f"--out {out} exists and is not a folder")
     if not any(not _is_control(e) for e in out.iterdir()):
         return False
     has_manifest = (out / MANIFEST_NAME).exists() or (out / MANIFEST_NAME).is_symlink()

@@ -101,8 +101,35 @@ def _conditioning_of(kind: str, config: dict[str, Any]) -> dict[str, Any]:
     return cond
 
 
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AdpdmError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def sample_size_of(config: dict[str, Any], where: str) -> tuple[int, int]:
+    """(H, W) from a UNet config's sample_size (an int or a pair; diffusers' default 64 when absent)."""
+    size = config.get("sample_size")
+    if size is None:
+        return (64, 64)
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return (_positive_int(size[0], f"{where}: sample_size"), _positive_int(size[1], f"{where}: sample_size"))
+    return (_positive_int(size, f"{where}: sample_size"),) * 2  # type: ignore[return-value]
+
+
+def _check_unet_config(config: Any, where: Path) -> dict[str, Any]:
+    """The fields this tool reads from a UNet config, checked before diffusers builds the model."""
+    if not isinstance(config, dict):
+        raise AdpdmError(f"{where} must hold a JSON object (a diffusers UNet config), got {type(config).__name__}")
+    sample_size_of(config, str(where))
+    for key in ("in_channels", "out_channels"):
+        if key in config:
+            _positive_int(config[key], f"{where}: {key}")
+    return config
+
+
 def _load_unet_folder(folder: Path, source: str) -> tuple[torch.nn.Module, str, dict[str, Any]]:
-    config = _read_json(folder / "config.json", "UNet config")
+    config = _check_unet_config(_read_json(folder / "config.json", "UNet config"), folder / "config.json")
     kind = config.get("_class_name")
     if kind not in SUPPORTED_CLASSES:
         raise AdpdmError(
@@ -180,6 +207,8 @@ def load_model(source: str | os.PathLike) -> LoadedModel:
     found_scheduler = True
     if (folder / "model_index.json").is_file():
         index = _read_json(folder / "model_index.json", "pipeline index")
+        if not isinstance(index, dict):
+            raise AdpdmError(f"{folder / 'model_index.json'} must hold a JSON object, got {type(index).__name__}")
         if not (folder / "unet" / "config.json").is_file():
             raise AdpdmError(f"pipeline folder {folder} has no unet/config.json (pipeline {index.get('_class_name')})")
         unet, kind, config = _load_unet_folder(folder / "unet", src)
@@ -197,8 +226,9 @@ def load_model(source: str | os.PathLike) -> LoadedModel:
     if sched is None:
         found_scheduler = False
         sched = dict(DEFAULT_SCHEDULER_CONFIG)
-    size = config.get("sample_size") or 64
-    size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    size = sample_size_of(config, str(folder))
+    if not isinstance(sched, dict):
+        raise AdpdmError(f"the scheduler config of {folder} must be a JSON object, got {type(sched).__name__}")
     return LoadedModel(
         unet=unet,
         scheduler_config=sched,

@@ -90,3 +90,25 @@ def resolve_in(root: Path, name: str, what: str = "path") -> Path:
     if not p.is_relative_to(root_r):
         raise AdpdmError(f"manifest {what} {name!r} resolves outside the build folder ({p})")
     return p
+
+
+def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """`path` can be (or already is) a folder we write into: not a file, not below a file, and its
+    first existing ancestor writable. One AdpdmError line before any work, instead of an OSError
+    after it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AdpdmError(f"{flag} {path} exists and is not a folder")
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():
+            raise AdpdmError(f"{flag} {path}: {probe} is a dangling symlink")
+        parent = probe.parent
+        if parent == probe:
+            break
+        probe = parent
+    if probe.exists() and not probe.is_dir():
+        raise AdpdmError(f"{flag} {path}: {probe} is a file, not a folder")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise AdpdmError(f"{flag} {path}: {probe} is not writable")
+    return path

@@ -252,3 +252,52 @@ def test_sample_refuses_a_folder_as_out_before_sampling(capsys, tmp_path, model,
     rc, err = run_cli(capsys, "sample", model, "--out", folder)
     assert rc == 2 and "is a folder" in one_line(err)
     assert snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- --out below a file, bad model configs
+
+
+@pytest.mark.parametrize("command", [
+    ["calibrate", "--method", "minmax", "--calib-samples", "2", "--calib-steps", "2", "--no-progress"],
+    ["build-engine", *QUICK_FLAGS],
+])
+def test_out_below_a_file_is_one_line_before_any_work(capsys, tmp_path, model, command, monkeypatch):
+    import adpdm_export.model_loading as model_loading
+
+    monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("loaded despite a bad --out"))
+    (tmp_path / "afile").write_text("mine")
+    before = snapshot(tmp_path)
+    rc, err = run_cli(capsys, command[0], model, "--out", tmp_path / "afile" / "sub", *command[1:])
+    assert rc == 2 and "afile is a file, not a folder" in one_line(err)
+    assert snapshot(tmp_path) == before
+
+
+def test_sample_out_below_a_file_before_sampling(capsys, tmp_path, model, monkeypatch):
+    import adpdm_export.sampling as sampling
+
+    monkeypatch.setattr(sampling, "open_source", lambda *a, **k: pytest.fail("sampled despite a bad --out"))
+    (tmp_path / "afile").write_text("mine")
+    rc, err = run_cli(capsys, "sample", model, "--out", tmp_path / "afile" / "grid.png")
+    assert rc == 2 and "exists and is not a folder" in one_line(err)
+
+
+def _edited_model(tmp_path, model, change):
+    folder = Path(shutil.copytree(model, tmp_path / "edited"))
+    path = folder / "config.json"
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps(change(doc)))
+    return folder
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: [d], "must hold a JSON object (a diffusers UNet config), got list"),
+    (lambda d: {**d, "sample_size": "big"}, "sample_size must be a positive integer, got 'big'"),
+    (lambda d: {**d, "sample_size": -4}, "sample_size must be a positive integer, got -4"),
+    (lambda d: {**d, "sample_size": [16]}, "sample_size must be a positive integer, got [16]"),
+    (lambda d: {**d, "in_channels": 0}, "in_channels must be a positive integer, got 0"),
+])
+def test_bad_model_config_is_one_line(capsys, tmp_path, model, change, message):
+    folder = _edited_model(tmp_path, model, change)
+    rc, err = run_cli(capsys, "calibrate", folder, "--out", tmp_path / "c", "--method", "minmax", "--no-progress")
+    assert rc == 2 and message in one_line(err)
+    assert not (tmp_path / "c").exists()

@@ -105,6 +105,7 @@ def calibrate(
     from calibration.pipeline import resolve_device
     from calibration.qconfig import QuantConfig
     from engines.errors import AdpdmError
+    from engines.file_io import check_output_folder
 
     config = opt.method_from_flags(method, groups, stat, percentile, options)
     quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, profile=profile, quantize_residual=quantize_residual,
@@ -113,8 +114,7 @@ def calibrate(
     if batch_size < 1:
         raise AdpdmError(f"--batch-size must be >= 1, got {batch_size}")
     resolve_device(device)
-    if out.exists() and not out.is_dir():
-        raise AdpdmError(f"--out {out} exists and is not a folder")
+    check_output_folder(out)
     from adpdm_export.model_loading import load_model
     from adpdm_export.progress import console, stage_progress, stderr_line
     from calibration.pipeline import calibrate as run_calibration

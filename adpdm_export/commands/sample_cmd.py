@@ -28,6 +28,7 @@ def sample_images(
     from adpdm_export.sampling import generate, open_source
     from engines.conditioning import default_condition
     from engines.errors import AdpdmError
+    from engines.file_io import check_output_folder
     from engines.images import save_grid
     from engines.sampler import check_seed
 
@@ -39,6 +40,7 @@ def sample_images(
         raise AdpdmError(f"--n and --steps must be >= 1 (got --n {n}, --steps {steps})")
     if out.is_dir():
         raise AdpdmError(f"--out {out} is a folder: name the .png file to write")
+    check_output_folder(out.parent, f"--out {out}: its folder")  # below a file or unwritable: before sampling
     check_seed(seed)  # before any work (loading, sampling)
     src = open_source(model, backend, threads=threads or None)
     console.print(f"sampling {n} images x {steps} steps from {src.description}")
