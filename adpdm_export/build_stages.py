@@ -49,7 +49,7 @@ OTHER = "_owned"  # ledger record of files the build owns outside any stage's cu
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
 
 
@@ -214,7 +214,7 @@ class StageLedger:
             try:
                 raw = json.loads(self.path.read_text())
                 self.records = {k: StageRecord(**v) for k, v in raw.items()}
-            except (json.JSONDecodeError, TypeError, AttributeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, TypeError, AttributeError):
                 self.records = {}  # an unreadable ledger only costs a rebuild
         # a build's manifest (made by `adpdm export` too) lists files this build may replace
         self.adopted = manifest_files(self.root)

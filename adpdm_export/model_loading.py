@@ -8,7 +8,6 @@ files (.bin, .ckpt, .pt) are refused, never unpickled.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 from calibration.fingerprint import model_sha256
 from engines.conditioning import default_condition
 from engines.errors import AdpdmError
+from engines.json_files import read_json
 
 SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 REFERENCE_NAME = "reference"
@@ -72,15 +72,6 @@ class LoadedModel:
         return default_condition(self.conditioning, batch)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AdpdmError(f"{what} not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdpdmError(f"{what} is not valid JSON: {path} ({e})") from None
-
-
 def _conditioning_of(kind: str, config: dict[str, Any]) -> dict[str, Any]:
     cond: dict[str, Any] = {}
     if kind == "UNet2DConditionModel":
@@ -119,8 +110,6 @@ def sample_size_of(config: dict[str, Any], where: str) -> tuple[int, int]:
 
 def _check_unet_config(config: Any, where: Path) -> dict[str, Any]:
     """The fields this tool reads from a UNet config, checked before diffusers builds the model."""
-    if not isinstance(config, dict):
-        raise AdpdmError(f"{where} must hold a JSON object (a diffusers UNet config), got {type(config).__name__}")
     sample_size_of(config, str(where))
     for key in ("in_channels", "out_channels"):
         if key in config:
@@ -129,7 +118,7 @@ def _check_unet_config(config: Any, where: Path) -> dict[str, Any]:
 
 
 def _load_unet_folder(folder: Path, source: str) -> tuple[torch.nn.Module, str, dict[str, Any]]:
-    config = _check_unet_config(_read_json(folder / "config.json", "UNet config"), folder / "config.json")
+    config = _check_unet_config(read_json(folder / "config.json", "UNet config"), folder / "config.json")
     kind = config.get("_class_name")
     if kind not in SUPPORTED_CLASSES:
         raise AdpdmError(
@@ -162,7 +151,7 @@ def _load_unet_folder(folder: Path, source: str) -> tuple[torch.nn.Module, str, 
 def _scheduler_config_near(folder: Path) -> dict[str, Any] | None:
     for cand in (folder / "scheduler_config.json", folder.parent / "scheduler" / "scheduler_config.json"):
         if cand.is_file():
-            return _read_json(cand, "scheduler config")
+            return read_json(cand, "scheduler config")
     return None
 
 
@@ -206,9 +195,7 @@ def load_model(source: str | os.PathLike) -> LoadedModel:
             raise AdpdmError(f"{src} is a file; give the folder of a diffusers UNet or pipeline")
     found_scheduler = True
     if (folder / "model_index.json").is_file():
-        index = _read_json(folder / "model_index.json", "pipeline index")
-        if not isinstance(index, dict):
-            raise AdpdmError(f"{folder / 'model_index.json'} must hold a JSON object, got {type(index).__name__}")
+        index = read_json(folder / "model_index.json", "pipeline index")
         if not (folder / "unet" / "config.json").is_file():
             raise AdpdmError(f"pipeline folder {folder} has no unet/config.json (pipeline {index.get('_class_name')})")
         unet, kind, config = _load_unet_folder(folder / "unet", src)
@@ -227,8 +214,6 @@ def load_model(source: str | os.PathLike) -> LoadedModel:
         found_scheduler = False
         sched = dict(DEFAULT_SCHEDULER_CONFIG)
     size = sample_size_of(config, str(folder))
-    if not isinstance(sched, dict):
-        raise AdpdmError(f"the scheduler config of {folder} must be a JSON object, got {type(sched).__name__}")
     return LoadedModel(
         unet=unet,
         scheduler_config=sched,
