@@ -14,7 +14,7 @@ Method = Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHO
 Groups = Annotated[Optional[int], typer.Option("--groups", help="Timestep groups (uniform-groups / adpdm; default 4).")]
 WBits = Annotated[int, typer.Option("--w-bits", help="Weight bits (2..8).")]
 ABits = Annotated[int, typer.Option("--a-bits", help="Activation bits (2..8).")]
-CalibSamples = Annotated[int, typer.Option("--calib-samples", help="Seeds sampled by the FP model (data-free).")]
+CalibSamples = Annotated[int, typer.Option("--calib-samples", help="Seeds sampled by the FP model (data-free; >= 1, ADP-DM with SRM >= 3).")]
 CalibSteps = Annotated[int, typer.Option("--calib-steps", help="DDIM steps of the calibration trajectories.")]
 Seed = Annotated[int, typer.Option("--seed", help="First calibration seed (item i uses seed + i).")]
 Device = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
