@@ -132,9 +132,6 @@ def sample(
     """
     from adpdm_export.sampling import generate, predictor_for
     from engines.conditioning import default_condition
-    from engines.sampler import check_seed
-
-    check_seed(seed)
     if isinstance(source, Runner):
         predictor, sched_config = source, dict(source.manifest.scheduler)
         shape, conditioning = tuple(source.sample_shape), dict(source.manifest.model.conditioning)

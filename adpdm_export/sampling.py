@@ -17,8 +17,8 @@ import torch
 from adpdm_export.model_loading import LoadedModel
 from adpdm_export.onnx_export import DEFAULT_OPSET, example_inputs, export_onnx
 from engines.errors import AdpdmError
-from engines.sampler import initial_noise, sample
-from engines.scheduling import make_scheduler
+from engines.sampler import check_seed, initial_noise, sample
+from engines.scheduling import check_scheduler, make_scheduler
 
 MODEL_BACKENDS = ("torch", "ort")
 BUILD_BACKENDS = ("auto", "ort", "trt")
@@ -88,6 +88,16 @@ def open_source(model_or_build: str, backend: str = "auto", threads: int | None 
                   loaded.conditioning, f"{loaded.kind} {model_or_build} ({backend})")
 
 
+def check_request(n: int, steps: int, seed: int, scheduler: str) -> None:
+    """A sampling request's own checks, before any model is loaded (the CLI's and the API's)."""
+    check_scheduler(scheduler)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise AdpdmError(f"n must be an integer >= 1, got {n!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise AdpdmError(f"steps must be an integer >= 1, got {steps!r}")
+    check_seed(seed)
+
+
 @dataclass
 class Generated:
     images: torch.Tensor
@@ -108,14 +118,8 @@ def generate(
     on_step: Optional[Callable[[int, int], None]] = None,
 ) -> Generated:
     """`n` images from seeded noise: the same seed gives the same noise on every backend."""
-    if n < 1:
-        raise AdpdmError(f"--n must be >= 1 (got {n})")
-    if steps < 1:
-        raise AdpdmError(f"--steps must be >= 1 (got {steps})")
-    sched = make_scheduler(scheduler_config, scheduler)
-    T = int(scheduler_config.get("num_train_timesteps", 1000))
-    if scheduler != "ddpm" and steps > T:
-        raise AdpdmError(f"--steps {steps} exceeds the model's {T} training timesteps")
+    check_request(n, steps, seed, scheduler)
+    sched = make_scheduler(scheduler_config, scheduler)  # the sampler checks steps against its timesteps
     noise = initial_noise(n, sample_shape, seed)
     out = sample(predictor, sched, noise, steps, cond=cond, seed=seed, on_step=on_step)
     return Generated(images=out.images, seed=seed, steps=steps, scheduler=scheduler)

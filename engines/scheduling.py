@@ -18,15 +18,20 @@ SCHEDULERS = {
 DEFAULT_SCHEDULER = "ddim"
 
 
+def check_scheduler(name: str) -> str:
+    """A scheduler name we can build, or one AdpdmError line listing them (no diffusers import)."""
+    if name not in SCHEDULERS:
+        raise AdpdmError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    return name
+
+
 def make_scheduler(config: Mapping[str, Any], name: str = DEFAULT_SCHEDULER):
     """A fresh scheduler of kind `name` built from a diffusers scheduler config.
 
     Keys the target class does not know are ignored by diffusers, so a DDPM
     training config can drive DDIM sampling (the usual diffusers practice).
     """
-    if name not in SCHEDULERS:
-        raise AdpdmError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    cls = getattr(importlib.import_module("diffusers"), SCHEDULERS[name])
+    cls = getattr(importlib.import_module("diffusers"), SCHEDULERS[check_scheduler(name)])
     return cls.from_config(dict(config))
 
 

@@ -54,7 +54,7 @@ def test_sample_writes_png(unet_folder, tmp_path, backend):
     [
         (["sample", "NOPE_DIR", "--out", "x.png"], "no such model folder"),
         (["sample", "{m}", "--backend", "tensorflow"], "unknown backend"),
-        (["sample", "{m}", "--n", "0"], "--n and --steps must be >= 1"),
+        (["sample", "{m}", "--n", "0"], "n must be an integer >= 1, got 0"),
         (["sample", "{m}", "--out", "grid.jpg"], ".png"),
         (["export", "{m}", "--out", "{tmp}/o", "--opset", "13"], "opset 13 is too old"),
     ],

@@ -25,23 +25,18 @@ def sample_images(
 ) -> None:
     """Sample N images from a model or a build and write them as a PNG grid."""
     from adpdm_export.progress import console, stage_progress
-    from adpdm_export.sampling import generate, open_source
+    from adpdm_export.sampling import check_request, generate, open_source
     from engines.conditioning import default_condition
     from engines.errors import AdpdmError
     from engines.file_io import check_output_folder
     from engines.images import save_grid
-    from engines.sampler import check_seed
 
-    if scheduler not in SCHEDULERS:
-        raise AdpdmError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    check_request(n, steps, seed, scheduler)  # before any work (loading, sampling)
     if out.suffix.lower() != ".png":
         raise AdpdmError(f"--out must name a .png file (got {out})")
-    if n < 1 or steps < 1:
-        raise AdpdmError(f"--n and --steps must be >= 1 (got --n {n}, --steps {steps})")
     if out.is_dir():
         raise AdpdmError(f"--out {out} is a folder: name the .png file to write")
     check_output_folder(out.parent, f"--out {out}: its folder")  # below a file or unwritable: before sampling
-    check_seed(seed)  # before any work (loading, sampling)
     src = open_source(model, backend, threads=threads or None)
     console.print(f"sampling {n} images x {steps} steps from {src.description}")
     with stage_progress() as on_progress:
