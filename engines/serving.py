@@ -12,26 +12,27 @@ Two Triton models:
   `engines.images.to_uint8` turns them into pixels. Same seed, same images as
   `generate_images` in process.
 
-Safe defaults: HTTP, gRPC and metrics listen on 127.0.0.1 only (PyTriton's own default
-is 0.0.0.0 for whatever address is not given, so all three are always set); binding
-elsewhere takes an explicit host. n, steps, batch and sequence length are bounded
-(`ServeLimits`); wrong shapes and dtypes are refused by Triton itself (strict model
-configs), bad values (NaN, out-of-range timesteps, negative seeds, unknown schedulers)
-by the model, both as Triton error responses. Stop: `stop()` / SIGINT / SIGTERM, with a
-short exit timeout (an open client connection otherwise stretches shutdown to 30 s).
+Safe defaults: the user's HTTP and gRPC ports (127.0.0.1 unless told otherwise; a host name
+is resolved, `localhost` -> 127.0.0.1; anything but loopback needs allow_remote) are served by
+the fronts of `engines.serving_guard`; Triton itself listens on loopback ports of its own.
+The fronts bound the body size and every input's declared shape before decoding data (the
+bundled Triton 2.51 has no size limit and aborts on a huge declared JSON shape), check each
+request's values with the models' own checks (`UnetModel.check`, `GenerateModel.parse`), and
+answer a bad request alone with HTTP 400 / gRPC INVALID_ARGUMENT and one line: PyTriton
+reports an error raised by a model callable for the whole executed batch (HTTP 500, full
+traceback), so a bad value must never reach the dynamic batcher. Ports are checked (range,
+distinct, free) before anything starts. n, steps, batch and sequence length are bounded
+(`ServeLimits`). Metrics are served by Triton directly (GET only). Stop: `stop()` / SIGINT /
+SIGTERM, with a short exit timeout (an open client connection otherwise stretches shutdown).
 
-Known limitation of Triton's Python models (PyTriton included): an error is reported for
-the whole executed batch, so a request with a bad *value* (NaN, timestep out of range)
-that the dynamic batcher put in the same batch as good requests fails those too. Shape
-and dtype errors are refused per request, before batching.
-
-PyTriton is an optional dependency (extra ``serve``): this module imports it only inside
-`AdpdmServer.start`, so the rest (`generate_images`, `ServeLimits`) works without it.
+PyTriton (and grpcio) are optional dependencies (extra ``serve``): this module imports them
+only inside `AdpdmServer.start`, so the rest (`generate_images`, `ServeLimits`) works without.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import ipaddress
 import logging
 import os
@@ -87,11 +88,56 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def resolve_host(host: str) -> str:
+    """The IP address to bind for `host`: an IP as given, a name resolved (localhost -> 127.0.0.1)."""
+    host = (host or "").strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if not host:
+        raise AdpdmError("--host is empty: give an IP address or a host name (default 127.0.0.1)")
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise AdpdmError(f"--host {host[:100]!r} does not resolve to an address ({getattr(e, 'strerror', None) or e})") from None
+    addrs = [i[4][0] for i in infos if i[0] == socket.AF_INET] or [i[4][0] for i in infos if i[0] == socket.AF_INET6]
+    if not addrs:
+        raise AdpdmError(f"--host {host[:100]!r} does not resolve to an IPv4 or IPv6 address")
+    return addrs[0]
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def free_port(host: str = DEFAULT_HOST) -> int:
     """A TCP port free on `host` right now (for tests and tools)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def check_ports(host: str, ports: Mapping[str, int]) -> None:
+    """Each port in 1..65535 (0: any free port), distinct, and free on `host` now; else one line."""
+    for name, port in ports.items():
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise AdpdmError(f"--{name}-port must be in 1..65535 (0: any free port), got {port}")
+    given = [p for p in ports.values() if p]
+    if len(set(given)) != len(given):
+        raise AdpdmError(f"--http-port, --grpc-port and --metrics-port must differ, got {', '.join(map(str, ports.values()))}")
+    for name, port in ports.items():
+        if not port:
+            continue
+        with socket.socket(_family(host), socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                why = "already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+                raise AdpdmError(f"--{name}-port {port} on {host}: {why}") from None
 
 
 def python_libdir_env(env: Optional[Mapping[str, str]] = None) -> dict[str, str]:
@@ -170,17 +216,26 @@ class UnetModel:
         self.cond_names = tuple(runner.cond_names)
         self.stats = stats or BatchStats()
 
+    def check(self, req: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """One request's inputs, checked (shape, NaN/inf, timestep range, conditioning) and normalized."""
+        for name in ("sample", "timestep", *self.cond_names):
+            if name not in req:
+                raise AdpdmError(f"missing input {name!r}: this model needs sample, timestep"
+                                 + "".join(f", {n}" for n in self.cond_names))
+        x = torch.from_numpy(np.ascontiguousarray(req["sample"]))
+        t = torch.from_numpy(np.ascontiguousarray(req["timestep"])).reshape(-1)
+        cond = {}
+        for name in self.cond_names:
+            v = torch.from_numpy(np.ascontiguousarray(req[name]))
+            cond[name] = v.reshape(-1) if name == "class_labels" else v
+        return self.runner.check_inputs(x, t, **cond)
+
+    def validate(self, req: Mapping[str, np.ndarray]) -> None:
+        self.check(req)
+
     def _one(self, i: int, req: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         try:
-            x = torch.from_numpy(np.ascontiguousarray(req["sample"]))
-            t = torch.from_numpy(np.ascontiguousarray(req["timestep"])).reshape(-1)
-            cond = {}
-            for name in self.cond_names:
-                if name not in req:
-                    raise AdpdmError(f"missing input {name!r}: this model needs {', '.join(self.cond_names)}")
-                v = torch.from_numpy(np.ascontiguousarray(req[name]))
-                cond[name] = v.reshape(-1) if name == "class_labels" else v
-            return self.runner.check_inputs(x, t, **cond)
+            return self.check(req)
         except AdpdmError as e:
             raise AdpdmError(f"request {i} of the batch: {e}") from None
 
@@ -211,8 +266,12 @@ class GenerateModel:
         self.schedulers = tuple(SCHEDULERS)
         self.cond_names = tuple(runner.cond_names)
 
-    def _one(self, req: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def parse(self, req: Mapping[str, np.ndarray]) -> tuple[int, int, int, str, dict[str, torch.Tensor]]:
+        """One request checked: (seed, n, steps, scheduler, conditioning)."""
         L = self.limits
+        for name in ("seed", "n", "steps", *self.cond_names):
+            if name not in req:
+                raise AdpdmError(f"missing input {name!r}")
         seed = _scalar(req, "seed", 0, MAX_SEED)
         n = _scalar(req, "n", 1, L.max_n)
         steps = _scalar(req, "steps", 1, L.max_steps)
@@ -227,8 +286,6 @@ class GenerateModel:
                 raise AdpdmError(f"unknown scheduler {scheduler[:40]!r}: choose one of {', '.join(self.schedulers)}")
         cond: dict[str, torch.Tensor] = {}
         for name in self.cond_names:
-            if name not in req:
-                raise AdpdmError(f"missing input {name!r}: this model needs {', '.join(self.cond_names)}")
             v = torch.from_numpy(np.ascontiguousarray(req[name]))
             if name == "class_labels":
                 v = v.reshape(-1)
@@ -247,6 +304,13 @@ class GenerateModel:
         # Check the conditioning (and NaN) once before running `steps` steps.
         C, H, W = self.runner.sample_shape
         self.runner.check_inputs(torch.zeros((n, C, H, W)), torch.zeros(n, dtype=torch.int64), **cond)
+        return seed, n, steps, scheduler, cond
+
+    def validate(self, req: Mapping[str, np.ndarray]) -> None:
+        self.parse(req)
+
+    def _one(self, req: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seed, n, steps, scheduler, cond = self.parse(req)
         images = generate_images(self.runner, seed, n, steps, scheduler, cond)
         return {"images": images.numpy().astype(np.float32)}
 
@@ -287,11 +351,14 @@ class AdpdmServer:
         allow_remote: bool = False,
         log_verbose: int = 0,
     ):
-        if not is_loopback(host) and not allow_remote:
+        address = resolve_host(host)
+        if not is_loopback(address) and not allow_remote:
+            named = host if host == address else f"{host} ({address})"
             raise AdpdmError(
-                f"refusing to listen on {host}: the server has no authentication; pass allow_remote=True "
+                f"refusing to listen on {named}: the server has no authentication; pass allow_remote=True "
                 f"(`adpdm serve --host {host} --allow-remote`) to bind to a non-loopback address"
             )
+        check_ports(address, {"http": http_port, "grpc": grpc_port, "metrics": metrics_port})
         if runner is None:
             if build is None:
                 raise AdpdmError("give a build folder or a runner")
@@ -307,12 +374,14 @@ class AdpdmServer:
             raise AdpdmError(
                 f"--max-batch {limits.max_batch} is above the largest batch the TensorRT engines take ({runner.max_batch})"
             )
-        self.host = host
+        self.host = address
         self.ports = {
-            "http": http_port or free_port(host),
-            "grpc": grpc_port or free_port(host),
-            "metrics": metrics_port or free_port(host),
+            "http": http_port or free_port(address),
+            "grpc": grpc_port or free_port(address),
+            "metrics": metrics_port or free_port(address),
         }
+        self._internal_ports: dict[str, int] = {}
+        self._fronts: list = []
         self.log_verbose = int(log_verbose)
         self.stats = BatchStats()
         self._triton = None
@@ -332,7 +401,11 @@ class AdpdmServer:
 
     @property
     def _url_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "localhost") else (f"[{self.host}]" if ":" in self.host else self.host)
+        if self.host == "0.0.0.0":
+            return "127.0.0.1"
+        if self.host == "::":
+            return "[::1]"
+        return f"[{self.host}]" if ":" in self.host else self.host
 
     # ------------------------------------------------------------------ model configs
     def _tensors(self):
@@ -361,15 +434,47 @@ class AdpdmServer:
         gen_out = [Tensor(name="images", dtype=np.float32, shape=(-1, C, H, W))]
         return unet_in, unet_out, gen_in, gen_out
 
+    def request_guard(self, unet: "UnetModel", generate: "GenerateModel"):
+        """What the HTTP/gRPC fronts check before Triton sees a request (`engines.serving_guard`)."""
+        from engines.serving_guard import InputSpec, ModelSpec, RequestGuard
+
+        L = self.limits
+        C, H, W = self.runner.sample_shape
+        specs = self.runner.cond_specs
+        B, N, S = L.max_batch, L.max_n, L.max_sequence_length
+        unet_in = {
+            "sample": InputSpec("FP32", B * C * H * W, max_batch=B),
+            "timestep": InputSpec("INT64", B, max_batch=B),
+        }
+        gen_in = {
+            "seed": InputSpec("INT64", 1),
+            "n": InputSpec("INT64", 1),
+            "steps": InputSpec("INT64", 1),
+            "scheduler": InputSpec("BYTES", 1, optional=True),
+        }
+        if "class_labels" in specs:
+            unet_in["class_labels"] = InputSpec("INT64", B, max_batch=B)
+            gen_in["class_labels"] = InputSpec("INT64", N)
+        if "encoder_hidden_states" in specs:
+            D = int(specs["encoder_hidden_states"]["dim"])
+            unet_in["encoder_hidden_states"] = InputSpec("FP32", B * S * D, max_batch=B)
+            gen_in["encoder_hidden_states"] = InputSpec("FP32", N * S * D)
+        return RequestGuard({
+            UNET_MODEL: ModelSpec(unet_in, unet.validate),
+            GENERATE_MODEL: ModelSpec(gen_in, generate.validate),
+        })
+
     def _triton_config(self):
         from pytriton.triton import TritonConfig
 
+        # Triton itself listens on loopback ports of its own; the user's HTTP and gRPC ports are
+        # served by the fronts (engines.serving_guard), which check every request first.
         return TritonConfig(
-            http_address=self.host,
-            grpc_address=self.host,
+            http_address="127.0.0.1",
+            grpc_address="127.0.0.1",
             metrics_address=self.host,
-            http_port=self.ports["http"],
-            grpc_port=self.ports["grpc"],
+            http_port=self._internal_ports["http"],
+            grpc_port=self._internal_ports["grpc"],
             metrics_port=self.ports["metrics"],
             exit_timeout_secs=self.limits.exit_timeout_s,
             log_verbose=self.log_verbose,
@@ -379,8 +484,11 @@ class AdpdmServer:
     def start(self) -> "AdpdmServer":
         """Start Triton and load both models; returns when they are ready."""
         try:
+            from pytriton.exceptions import PyTritonError
             from pytriton.model_config import DynamicBatcher, ModelConfig
             from pytriton.triton import Triton
+
+            from engines.serving_guard import GrpcFront, HttpFront
         except ImportError as e:
             raise AdpdmError(
                 f"serving needs PyTriton ({e}): pip install 'adpdm-export[serve]' "
@@ -391,11 +499,23 @@ class AdpdmServer:
                 return self
             os.environ.update(python_libdir_env())  # Triton and the backend stub inherit it
             unet_in, unet_out, gen_in, gen_out = self._tensors()
+            unet = UnetModel(self.runner, self.limits, self.stats)
+            generate = GenerateModel(self.runner, self.limits)
+            guard = self.request_guard(unet, generate)
+            self._internal_ports = {"http": free_port("127.0.0.1"), "grpc": free_port("127.0.0.1")}
+            fronts = []
+            try:  # bind the user's ports first: a port taken since __init__ fails here, in one line
+                fronts.append(HttpFront(self.host, self.ports["http"], guard, self._internal_ports["http"]))
+                fronts.append(GrpcFront(self.host, self.ports["grpc"], guard, self._internal_ports["grpc"]))
+            except BaseException:
+                for f in fronts:
+                    f.stop()
+                raise
             triton = Triton(config=self._triton_config())
             try:
                 triton.bind(
                     model_name=UNET_MODEL,
-                    infer_func=UnetModel(self.runner, self.limits, self.stats),
+                    infer_func=unet,
                     inputs=unet_in,
                     outputs=unet_out,
                     config=ModelConfig(
@@ -406,17 +526,23 @@ class AdpdmServer:
                 )
                 triton.bind(
                     model_name=GENERATE_MODEL,
-                    infer_func=GenerateModel(self.runner, self.limits),
+                    infer_func=generate,
                     inputs=gen_in,
                     outputs=gen_out,
                     config=ModelConfig(max_batch_size=0, batching=False),
                     strict=True,
                 )
                 triton.run()
-            except BaseException:
+            except BaseException as e:
                 triton.stop()
+                for f in fronts:
+                    f.stop()
+                if isinstance(e, PyTritonError):
+                    raise AdpdmError(f"Triton Inference Server did not start: {str(e).strip().splitlines()[0][:300]}") from None
                 raise
-            self._triton = triton
+            for f in fronts:
+                f.start()
+            self._triton, self._fronts = triton, fronts
         LOGGER.info("serving %s on %s and %s", self.runner, self.http_url, self.grpc_url)
         return self
 
@@ -427,6 +553,9 @@ class AdpdmServer:
         """Stop Triton (waits at most limits.exit_timeout_s for in-flight requests)."""
         with self._lock:
             triton, self._triton = self._triton, None
+            fronts, self._fronts = self._fronts, []
+        for f in fronts:
+            f.stop()
         if triton is not None:
             triton.stop()
 

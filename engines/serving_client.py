@@ -6,7 +6,8 @@
         images = c.generate(seed=0, n=4, steps=50)          # model "generate": (n, C, H, W) in [-1, 1]
 
 Server-side errors (bad shapes, dtypes, values, limits) come back as one `AdpdmError`
-line; the server's traceback is dropped. Needs only `tritonclient[http,grpc]`, not PyTriton.
+line; the server's traceback is dropped. So do a server that does not answer (connection
+refused) and a request past `timeout_s`. Needs only `tritonclient[http,grpc]`, not PyTriton.
 """
 
 from __future__ import annotations
@@ -96,8 +97,27 @@ class AdpdmClient:
             else:
                 r = self._client.infer(model, ins, outputs=outs, client_timeout=self.timeout_s)
         except self._exception_type() as e:
+            status = str(getattr(e, "status", lambda: None)() or "")
+            if status.endswith("UNAVAILABLE"):
+                raise AdpdmError(self._unreachable("connection failed")) from None
+            if status.endswith("DEADLINE_EXCEEDED"):
+                raise AdpdmError(self._too_slow()) from None
             raise AdpdmError(f"{model}: {error_message(e)}") from None
+        except TimeoutError:
+            raise AdpdmError(self._too_slow()) from None
+        except OSError as e:
+            raise AdpdmError(self._unreachable(e.strerror or type(e).__name__)) from None
+        except Exception as e:  # gevent's Timeout (HTTP client) is not an OSError
+            if type(e).__name__ == "Timeout":
+                raise AdpdmError(self._too_slow()) from None
+            raise
         return {o: r.as_numpy(o) for o in outputs}
+
+    def _unreachable(self, why: str) -> str:
+        return f"no server answers at {self.url} ({why.lower()}): is `adpdm serve` running there?"
+
+    def _too_slow(self) -> str:
+        return f"{self.url}: no answer within {self.timeout_s:g} s (raise the timeout, e.g. `adpdm generate --timeout`)"
 
     def _exception_type(self):
         from tritonclient.utils import InferenceServerException

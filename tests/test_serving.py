@@ -9,6 +9,7 @@ tested without Triton.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,8 @@ import pytest
 import torch
 
 from engines.errors import AdpdmError
-from engines.serving import AdpdmServer, ServeLimits, UnetModel, free_port, generate_images, is_loopback
+from engines.serving import (AdpdmServer, ServeLimits, UnetModel, free_port, generate_images, is_loopback,
+                             resolve_host)
 from engines_fixtures import make_build
 
 LIMITS = ServeLimits(max_batch=8, max_queue_delay_us=20000, max_n=4, max_steps=20, exit_timeout_s=2)
@@ -227,12 +229,13 @@ def _wait_group_gone(pgid: int, timeout_s: float) -> list[str]:
 
 
 def test_serve_cli_stops_on_sigterm_without_orphans(build, tmp_path):
-    """`adpdm serve` in its own process group: ready, SIGTERM, exit 0 within seconds, nothing left in the group."""
+    """`adpdm serve --host localhost` in its own process group: ready (localhost resolves to 127.0.0.1),
+    SIGTERM, exit 0 within seconds, nothing left in the group."""
     pytest.importorskip("pytriton", reason="serving needs the `serve` extra (nvidia-pytriton, numpy<2)")
     from engines.serving_client import AdpdmClient
 
     port = free_port()
-    cmd = [sys.executable, "-m", "adpdm_export.cli", "serve", str(build), "--http-port", str(port),
+    cmd = [sys.executable, "-m", "adpdm_export.cli", "serve", str(build), "--host", "localhost", "--http-port", str(port),
            "--grpc-port", "0", "--metrics-port", "0", "--exit-timeout", "2", "--threads", "1"]
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -255,3 +258,210 @@ def test_serve_cli_stops_on_sigterm_without_orphans(build, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+# --------------------------------------------------------------------------- issue 17: the server's front
+
+
+def _post_json(server, body, model="unet", raw: bytes = None):
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.ports["http"], timeout=60)
+    try:
+        conn.request("POST", f"/v2/models/{model}/infer", body=raw if raw is not None else json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, r.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
+
+
+def _json_unet(shape, data, t=5):
+    return {"inputs": [{"name": "sample", "datatype": "FP32", "shape": list(shape), "data": data},
+                       {"name": "timestep", "datatype": "INT64", "shape": [1, 1], "data": [t]}]}
+
+
+def _assert_one_clean_line(text):
+    assert "\n" not in text and "\\n" not in text, text
+    assert "Traceback" not in text and 'File "' not in text and str(REPO) not in text and "site-packages" not in text, text
+
+
+def test_guard_refuses_a_huge_declared_shape_before_decoding_anything(runner):
+    """Without Triton: the declared shape is checked before any data is read or allocated."""
+    import json
+
+    from engines.serving import GenerateModel
+    from engines.serving_guard import RequestGuard, one_line
+
+    guard = AdpdmServer(runner=runner, limits=LIMITS, http_port=0, grpc_port=0, metrics_port=0).request_guard(
+        UnetModel(runner, LIMITS), GenerateModel(runner, LIMITS))
+    assert isinstance(guard, RequestGuard)
+    body = json.dumps(_json_unet([1000000000, 1, 16, 16], [0.0])).encode()
+    with pytest.raises(AdpdmError, match=r"batch of 1000000000 is above the server's maximum batch 8"):
+        guard.check_http("unet", body, None)
+    body = json.dumps(_json_unet([1, 1, 16, 16 * 100000], [0.0])).encode()
+    with pytest.raises(AdpdmError, match=r"holds more than the 2048 values"):
+        guard.check_http("unet", body, None)
+    body = json.dumps(_json_unet([1, 1, 16, 16], [0.0] * 3)).encode()
+    with pytest.raises(AdpdmError, match=r"3 values for shape \[1, 1, 16, 16\]"):
+        guard.check_http("unet", body, None)
+    assert guard.max_body_bytes < 2**20
+    tb = 'Traceback (most recent call last):\n  File "/x/y.py", line 1\nengines.errors.AdpdmError: timestep 7 is bad\n'
+    assert one_line(tb) == ("timestep 7 is bad", True)
+    assert one_line('Traceback (most recent call last):\n  File "/x/y.py"\nKeyError: 3')[1] is False
+
+
+def test_oversized_shape_is_refused_and_the_server_keeps_serving(server, runner):
+    """Issue 17: one request declaring shape [1e9, 1, 16, 16] with one value aborted tritonserver."""
+    C, H, W = runner.sample_shape
+    status, text = _post_json(server, _json_unet([1000000000, C, H, W], [0.0]))
+    assert status == 400 and "maximum batch" in text, (status, text)
+    status, text = _post_json(server, _json_unet([1, C, H, W * 1000000], [0.0]))
+    assert status == 400 and "holds more than" in text, (status, text)
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.ports["http"]), timeout=30) as s:  # body above the limit
+        s.sendall(b"POST /v2/models/unet/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 67108864\r\n\r\n")
+        head = b""
+        while chunk := s.recv(4096):  # the server closes the connection after its answer
+            head += chunk
+        head = head.decode()
+    assert head.startswith("HTTP/1.1 413") and "limit of" in head, head
+    # gRPC: the same declared shape in a raw ModelInferRequest
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    req = service_pb2.ModelInferRequest(model_name="unet")
+    req.inputs.add(name="sample", datatype="FP32", shape=[1000000000, C, H, W])
+    req.inputs.add(name="timestep", datatype="INT64", shape=[1, 1])
+    req.raw_input_contents.extend([np.zeros(1, np.float32).tobytes(), np.array([5], np.int64).tobytes()])
+    with grpc.insecure_channel(f"127.0.0.1:{server.ports['grpc']}") as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "maximum batch" in info.value.details()
+    req.raw_input_contents[0] = b"\0" * (8 * 2**20)  # a message above the limit
+    with grpc.insecure_channel(f"127.0.0.1:{server.ports['grpc']}") as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # and a good request right after is answered
+    x = _x(1, runner.sample_shape, 3)
+    status, text = _post_json(server, _json_unet([1, C, H, W], x.reshape(-1).tolist(), t=42))
+    assert status == 200, text
+    assert server.is_alive()
+
+
+def test_bad_value_is_a_400_with_one_line_and_no_traceback(server, runner):
+    C, H, W = runner.sample_shape
+    for data, t, pattern in [([0.0] * (C * H * W), 1000, r"timestep 1000 is outside \[0, 1000\)"),
+                             ([float("nan")] * (C * H * W), 5, r"NaN or inf")]:
+        status, text = _post_json(server, _json_unet([1, C, H, W], data, t))
+        assert status == 400, (status, text)
+        import json
+
+        message = json.loads(text)["error"]
+        assert re.search(pattern, message), message
+        _assert_one_clean_line(message)
+    status, text = _post_json(server, {"inputs": [{"name": "seed", "datatype": "INT64", "shape": [1], "data": [-1]},
+                                                  {"name": "n", "datatype": "INT64", "shape": [1], "data": [1]},
+                                                  {"name": "steps", "datatype": "INT64", "shape": [1], "data": [2]}]},
+                              model="generate")
+    assert status == 400 and "seed must be in" in text, (status, text)
+    _assert_one_clean_line(text)
+    status, text = _post_json(server, {"inputs": []}, model="nope")
+    assert status == 404 and "unknown model" in text
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_values_batched_with_good_requests_fail_only_themselves(server, runner, protocol):
+    """7 good + 1 bad (NaN, then timestep 1000) at once, 3 rounds: every good request succeeds."""
+    from engines.serving_client import AdpdmClient
+
+    url = server.http_url if protocol == "http" else server.grpc_url
+    shape = runner.sample_shape
+    for rnd in range(3):
+        barrier = threading.Barrier(8)
+        results, errors = {}, {}
+
+        def worker(i):
+            x = _x(1, shape, 1000 + 10 * rnd + i)
+            t = [(i * 137 + rnd * 71) % 1000]
+            bad = i == 7
+            if bad:
+                x = torch.full((1, *shape), float("nan")) if rnd % 2 == 0 else x
+                t = [5] if rnd % 2 == 0 else [1000]
+            with AdpdmClient(url, timeout_s=60) as c:
+                barrier.wait(30)
+                try:
+                    results[i] = (c.predict(x, t), x, t)
+                except AdpdmError as e:
+                    errors[i] = str(e)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert set(errors) == {7}, errors
+        assert re.search(r"NaN or inf|outside \[0, 1000\)", errors[7]) and "Traceback" not in errors[7]
+        for i in range(7):
+            got, x, t = results[i]
+            np.testing.assert_allclose(got, runner(x, torch.tensor(t)).numpy(), atol=1e-5)
+
+
+def test_host_names_resolve_or_are_refused_in_one_line(runner):
+    assert resolve_host("localhost") == "127.0.0.1"
+    assert resolve_host("127.0.0.1") == "127.0.0.1" and resolve_host("[::1]") == "::1"
+    srv = AdpdmServer(runner=runner, host="localhost", http_port=0, grpc_port=0, metrics_port=0)
+    assert srv.host == "127.0.0.1" and srv.http_url.startswith("http://127.0.0.1:")
+    with pytest.raises(AdpdmError, match=r"--host 'no-such-host.invalid' does not resolve"):
+        AdpdmServer(runner=runner, host="no-such-host.invalid")
+
+
+def test_ports_out_of_range_or_in_use_are_one_line_before_starting(runner, build, capsys):
+    import socket
+
+    from adpdm_export.cli import main
+
+    with pytest.raises(AdpdmError, match=r"--http-port must be in 1\.\.65535"):
+        AdpdmServer(runner=runner, http_port=70000, grpc_port=0, metrics_port=0)
+    with pytest.raises(AdpdmError, match=r"--grpc-port must be in 1\.\.65535"):
+        AdpdmServer(runner=runner, http_port=0, grpc_port=-1, metrics_port=0)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(AdpdmError, match=rf"--metrics-port {port} on 127.0.0.1: already in use"):
+            AdpdmServer(runner=runner, http_port=0, grpc_port=0, metrics_port=port)
+        capsys.readouterr()
+        assert main(["serve", str(build), "--http-port", str(port), "--grpc-port", "0", "--metrics-port", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: --http-port {port} on 127.0.0.1: already in use", err
+    assert main(["serve", str(build), "--http-port", "65536"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --http-port must be in 1..65535") and "\n" not in err
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_generate_cli_without_a_server_or_past_its_timeout_is_one_line(tmp_path, capsys, protocol):
+    pytest.importorskip("tritonclient.grpc", reason="the client needs tritonclient[http,grpc]")
+    import socket
+
+    from adpdm_export.cli import main
+
+    out = tmp_path / "g.png"
+    port = free_port()
+    assert main(["generate", "--url", f"{protocol}://127.0.0.1:{port}", "--out", str(out), "--timeout", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: no server answers at {protocol}://127.0.0.1:{port}") and "\n" not in err, err
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        t0 = time.time()
+        assert main(["generate", "--url", f"{protocol}://127.0.0.1:{port}", "--out", str(out), "--timeout", "1"]) == 2
+        assert time.time() - t0 < 20
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {protocol}://127.0.0.1:{port}: no answer within 1 s (raise the timeout, e.g. `adpdm generate --timeout`)", err
+    assert not out.exists()

@@ -24,6 +24,8 @@ def generate(
 
     if out.suffix.lower() != ".png":
         raise AdpdmError(f"--out must name a .png file (got {out})")
+    if not timeout > 0:
+        raise AdpdmError(f"--timeout must be > 0 seconds, got {timeout}")
     if n < 1 or steps < 1 or seed < 0:
         raise AdpdmError(f"--n and --steps must be >= 1 and --seed >= 0 (got {n}, {steps}, {seed})")
     import torch
