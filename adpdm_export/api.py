@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from adpdm_export.build_pipeline import DEFAULT_BATCH_SIZES, BuildSummary, build_engine, default_profiles
+from adpdm_export.build_pipeline import DEFAULT_BATCH_SIZES, BuildSummary, build_engine, default_targets
 from adpdm_export.model_loading import LoadedModel, load_model
 from calibration.configs import ADPDMConfig, DataFreeConfig, MethodConfig
 from calibration.progress import Progress
@@ -79,24 +79,24 @@ def export(
     result: CalibrationResult,
     out_dir: str | os.PathLike,
     *,
-    profiles: Optional[Sequence[str]] = None,
+    targets: Optional[Sequence[str]] = None,
     check: bool = True,
     say: Optional[Callable[[str], None]] = None,
 ) -> Manifest:
     """One QDQ ONNX graph per timestep group (+ one shared weights file and manifest.json) in `out_dir`.
 
-    profiles: "trt" (Q/DQ on Conv/Linear inputs, for TensorRT) and/or "ort" (onnxruntime CPU);
+    targets: "trt" (Q/DQ on Conv/Linear inputs, for TensorRT) and/or "ort" (onnxruntime CPU);
     default both at W8, "ort" below. check: parity of every graph against PyTorch. Returns the
     manifest of the build, ready for `Runner(out_dir)` or `build_engines(out_dir)`.
     """
-    from adpdm_export.qdq_export import check_supported, export_qdq_for, parse_profiles
+    from adpdm_export.qdq_export import check_supported, export_qdq_for, parse_targets
 
     loaded = _loaded(model)
     if not isinstance(result, CalibrationResult):
         raise AdpdmError(f"result must be a CalibrationResult, got {type(result).__name__}")
-    chosen = default_profiles(result.w_bits, "ort") if profiles is None else parse_profiles(profiles)
+    chosen = default_targets(result.w_bits, "ort") if targets is None else parse_targets(targets)
     check_supported(result, chosen)
-    export_qdq_for(loaded, result, out_dir, profile=chosen, check=check,
+    export_qdq_for(loaded, result, out_dir, target=chosen, check=check,
                    progress=say or (lambda msg: None))
     return load_manifest(out_dir)
 

@@ -6,9 +6,9 @@ Stages and what each writes into the build folder:
    (`model_identity`: weights, config, scheduler config, source), every calibration
    setting, the content of every conditioning tensor (class labels, prompt embeddings)
    and the versions of the tool, torch and diffusers;
-2. export     `unet.g{k}.onnx` (TensorRT profile) and `unet.g{k}.ort.onnx` (onnxruntime CPU
-   profile), one shared `unet.weights.data`, `qdq_report.json`; keyed by the model (the
-   export reads its weights and config), the calibration's file hashes, the profiles and
+2. export     `unet.g{k}.onnx` (TensorRT target) and `unet.g{k}.ort.onnx` (onnxruntime CPU
+   target), one shared `unet.weights.data`, `qdq_report.json`; keyed by the model (the
+   export reads its weights and config), the calibration's file hashes, the targets and
    the versions of the tool, torch, diffusers, onnx and onnxruntime;
 3. engines    (`--backend trt` only) `unet.g{k}.plan` + the timing cache, keyed by the
    model, the graphs' hashes, the build settings and the GPU/TensorRT version.
@@ -24,7 +24,6 @@ else's in their place), and the whole build holds `build_stages.build_lock`.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +106,7 @@ def build_engine(
     seed: int = 0,
     device: str = "cpu",
     backend: str = "auto",
-    profiles: Optional[Sequence[str]] = None,
+    targets: Optional[Sequence[str]] = None,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     resolution: Optional[tuple[int, int]] = None,
     opt_level: int = 3,
@@ -121,10 +120,10 @@ def build_engine(
     """Build (or resume) the folder `out` for `model` (a name/path for `load_model`, or a LoadedModel).
 
     method / quant / data: the calibration (default ADP-DM with 4 groups, W8A8, 64 data-free
-    samples x 100 steps); seed and device as for `calibration.pipeline.calibrate`. profiles:
-    the graph profiles to export (default `default_profiles`). Returns what each stage did.
+    samples x 100 steps); seed and device as for `calibration.pipeline.calibrate`. targets:
+    the graph targets to export (default `default_targets`). Returns what each stage did.
     """
-    from adpdm_export.qdq_export import parse_profiles
+    from adpdm_export.qdq_export import parse_targets
     from calibration.pipeline import resolve_device
     from engines.platform import pick_backend
 
@@ -139,11 +138,11 @@ def build_engine(
                          "calibrate(..., data=...) and export the result")
     resolve_device(device)
     chosen = pick_backend(backend)  # one clear line where --backend trt cannot run here
-    profiles = default_profiles(quant.w_bits, chosen) if profiles is None else parse_profiles(profiles)
-    if chosen == "trt" and "trt" not in profiles:
-        raise AdpdmError("--backend trt needs the TensorRT-profile graphs: include 'trt' in the profiles")
-    if chosen == "ort" and "ort" not in profiles:
-        raise AdpdmError("--backend ort runs the onnxruntime-profile graphs: include 'ort' in the profiles")
+    targets = default_targets(quant.w_bits, chosen) if targets is None else parse_targets(targets)
+    if chosen == "trt" and "trt" not in targets:
+        raise AdpdmError("--backend trt needs the TensorRT-target graphs: include 'trt' in the targets")
+    if chosen == "ort" and "ort" not in targets:
+        raise AdpdmError("--backend ort runs the onnxruntime-target graphs: include 'ort' in the targets")
     out = Path(out)
     check_build_folder(out)  # empty, missing or one of our builds: else one line, before any work
     loaded = model if isinstance(model, LoadedModel) else None
@@ -153,12 +152,12 @@ def build_engine(
     plan = CalibrationPlan(method, quant, data, int(seed), str(device))
     with build_lock(out):  # one build per folder; a second fails at once, naming this one
         check_build_folder(out)
-        return _build_locked(model, out, plan, chosen, profiles, batch_sizes, resolution, opt_level, cond,
+        return _build_locked(model, out, plan, chosen, targets, batch_sizes, resolution, opt_level, cond,
                              cache_dir, force, progress, say, log, loaded, t_start)
 
 
-def default_profiles(w_bits: int, backend: str) -> tuple[str, ...]:
-    """The graph profiles a build exports: both at W8; only onnxruntime's below (TensorRT runs INT8
+def default_targets(w_bits: int, backend: str) -> tuple[str, ...]:
+    """The graph targets a build exports: both at W8; only onnxruntime's below (TensorRT runs INT8
     weights only, so a W<8 build with backend trt is refused here, before any work)."""
     if int(w_bits) == 8:
         return ("trt", "ort")
@@ -182,10 +181,11 @@ class CalibrationPlan:
                 "seed": self.seed, "device": self.device}
 
 
-def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, profiles, batch_sizes, resolution,
+def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, targets, batch_sizes, resolution,
                   opt_level, cond, cache_dir, force, progress, say, log, loaded, t_start) -> BuildSummary:
     from adpdm_export.qdq_export import REPORT_NAME, WEIGHTS_NAME, export_qdq_for, graph_name
     from adpdm_export.qdq_manifest import write_qdq_manifest
+    from adpdm_export.qdq_report import read_report
     from calibration.result import JSON_NAME, TENSORS_NAME, CalibrationResult
 
     ledger = StageLedger(out).open()  # marks the folder as ours before any work
@@ -214,23 +214,25 @@ def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, profiles, bat
     say(f"calibrate: {'reused' if calib.reused else 'done'} ({result.method}, {result.num_groups} group(s))")
 
     # 2. export
-    key = stage_key(stage="export", model=model_id, calibration=calib.outputs, profiles=list(profiles),
+    # the stage key keeps the historical name "profiles" for the targets, so builds made before the
+    # rename reuse their export stage
+    key = stage_key(stage="export", model=model_id, calibration=calib.outputs, profiles=list(targets),
                     versions=_versions("torch", "diffusers", "onnx", "onnxruntime"))
     exported: dict[str, Any] = {}
 
     def run_export():
-        exp = export_qdq_for(loaded, result, out, profile=profiles, manifest=False, owned=ledger.owned(),
+        exp = export_qdq_for(loaded, result, out, target=targets, manifest=False, owned=ledger.owned(),
                              progress=lambda msg: say(f"export: {msg}"))
         exported["exp"] = exp
         files = [g for gs in exp.graphs.values() for g in gs] + [exp.weights, out / REPORT_NAME]
         return files
 
     if force or ledger.current("export", key) is None:
-        ledger.claim("export", [graph_name(k, p) for p in profiles for k in range(int(result.num_groups))]
+        ledger.claim("export", [graph_name(k, p) for p in targets for k in range(int(result.num_groups))]
                      + [WEIGHTS_NAME, REPORT_NAME])
         unfinished()
     exp_rec = ledger.run("export", key, run_export, force=force)
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = read_report(out / REPORT_NAME)
     say(f"export: {'reused' if exp_rec.reused else 'done'} ({len(exp_rec.outputs)} files)")
 
     # the ONNX manifest: needed by the engine stage, and the final manifest of an ort build
@@ -271,7 +273,7 @@ def _export_from_report(out: Path, report: dict[str, Any]):
     from adpdm_export.qdq_export import QdqExport
 
     return QdqExport(
-        out_dir=out, weights=out / report["weights_file"], profiles=tuple(report["profiles"]),
+        out_dir=out, weights=out / report["weights_file"], targets=tuple(report["targets"]),
         num_groups=int(report["num_groups"]), opset=int(report["opset"]), w_bits=int(report["w_bits"]),
         a_bits=int(report["a_bits"]), graphs={p: [out / g for g in gs] for p, gs in report["graphs"].items()},
         timestep_ranges=report["timestep_ranges"], activation_scales={}, folded_weights=int(report["folded_weights"]),

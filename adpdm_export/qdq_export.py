@@ -8,17 +8,17 @@ Pipeline (`export_qdq`):
 2. Graph passes (`qdq_graph_passes`): static scales as initializers; weight Q folded into
    INT8 (INT4 for W4A8) initializers behind per-channel DequantizeLinear (axis 0); every
    activation scale named `{quantizer}.scale`; identical Q/DQ on one tensor merged (shared
-   q/k/v input quantizers). This is the TensorRT-profile *template*.
-3. onnxruntime profile (`ort_profile`): the template plus Q/DQ on the outputs of the
+   q/k/v input quantizers). This is the TensorRT-target *template*.
+3. onnxruntime target (`ort_target`): the template plus Q/DQ on the outputs of the
    quantized Conv/MatMul/Gemm, activation zero points uint8 128.
 4. Every initializer except the activation scales and zero point goes, content-addressed,
    into ONE external file `unet.weights.data`; group k's graph is the template with the
    activation-scale values of group k (`unet.g{k}.onnx`, `unet.g{k}.ort.onnx`). That the
    group graphs differ only in those values is checked in code.
-5. Checks: the TensorRT-rule linter on every TensorRT-profile graph; parity per group
+5. Checks: the TensorRT-rule linter on every TensorRT-target graph; parity per group
    (`qdq_parity.check_group_graph`: onnxruntime, optimizations off, against the wrapper
-   simulating the same profile with that group active, at timesteps of that group: relative
-   L2 <= PARITY_TOL); error vs the FP model; onnxruntime fusion counts for the CPU profile.
+   simulating the same target with that group active, at timesteps of that group: relative
+   L2 <= PARITY_TOL); error vs the FP model; onnxruntime fusion counts for the CPU target.
 6. Files are built in a staging folder and renamed into place; `qdq_report.json` records
    the checks. The manifest (engines/manifest.py) is written last by `write_manifest`
    (`qdq_manifest.write_qdq_manifest`, which `export_qdq_for` calls).
@@ -45,40 +45,41 @@ import torch
 
 from adpdm_export import qdq_graph_passes as P
 from adpdm_export.build_stages import STAGING_PREFIX, STAGING_RE
-from adpdm_export.ort_profile import MIN_FUSED_RATIO, FusionCounts, fusion_counts, make_ort_profile
+from adpdm_export.ort_target import MIN_FUSED_RATIO, FusionCounts, fusion_counts, make_ort_target
 from adpdm_export.qdq_lint import Violation, lint_model, raise_on_violations
 from adpdm_export.qdq_manifest import write_qdq_manifest
 from adpdm_export.qdq_parity import PARITY_TOL, GraphCheck, check_group_graph
+from adpdm_export.qdq_report import report_to_disk
 from engines.errors import AdpdmError
 
 WEIGHTS_NAME = P.WEIGHTS_NAME
 REPORT_NAME = P.REPORT_NAME
-PROFILES = ("trt", "ort")
+TARGETS = ("trt", "ort")
 OPSET = 19
 OPSET_INT4 = 21
 TORCHSCRIPT_MAX_OPSET = 20  # torch.onnx.export(dynamo=False) traces up to opset 20
 GRAPH_RE = re.compile(r"^unet\.g\d+(\.ort)?\.onnx$")
 
 
-def graph_name(group: int, profile: str) -> str:
-    return f"unet.g{group}.onnx" if profile == "trt" else f"unet.g{group}.ort.onnx"
+def graph_name(group: int, target: str) -> str:
+    return f"unet.g{group}.onnx" if target == "trt" else f"unet.g{group}.ort.onnx"
 
 
-def parse_profiles(profile: str | Sequence[str]) -> tuple[str, ...]:
+def parse_targets(target: str | Sequence[str]) -> tuple[str, ...]:
     """'trt' | 'ort' | 'both' (or a sequence of them) -> ('trt', 'ort') subset, in that order."""
-    items = [profile] if isinstance(profile, str) else list(profile)
+    items = [target] if isinstance(target, str) else list(target)
     out: set[str] = set()
     for p in items:
         if p == "both":
-            out.update(PROFILES)
-        elif p in PROFILES:
+            out.update(TARGETS)
+        elif p in TARGETS:
             out.add(p)
         else:
-            raise AdpdmError(f"unknown profile {p!r}: use trt, ort or both")
-    return tuple(p for p in PROFILES if p in out)
+            raise AdpdmError(f"unknown target {p!r}: use trt, ort or both")
+    return tuple(p for p in TARGETS if p in out)
 
 
-def check_supported(result, profiles: Sequence[str]) -> None:
+def check_supported(result, targets: Sequence[str]) -> None:
     """Refuse what cannot be exported, with the reason."""
     if int(result.a_bits) != 8:
         raise AdpdmError(
@@ -87,11 +88,11 @@ def check_supported(result, profiles: Sequence[str]) -> None:
         )
     if int(result.w_bits) not in (8, 4):
         raise AdpdmError(f"W{result.w_bits} weights cannot be stored in ONNX: use w_bits 8 (INT8) or 4 (INT4, onnxruntime only)")
-    if int(result.w_bits) == 4 and "trt" in profiles:
+    if int(result.w_bits) == 4 and "trt" in targets:
         raise AdpdmError(
             "W4A8 cannot go to TensorRT: TensorRT runs INT4 only as weight-only, block-quantized MatMul/Gemm "
             "weights with float activations, not per-channel INT4 Conv/MatMul weights with INT8 activations; "
-            "export W4A8 with --profile ort (onnxruntime, opset 21), or recalibrate with w_bits=8 for TensorRT"
+            "export W4A8 with --target ort (onnxruntime, opset 21), or recalibrate with w_bits=8 for TensorRT"
         )
 
 
@@ -102,28 +103,30 @@ def check_supported(result, profiles: Sequence[str]) -> None:
 class QdqExport:
     out_dir: Path
     weights: Path
-    profiles: tuple[str, ...]
+    targets: tuple[str, ...]
     num_groups: int
     opset: int
     w_bits: int
     a_bits: int
-    graphs: dict[str, list[Path]]  # profile -> graph per group
+    graphs: dict[str, list[Path]]  # target -> graph per group
     timestep_ranges: list[list[list[int]]]  # per group, inclusive [lo, hi] ranges
-    activation_scales: dict[str, list[str]]  # profile -> scale initializer names (what differs by group)
+    activation_scales: dict[str, list[str]]  # target -> scale initializer names (what differs by group)
     folded_weights: int
     deduped_qdq: int
     lint: dict[str, list[str]] = field(default_factory=dict)
     checks: list[GraphCheck] = field(default_factory=list)
-    fusion: dict[str, dict] = field(default_factory=dict)  # profile -> FusionCounts.to_dict()
+    fusion: dict[str, dict] = field(default_factory=dict)  # target -> FusionCounts.to_dict()
     timings: dict[str, float] = field(default_factory=dict)
     report_path: Optional[Path] = None
 
     def report(self) -> dict[str, Any]:
+        """The content of qdq_report.json, with its on-disk key names (`adpdm_export.qdq_report`)."""
+
         def rel(p: Path) -> str:
             return p.name
 
-        return {
-            "profiles": list(self.profiles),
+        return report_to_disk({
+            "targets": list(self.targets),
             "num_groups": self.num_groups,
             "opset": self.opset,
             "w_bits": self.w_bits,
@@ -140,13 +143,13 @@ class QdqExport:
             "checks": [asdict(c) for c in self.checks],
             "fusion": self.fusion,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
-        }
+        })
 
     def summary_lines(self) -> list[str]:
-        """One human-readable line per profile: parity (teacher-forced and free-running), error vs FP, fusion."""
+        """One human-readable line per target: parity (teacher-forced and free-running), error vs FP, fusion."""
         lines = []
-        for p in self.profiles:
-            cs = [c for c in self.checks if c.profile == p]
+        for p in self.targets:
+            cs = [c for c in self.checks if c.target == p]
             parts = [f"{p}: {len(self.graphs.get(p, []))} group graph(s)"]
             if cs:
                 forced = max(max(c.forced_rel_l2 or 0.0, (c.forced or {}).get("forced_worst_input_rel_l2", 0.0)) for c in cs)
@@ -164,8 +167,8 @@ class QdqExport:
             lines.append(", ".join(parts))
         return lines
 
-    def worst(self, profile: str, key: str = "parity_rel_l2") -> float:
-        vals = [getattr(c, key) for c in self.checks if c.profile == profile and getattr(c, key) is not None]
+    def worst(self, target: str, key: str = "parity_rel_l2") -> float:
+        vals = [getattr(c, key) for c in self.checks if c.target == target and getattr(c, key) is not None]
         return max(vals) if vals else float("nan")
 
 
@@ -206,7 +209,7 @@ def build_trt_template(
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Trace `qmodel` (wrapped and configured from `result`) and run the graph passes.
 
-    Returns the TensorRT-profile template (in memory, weights inline) and facts about it:
+    Returns the TensorRT-target template (in memory, weights inline) and facts about it:
     `scale_to_quantizer` (activation scale initializer -> quantizer name), folded weights,
     merged pairs.
     """
@@ -217,7 +220,7 @@ def build_trt_template(
     inputs = _example_inputs(sample_shape, conditioning, 2, 0, t_count)
     raw = workdir / "traced.onnx"
     traced_opset = min(int(opset), TORCHSCRIPT_MAX_OPSET)
-    with export_mode(qmodel, group=0, profile="trt", zero_point="int8"), _weight_bits_for_trace(qmodel):
+    with export_mode(qmodel, group=0, target="trt", zero_point="int8"), _weight_bits_for_trace(qmodel):
         export_onnx(qmodel, raw, inputs, opset=traced_opset, weights_name="traced.onnx.data")
     model = onnx.load(str(raw))
     for f in (raw, workdir / "traced.onnx.data"):
@@ -242,7 +245,7 @@ def build_trt_template(
     roles = {n: q.role for n, q in acts.items()}
     bad = sorted(q for q in set(scale_to_q.values()) if roles.get(q) == "output")
     if bad:
-        raise AdpdmError(f"output quantizers traced into the TensorRT profile: {bad[:3]}")
+        raise AdpdmError(f"output quantizers traced into the TensorRT target: {bad[:3]}")
     missing = sorted(set(scale_to_q.values()) - set(result.activation_scales))
     if missing:
         raise AdpdmError(f"quantizers in the graph without calibration scales: {missing[:3]}")
@@ -336,7 +339,7 @@ def export_qdq(
     *,
     sample_shape: Sequence[int],
     conditioning: Optional[Mapping[str, Any]] = None,
-    profile: str | Sequence[str] = "trt",
+    target: str | Sequence[str] = "trt",
     opset: int = OPSET,
     check: bool = True,
     lint: bool = True,
@@ -346,16 +349,16 @@ def export_qdq(
     progress: Optional[Callable[[str], None]] = None,
     owned: Optional[Collection[str]] = None,
 ) -> QdqExport:
-    """Export `unet` quantized as `result` describes to one QDQ graph per group and profile.
+    """Export `unet` quantized as `result` describes to one QDQ graph per group and target.
 
     unet: the FP diffusers UNet the calibration was made for (hash checked; not modified).
     result: a `calibration.result.CalibrationResult`.
     sample_shape / conditioning: as `LoadedModel.sample_shape` / `.conditioning`.
-    profile: "trt", "ort" or "both".
+    target: "trt", "ort" or "both".
     check: parity per group (raises if a group's relative L2 exceeds `parity_tol`) and the
-        error vs FP; lint: the TensorRT linter on TensorRT-profile graphs (raises on
+        error vs FP; lint: the TensorRT linter on TensorRT-target graphs (raises on
         violations, except rules in `allow_lint`); fusion: onnxruntime fusion counts of the
-        CPU profile (a warning in the report below MIN_FUSED_RATIO).
+        CPU target (a warning in the report below MIN_FUSED_RATIO).
     owned: the files in `out_dir` this export may remove as stale group graphs (build-engine
         passes what its ledger and manifest list); None: any `unet.g{k}[.ort].onnx`.
     Writes graphs, `unet.weights.data` and `qdq_report.json` into `out_dir`; the manifest is
@@ -363,8 +366,8 @@ def export_qdq(
     """
     from calibration.quant_unet import quantize_model
 
-    profiles = parse_profiles(profile)
-    check_supported(result, profiles)
+    targets = parse_targets(target)
+    check_supported(result, targets)
     if opset < OPSET:
         raise AdpdmError(f"opset {opset} is too old: TensorRT explicit quantization here needs opset >= {OPSET}")
     if result.config.get("quant", {}).get("quantize_residual"):
@@ -383,17 +386,17 @@ def export_qdq(
         scale_to_q = dict(info["scale_to_quantizer"])
         templates: dict[str, onnx.ModelProto] = {}
         scale_maps: dict[str, dict[str, str]] = {}
-        if "trt" in profiles:
+        if "trt" in targets:
             templates["trt"] = trt_template
             scale_maps["trt"] = scale_to_q
-        if "ort" in profiles:
+        if "ort" in targets:
             def out_scale(qname: str) -> float:
                 s = result.activation_scales.get(qname)
                 if s is None:
                     raise AdpdmError(f"the calibration has no output scales for {qname}")
                 return float(s[0])
 
-            ort_template, out_names = make_ort_profile(trt_template, out_scale)
+            ort_template, out_names = make_ort_target(trt_template, out_scale)
             templates["ort"] = ort_template
             scale_maps["ort"] = {**scale_to_q, **{n + P.SCALE_SUFFIX: n for n in out_names}}
 
@@ -417,7 +420,7 @@ def export_qdq(
         exp = QdqExport(
             out_dir=out_dir,
             weights=out_dir / WEIGHTS_NAME,
-            profiles=profiles,
+            targets=targets,
             num_groups=g_count,
             opset=P.opset_version(trt_template),
             w_bits=int(result.w_bits),
@@ -431,7 +434,7 @@ def export_qdq(
 
         if lint and "trt" in files:
             t1 = time.perf_counter()
-            say("linting the TensorRT-profile graphs")
+            say("linting the TensorRT-target graphs")
             for f in files["trt"]:
                 v = lint_model(f)
                 exp.lint[f.name] = [str(x) for x in v]
@@ -460,7 +463,7 @@ def export_qdq(
 
         if fusion and "ort" in files:
             t1 = time.perf_counter()
-            say("counting onnxruntime fusions in the CPU profile")
+            say("counting onnxruntime fusions in the CPU target")
             fc = fusion_counts(files["ort"][0])
             exp.fusion["ort"] = fc.to_dict()
             exp.fusion["ort"]["ok"] = fc.ratio >= MIN_FUSED_RATIO
@@ -499,7 +502,7 @@ def export_qdq_for(
     loaded,
     result,
     out_dir: str | os.PathLike,
-    profile: str | Sequence[str] = "trt",
+    target: str | Sequence[str] = "trt",
     manifest: bool = True,
     manifest_extra_files: Sequence[str] = (),
     fp_graph: Optional[str] = None,
@@ -521,7 +524,7 @@ def export_qdq_for(
             f"calibration covers {result.num_train_timesteps} timesteps, the model's scheduler {loaded.num_train_timesteps}"
         )
     exp = export_qdq(
-        loaded.unet, result, out_dir, sample_shape=loaded.sample_shape, conditioning=loaded.conditioning, profile=profile, **kw
+        loaded.unet, result, out_dir, sample_shape=loaded.sample_shape, conditioning=loaded.conditioning, target=target, **kw
     )
     if manifest:
         write_qdq_manifest(exp, loaded, result, extra_files=manifest_extra_files, fp_graph=fp_graph, fp_weights=fp_weights)
@@ -537,5 +540,5 @@ __all__ = [
     "export_qdq",
     "export_qdq_for",
     "graph_name",
-    "parse_profiles",
+    "parse_targets",
 ]

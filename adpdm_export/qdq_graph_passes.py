@@ -22,7 +22,7 @@ QuantizeLinear -> DequantizeLinear pair, named by module scope
   checked in code.
 * `SharedWeights` / `externalize`: every initializer but the activation Q/DQ parameters is
   stored once, content-addressed, in ONE external data file shared by all group graphs (and
-  by the onnxruntime-profile graphs where their tensors are the same bytes).
+  by the onnxruntime-target graphs where their tensors are the same bytes).
 """
 
 from __future__ import annotations
@@ -359,7 +359,7 @@ def name_activation_qdq(
     The quantizer of a pair is found from the Q node's module scope among
     `quantizer_names` (or the keys of a mapping module path -> canonical quantizer name, for
     quantizer modules registered under several paths). All activation zero points must be the same constant (0 of int8 in the
-    TensorRT profile); they become one scalar initializer `zero_point_name`. Raises on an
+    TensorRT target); they become one scalar initializer `zero_point_name`. Raises on an
     activation Q/DQ whose quantizer cannot be found, whose Q and DQ disagree, or whose scale
     is not a constant scalar.
     """

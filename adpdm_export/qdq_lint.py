@@ -22,7 +22,7 @@ per broken rule and node. Rules:
   external-data         external data locations are relative, inside the graph's folder,
                         exist, and hold the bytes the tensor claims
 
-`adpdm lint FILE.onnx...` runs it; the QDQ export runs it on every TensorRT-profile graph.
+`adpdm lint FILE.onnx...` runs it; the QDQ export runs it on every TensorRT-target graph.
 """
 
 from __future__ import annotations

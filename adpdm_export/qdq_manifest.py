@@ -1,7 +1,7 @@
 """The manifest of a QDQ export: `engines.manifest.Manifest` built from a `QdqExport`, written last.
 
 `write_qdq_manifest` records every group graph, the shared weights file and `qdq_report.json`
-(plus extra files such as scheduler_config.json and an optional FP graph as profile "fp") in
+(plus extra files such as scheduler_config.json and an optional FP graph as target "fp") in
 `manifest.json`, atomically; a folder with a manifest is a finished build (docs/design.md).
 """
 
@@ -28,9 +28,9 @@ def qdq_manifest(
     """The engines.manifest.Manifest describing a QDQ export (files are hashed when written).
 
     fp_graph / fp_weights: an FP graph (and its weights file) in the same folder to list as
-    profile "fp" of every group (e.g. `unet.onnx` / `unet.onnx.data` from `export_onnx`).
+    target "fp" of every group (e.g. `unet.onnx` / `unet.onnx.data` from `export_onnx`).
     """
-    from engines.manifest_schema import CalibrationSummary, Manifest, ModelInfo, make_groups
+    from engines.manifest_schema import CALIBRATION_TARGET_EXTRA_KEY, CalibrationSummary, Manifest, ModelInfo, make_groups
 
     table = [int(x) for x in result.timestep_to_group.tolist()]
     graphs = {p: [g.name for g in gs] for p, gs in exp.graphs.items()}
@@ -58,7 +58,7 @@ def qdq_manifest(
             act_bits=int(result.a_bits),
             num_groups=int(result.num_groups),
             tau_star=None if result.calib_timestep is None else int(result.calib_timestep),
-            extra={"calibration_profile": result.profile},
+            extra={CALIBRATION_TARGET_EXTRA_KEY: result.target},  # the key keeps its historical name
         ),
         timestep_to_group=table,
         groups=make_groups(table, graphs),
@@ -77,7 +77,7 @@ def write_qdq_manifest(
     fp_weights: Optional[str] = None,
 ) -> Path:
     """Write manifest.json LAST (atomically), recording every graph, the weights and the report
-    (plus `extra_files`, e.g. scheduler_config.json, and an optional FP graph as profile "fp")."""
+    (plus `extra_files`, e.g. scheduler_config.json, and an optional FP graph as target "fp")."""
     from engines.manifest import write_manifest
 
     extra = [REPORT_NAME] + [f for f in extra_files if f != REPORT_NAME]

@@ -2,7 +2,7 @@
 
 `check_group_graph` runs one group graph with onnxruntime (optimizations off) at up to three
 timesteps of its group and compares it with the wrapper (`calibration.quant_unet`) simulating
-the same profile with that group active, and both with the FP model. Because INT8 rounding is
+the same target with that group active, and both with the FP model. Because INT8 rounding is
 discontinuous, free-running parity is not bounded: `probe_parity` adds a teacher-forced
 comparison (every quantizer fed onnxruntime's input) and locates the first quantizer whose
 outputs differ (`_first_divergence`), which is accepted only as a one-step rounding tie on at
@@ -37,10 +37,10 @@ TIE_MAX_FRACTION = 1e-3
 @dataclass
 class GraphCheck:
     group: int
-    profile: str
+    target: str
     file: str
     timesteps: list[int]
-    parity_rel_l2: float  # onnxruntime (optimizations off) vs the wrapper simulating this profile and group
+    parity_rel_l2: float  # onnxruntime (optimizations off) vs the wrapper simulating this target and group
     parity_max_abs: float
     fp_rel_l2: float  # onnxruntime (optimizations off) vs the FP model
     sim_fp_rel_l2: float  # the wrapper's simulation vs the FP model
@@ -192,11 +192,11 @@ def probe_parity(
     graph: Path,
     qmodel: torch.nn.Module,
     inputs: Mapping[str, torch.Tensor],
-    profile: str,
+    target: str,
     group: int,
     captured: Optional[dict] = None,
 ) -> dict[str, Any]:
-    """Tie-aware parity of one group graph against the wrapper (simulating `profile`).
+    """Tie-aware parity of one group graph against the wrapper (simulating `target`).
 
     8-bit rounding makes a quantized net discontinuous: where a value sits on a rounding
     boundary, float noise of the order of 1e-7 between onnxruntime's and PyTorch's kernels
@@ -223,7 +223,7 @@ def probe_parity(
     sample, timestep, cond = _split(inputs)
     if captured is None:
         captured = {}
-        with _capture_quantizers(qmodel, captured), torch.no_grad(), quant_mode(qmodel, profile=profile):
+        with _capture_quantizers(qmodel, captured), torch.no_grad(), quant_mode(qmodel, target=target):
             qmodel(sample, timestep, **cond)
     first = _first_divergence(points, got, captured, group)
 
@@ -252,7 +252,7 @@ def probe_parity(
 
             hooks += [q.register_forward_pre_hook(pre), q.register_forward_hook(post)]
     try:
-        with torch.no_grad(), quant_mode(qmodel, profile=profile):
+        with torch.no_grad(), quant_mode(qmodel, target=target):
             forced = _eps(qmodel(sample, timestep, **cond))
     finally:
         for h in hooks:
@@ -299,14 +299,14 @@ def check_group_graph(
     fp_unet: torch.nn.Module,
     result,
     group: int,
-    profile: str,
+    target: str,
     sample_shape: Sequence[int],
     conditioning: Mapping[str, Any],
     seed: int = 0,
     optimized: bool = False,
     parity_tol: float = PARITY_TOL,
 ) -> GraphCheck:
-    """Parity of one group graph against the wrapper simulating `profile` with `group` active.
+    """Parity of one group graph against the wrapper simulating `target` with `group` active.
 
     Verdicts: "exact" / "within-tolerance" (free-running relative L2 <= parity_tol and
     teacher-forced too); "ties" (free-running beyond the tolerance, but the teacher-forced
@@ -322,12 +322,12 @@ def check_group_graph(
     got = pred(sample, timestep, **cond)
     captured: dict = {}
     with torch.no_grad():
-        with _capture_quantizers(qmodel, captured), quant_mode(qmodel, profile=profile):
+        with _capture_quantizers(qmodel, captured), quant_mode(qmodel, target=target):
             sim = _eps(qmodel(sample, timestep, **cond))
         fp = _eps(fp_unet(sample, timestep, **cond))
     check = GraphCheck(
         group=group,
-        profile=profile,
+        target=target,
         file=graph.name,
         timesteps=ts,
         parity_rel_l2=_rel_l2(got, sim),
@@ -335,7 +335,7 @@ def check_group_graph(
         fp_rel_l2=_rel_l2(got, fp),
         sim_fp_rel_l2=_rel_l2(sim, fp),
     )
-    probe = probe_parity(graph, qmodel, inputs, profile, group, captured)
+    probe = probe_parity(graph, qmodel, inputs, target, group, captured)
     check.forced_rel_l2 = probe["forced_rel_l2"]
     check.forced = {k: v for k, v in probe.items() if k.startswith("forced_") and k != "forced_rel_l2"}
     check.divergence = probe["first_divergence"]

@@ -32,7 +32,7 @@ Then, for every partition: empty groups dropped, groups renumbered by increasing
 gradient from its own timesteps alone); the table: every training timestep 0..T-1 maps to
 the group of the nearest calibration timestep (`timestep_tables.nearest_table`).
 
-Output-quantizer scales (applied only in the `ort` profile, so invisible to the `trt`
+Output-quantizer scales (applied only in the `ort` target, so invisible to the `trt`
 loss) are set from per-group percentile statistics of the final partition.
 
 Everything runs on a model wrapped by `quant_unet.quantize_model`; nothing here knows of
@@ -228,7 +228,7 @@ def set_scales_from_observer(
 # learnable scales
 # ----------------------------------------------------------------------------------------
 def searchable_quantizers(qmodel: nn.Module) -> dict[str, ActQuantizer]:
-    """The activation quantizers whose scales the loss sees (those that apply in the profile)."""
+    """The activation quantizers whose scales the loss sees (those that apply in the graph target)."""
     return {n: q for n, q in activation_quantizers(qmodel).items() if q.applies()}
 
 
@@ -284,7 +284,7 @@ class GroupSearchConfig:
     entropy_weight: lambda_H (the data term is normalized to 1 at the initial scales),
         ramped linearly from 0 over the first `entropy_ramp` fraction of the search.
     init_percentile: percentile of |x| giving the initial per-group scales (None: max).
-    output_percentile: percentile for the output quantizers (ort profile), per final group.
+    output_percentile: percentile for the output quantizers (ort target), per final group.
     init_prior: initial logit bonus for each step's initial group (0: none).
     init: the partition giving the initial per-group scales: `kmeans` (of the per-step
         log max|x| profiles over all quantizers) or `uniform` (G equal runs of steps).
@@ -587,7 +587,7 @@ def search_groups(
     table = install_partition(qmodel, data.timesteps, step_groups)
     for name, q in activation_quantizers(qmodel).items():
         q.set_scale(searched[name][old_ids])
-    # output quantizers (ort profile): statistics of the final groups
+    # output quantizers (ort target): statistics of the final groups
     outs = {n_ for n_, q in activation_quantizers(qmodel).items() if q.role == "output" and not q.applies()}
     if outs:
         obs = observe(qmodel, data, cfg.eval_batch, histogram=cfg.output_percentile is not None)

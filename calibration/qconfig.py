@@ -1,4 +1,4 @@
-"""The quantization configuration: bit widths, export profile, which layers stay FP, options.
+"""The quantization configuration: bit widths, export target, which layers stay FP, options.
 
 `QuantConfig` says *what* is quantized and how the export will look; it carries no
 scales (those live in the quantizers and in `CalibrationResult`). It round-trips
@@ -16,7 +16,10 @@ from engines.errors import AdpdmError
 
 MIN_BITS = 2
 MAX_BITS = 8
-PROFILES = ("trt", "ort")
+TARGETS = ("trt", "ort")
+# On disk (calibration.json's config.quant, build stage keys) the graph target keeps its
+# historical key "profile": to_dict / from_dict are the one place that maps the two names.
+_TARGET_KEY_ON_DISK = "profile"
 
 # Module-name patterns (fnmatch, matched against the full module path) kept in high
 # precision by default: the UNet's first and last convolutions and every time/class
@@ -55,9 +58,9 @@ class QuantConfig:
 
     w_bits / a_bits: symmetric integer bits for weights (per output channel) and
         activations (per tensor, one scale per timestep group), 2..8.
-    profile: `trt` (Q/DQ on the inputs of Conv/Linear only) or `ort` (also on their
+    target: `trt` (Q/DQ on the inputs of Conv/Linear only) or `ort` (also on their
         outputs, with their own per-group scales). Output scales are always observed
-        during calibration, so a result can be exported with either profile.
+        during calibration, so a result can be exported with either target.
     fp_layers: fnmatch patterns of Conv2d/Linear module paths left in full precision.
     quantize_residual: also quantize both inputs of the residual additions of
         ResnetBlock2D and of `Attention` modules with `residual_connection`.
@@ -73,7 +76,7 @@ class QuantConfig:
 
     w_bits: int = 8
     a_bits: int = 8
-    profile: str = "trt"
+    target: str = "trt"
     fp_layers: tuple[str, ...] = field(default_factory=lambda: DEFAULT_FP_LAYERS)
     quantize_residual: bool = False
     quantize_attention_bmm: bool = False
@@ -89,8 +92,8 @@ class QuantConfig:
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: normalise in place)
         put("w_bits", check_bits(self.w_bits, "w_bits"))
         put("a_bits", check_bits(self.a_bits, "a_bits"))
-        if self.profile not in PROFILES:
-            raise AdpdmError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
+        if self.target not in TARGETS:
+            raise AdpdmError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         fp = (self.fp_layers,) if isinstance(self.fp_layers, str) else self.fp_layers
         put("fp_layers", tuple(str(p) for p in fp))
         if int(self.weight_clip_grid) < 1:
@@ -105,17 +108,23 @@ class QuantConfig:
         return any(fnmatch.fnmatchcase(name, pat) for pat in self.fp_layers)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """The on-disk form: `target` is written as "profile" (same key order as before)."""
+        d = {(_TARGET_KEY_ON_DISK if k == "target" else k): v for k, v in asdict(self).items()}
         d["fp_layers"] = list(self.fp_layers)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
+        """From `to_dict`'s on-disk form ("profile") or with the field name `target`."""
+        d = dict(d)
+        if _TARGET_KEY_ON_DISK in d:
+            if "target" in d and d["target"] != d[_TARGET_KEY_ON_DISK]:
+                raise AdpdmError(f"quantization config gives both target {d['target']!r} and profile {d['profile']!r}")
+            d["target"] = d.pop(_TARGET_KEY_ON_DISK)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise AdpdmError(f"unknown quantization config keys: {', '.join(unknown)}")
-        d = dict(d)
         if "fp_layers" in d:
             d["fp_layers"] = tuple(d["fp_layers"])
         return cls(**d)

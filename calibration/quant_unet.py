@@ -7,7 +7,7 @@
   to a quantized subclass (parameter names are unchanged: `...conv1.weight` stays) and
   gets child modules `input_quantizer` (ActQuantizer, one scale per group),
   `weight_quantizer` (WeightQuantizer, per output channel) and `output_quantizer`
-  (ActQuantizer, applied only in the `ort` profile but always observed in calibration);
+  (ActQuantizer, applied only in the `ort` target but always observed in calibration);
 * attention projections that read one tensor share one input quantizer: in
   self-attention `to_k.input_quantizer` and `to_v.input_quantizer` are the very module
   registered as `to_q.input_quantizer`; in cross-attention `to_v.input_quantizer` is
@@ -331,7 +331,7 @@ def quantize_model(
     state = QuantState(num_groups)
     state.table = table
     state.mixture_fn = None
-    state.profile = config.profile
+    state.target = config.target
     _place(model, config, state)
     setattr(model, _STATE_ATTR, state)
     model._adpdm_qconfig = config
@@ -477,10 +477,10 @@ def set_table(qmodel: nn.Module, table: Any) -> None:
     st.table = t
 
 
-def set_profile(qmodel: nn.Module, profile: str) -> None:
-    if profile not in ("trt", "ort"):
-        raise AdpdmError(f"profile must be trt or ort, got {profile!r}")
-    get_state(qmodel).profile = profile
+def set_target(qmodel: nn.Module, target: str) -> None:
+    if target not in ("trt", "ort"):
+        raise AdpdmError(f"target must be trt or ort, got {target!r}")
+    get_state(qmodel).target = target
 
 
 # ----------------------------------------------------------------------------------------
@@ -499,10 +499,10 @@ def _swap(st: QuantState, **values) -> Iterator[QuantState]:
 
 
 @contextlib.contextmanager
-def export_mode(qmodel: nn.Module, group: int = 0, profile: Optional[str] = None, zero_point: str = "int8"):
+def export_mode(qmodel: nn.Module, group: int = 0, target: Optional[str] = None, zero_point: str = "int8"):
     """Every quantizer uses group `group`'s scale via torch.fake_quantize_*; no hooks, no state.
 
-    `profile` overrides the model's ("ort": output quantizers apply); `zero_point`
+    `target` overrides the model's ("ort": output quantizers apply); `zero_point`
     "int8" (0 on -128..127) or "uint8" (128 on 0..255, same grid) for activations.
     """
     st = get_state(qmodel)
@@ -510,14 +510,14 @@ def export_mode(qmodel: nn.Module, group: int = 0, profile: Optional[str] = None
         raise AdpdmError(f"group {group} out of range 0..{st.num_groups - 1}")
     if zero_point not in ("int8", "uint8"):
         raise AdpdmError(f"zero_point must be int8 or uint8, got {zero_point!r}")
-    prof = profile or st.profile
-    if prof not in ("trt", "ort"):
-        raise AdpdmError(f"profile must be trt or ort, got {prof!r}")
+    tgt = target or st.target
+    if tgt not in ("trt", "ort"):
+        raise AdpdmError(f"target must be trt or ort, got {tgt!r}")
     quants = [m for m in qmodel.modules() if isinstance(m, ActQuantizer)]
     for q in quants:
         q._export_scale = float(q.scale[int(group)])
     try:
-        with _swap(st, export_group=int(group), profile=prof, export_zero_point=zero_point, observer=None):
+        with _swap(st, export_group=int(group), target=tgt, export_zero_point=zero_point, observer=None):
             yield qmodel
     finally:
         for q in quants:
@@ -532,9 +532,9 @@ def fp_mode(qmodel: nn.Module):
 
 
 @contextlib.contextmanager
-def quant_mode(qmodel: nn.Module, activations: bool = True, weights: bool = True, profile: Optional[str] = None):
+def quant_mode(qmodel: nn.Module, activations: bool = True, weights: bool = True, target: Optional[str] = None):
     st = get_state(qmodel)
-    with _swap(st, act_enabled=activations, weight_enabled=weights, profile=profile or st.profile):
+    with _swap(st, act_enabled=activations, weight_enabled=weights, target=target or st.target):
         yield qmodel
 
 

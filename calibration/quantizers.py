@@ -81,7 +81,7 @@ def export_fake_quant_per_tensor(x: torch.Tensor, scale: float, bits: int, zero_
     """The export form: exports to ONNX QuantizeLinear/DequantizeLinear.
 
     `zero_point` "int8" gives zero point 0 on [qmin, qmax]; "uint8" gives zero point
-    2**(b-1) on [0, 2**b - 1], the same grid (the onnxruntime profile's choice).
+    2**(b-1) on [0, 2**b - 1], the same grid (the onnxruntime target's choice).
     """
     qmin, qmax = qrange(bits)
     if zero_point == "uint8":
@@ -123,7 +123,7 @@ class QuantState:
     """What every quantizer of one model consults at run time (a plain object, not a module).
 
     act_enabled / weight_enabled: simulate activation / weight quantization (False: FP).
-    profile: "trt" (output quantizers pass through) or "ort" (output quantizers apply).
+    target: "trt" (output quantizers pass through) or "ort" (output quantizers apply).
     group_ids: per-item group ids (B,) or a 1-element tensor for the whole batch.
     uniform_group: the single group of the whole batch when there is one (fast path).
     mixture: relaxed weights over groups, (G,) or per item (B, G); overrides groups.
@@ -139,7 +139,7 @@ class QuantState:
         self.num_groups = int(num_groups)
         self.act_enabled = True
         self.weight_enabled = True
-        self.profile = "trt"
+        self.target = "trt"
         self.group_ids: Optional[torch.Tensor] = None
         self.uniform_group: Optional[int] = None
         self.mixture: Optional[torch.Tensor] = None
@@ -220,7 +220,7 @@ class ActQuantizer(_QuantizerBase):
     """Per-tensor activation quantizer with one scale per timestep group.
 
     role: "input" (of a Conv/Linear), "output" (of a Conv/Linear; applied only in the
-    `ort` profile), "bmm" (attention matmul input) or "residual" (residual-add input).
+    `ort` target), "bmm" (attention matmul input) or "residual" (residual-add input).
     """
 
     def __init__(self, bits: int = 8, num_groups: int = 1, role: str = "input"):
@@ -241,11 +241,11 @@ class ActQuantizer(_QuantizerBase):
             self._state.num_groups = int(num_groups)
 
     def applies(self) -> bool:
-        """Whether this quantizer changes its input in the current mode/profile."""
+        """Whether this quantizer changes its input in the current mode/target."""
         st = self._state
         if not self.enabled:
             return False
-        if self.role == "output" and st.profile != "ort":
+        if self.role == "output" and st.target != "ort":
             return False
         return True
 

@@ -4,13 +4,13 @@ On disk, a folder with two files (no pickle anywhere):
 
 calibration.json
     format "adpdm-calibration", format_version, model_sha256, method, w_bits, a_bits,
-    profile, num_train_timesteps, num_groups, groups [{id, timestep_ranges [[lo, hi]]
-    (inclusive), calib_timesteps}], timestep_to_group (length T), calib_timestep
-    (ADP-DM's chosen timestep, null for baselines), activation_quantizers [{name, role,
-    layer, aliases}], weight_quantizers [{name, layer, channels}], config {quant:
-    QuantConfig, calibration: settings}, timings {stage: seconds}, extra, and
-    tensors_file / tensors_sha256 (the safetensors file's hash: a truncated or
-    modified tensors file is refused).
+    profile (the graph target, `CalibrationResult.target`), num_train_timesteps,
+    num_groups, groups [{id, timestep_ranges [[lo, hi]] (inclusive), calib_timesteps}],
+    timestep_to_group (length T), calib_timestep (ADP-DM's chosen timestep, null for
+    baselines), activation_quantizers [{name, role, layer, aliases}], weight_quantizers
+    [{name, layer, channels}], config {quant: QuantConfig.to_dict(), calibration:
+    settings}, timings {stage: seconds}, extra, and tensors_file / tensors_sha256 (the
+    safetensors file's hash: a truncated or modified tensors file is refused).
 calibration.safetensors
     "<quantizer name>.scale" for every activation quantizer (float32 (G,): input,
     output, bmm and residual quantizers alike; role in the JSON) and every weight
@@ -39,6 +39,9 @@ FORMAT_VERSION = 1
 JSON_NAME = "calibration.json"
 TENSORS_NAME = "calibration.safetensors"
 TABLE_KEY = "timestep_to_group"
+# The graph target (`CalibrationResult.target`) keeps its historical key "profile" in
+# calibration.json: to_json_dict / load are the one place that maps the two names.
+TARGET_KEY = "profile"
 
 
 def groups_from_table(table: torch.Tensor, calib_timesteps: Optional[dict[int, list[int]]] = None) -> list[dict[str, Any]]:
@@ -68,7 +71,7 @@ class CalibrationResult:
     method: str
     w_bits: int
     a_bits: int
-    profile: str
+    target: str
     timestep_to_group: torch.Tensor  # int64 (T,)
     activation_scales: dict[str, torch.Tensor]  # quantizer name -> float32 (G,)
     weight_scales: dict[str, torch.Tensor]  # quantizer name -> float32 (C_out,)
@@ -103,12 +106,12 @@ class CalibrationResult:
 
     @property
     def input_scales(self) -> dict[str, torch.Tensor]:
-        """Scales of every quantizer the `trt` profile exports (all but output quantizers)."""
+        """Scales of every quantizer the `trt` target exports (all but output quantizers)."""
         return {n: s for n, s in self.activation_scales.items() if self._role(n) != "output"}
 
     @property
     def output_scales(self) -> dict[str, torch.Tensor]:
-        """Scales of the output quantizers of quantized Conv/Linear (the `ort` profile adds them)."""
+        """Scales of the output quantizers of quantized Conv/Linear (the `ort` target adds them)."""
         return {n: s for n, s in self.activation_scales.items() if self._role(n) == "output"}
 
     def group_of(self, timestep: int) -> int:
@@ -120,13 +123,13 @@ class CalibrationResult:
 
     # -- apply -------------------------------------------------------------------------
     def apply(self, qmodel: torch.nn.Module, check_hash: bool = True) -> torch.nn.Module:
-        """Configure a wrapped model (quantize_model) from this result: table, scales, profile."""
+        """Configure a wrapped model (quantize_model) from this result: table, scales, target."""
         from calibration.quant_unet import (
             activation_quantizers,
             fp_sha256,
             get_config,
-            set_profile,
             set_table,
+            set_target,
             weight_quantizers,
         )
 
@@ -153,7 +156,7 @@ class CalibrationResult:
             q.set_scale(self.activation_scales[n])
         for n, q in wq.items():
             q.set_scale(self.weight_scales[n])
-        set_profile(qmodel, self.profile)
+        set_target(qmodel, self.target)
         return qmodel
 
     # -- save / load -------------------------------------------------------------------
@@ -165,7 +168,7 @@ class CalibrationResult:
             "method": self.method,
             "w_bits": int(self.w_bits),
             "a_bits": int(self.a_bits),
-            "profile": self.profile,
+            TARGET_KEY: self.target,
             "num_train_timesteps": self.num_train_timesteps,
             "num_groups": self.num_groups,
             "groups": self.groups,
@@ -259,7 +262,7 @@ class CalibrationResult:
                 method=doc["method"],
                 w_bits=int(doc["w_bits"]),
                 a_bits=int(doc["a_bits"]),
-                profile=doc["profile"],
+                target=doc[TARGET_KEY],
                 timestep_to_group=table,
                 activation_scales=act,
                 weight_scales=wts,
@@ -303,7 +306,7 @@ def result_from_model(
         method=method,
         w_bits=cfg.w_bits,
         a_bits=cfg.a_bits,
-        profile=st.profile,
+        target=st.target,
         timestep_to_group=st.table.clone(),
         activation_scales={n: q.effective_scale().detach().cpu().clone() for n, q in aq.items()},
         weight_scales={n: q.effective_scale().detach().cpu().clone() for n, q in wq.items()},

@@ -16,7 +16,7 @@ from engines.manifest_schema import (
     TIMING_CACHE_NAME,
     Manifest,
     TensorrtInfo,
-    TrtProfile,
+    TrtOptimizationProfile,
     with_tensorrt,
     without_tensorrt,
 )
@@ -24,16 +24,16 @@ from engines.platform import require_tensorrt
 from engines.trt_builder import DEFAULT_OPT_LEVEL, build_group_engines
 
 
-def make_profile(
+def make_optimization_profile(
     batch_sizes: Sequence[int],
     resolution: Sequence[int] | int | None,
     manifest: Manifest,
     sequence_length: Optional[int] = None,
-) -> TrtProfile:
-    """One optimization profile covering `batch_sizes` (opt = the largest) at one resolution.
+) -> TrtOptimizationProfile:
+    """One TensorRT optimization profile covering `batch_sizes` (opt = the largest) at one resolution.
 
     resolution: (H, W), an int for square, or None for the model's sample size. A range
-    ((Hmin, Hmax), (Wmin, Wmax)) builds a dynamic-resolution profile (opt = the model's size).
+    ((Hmin, Hmax), (Wmin, Wmax)) builds a dynamic-resolution optimization profile (opt = the model's size).
     """
     bs = sorted({int(b) for b in batch_sizes})
     if not bs or bs[0] < 1:
@@ -50,7 +50,7 @@ def make_profile(
         raise AdpdmError(f"resolution must be positive, got {resolution}")
     ehs = manifest.model.conditioning.get("encoder_hidden_states")
     seq = sequence_length or (ehs or {}).get("sequence_length") or (77 if ehs else None)
-    return TrtProfile(batch=(bs[0], bs[-1], bs[-1]), height=height, width=width, sequence_length=seq)  # type: ignore[arg-type]
+    return TrtOptimizationProfile(batch=(bs[0], bs[-1], bs[-1]), height=height, width=width, sequence_length=seq)  # type: ignore[arg-type]
 
 
 def build_trt_engines(
@@ -60,7 +60,7 @@ def build_trt_engines(
     resolution: Sequence[int] | int | None = None,
     opt_level: int = DEFAULT_OPT_LEVEL,
     *,
-    graph_profile: str = "trt",
+    graph_target: str = "trt",
     sequence_length: Optional[int] = None,
     timing_cache: Optional[str] = TIMING_CACHE_NAME,
     workspace_bytes: Optional[int] = None,
@@ -79,14 +79,14 @@ def build_trt_engines(
     m = manifest if manifest is not None else load_manifest(root)
     if m.root is not None and m.root != root.resolve():
         raise AdpdmError(f"the manifest was loaded from {m.root}, not {root}")
-    graphs = m.graph_paths(graph_profile) if m.root is not None else [root / g.graphs[graph_profile] for g in m.groups]
-    profile = make_profile(batch_sizes, resolution, m, sequence_length)
+    graphs = m.graph_paths(graph_target) if m.root is not None else [root / g.graphs[graph_target] for g in m.groups]
+    optimization_profile = make_optimization_profile(batch_sizes, resolution, m, sequence_length)
     if write and m.backend == "trt":
         write_manifest(root, without_tensorrt(m))
     result = build_group_engines(
         graphs,
         root,
-        profile,
+        optimization_profile,
         channels=m.model.in_channels,
         conditioning=m.model.conditioning,
         opt_level=opt_level,
@@ -98,10 +98,10 @@ def build_trt_engines(
         tensorrt_version=result.tensorrt_version,
         gpu_name=result.gpu_name,
         compute_capability=result.compute_capability,
-        profile=profile,
+        optimization_profile=optimization_profile,
         batch_sizes=sorted({int(b) for b in batch_sizes}),
         opt_level=int(opt_level),
-        graph_profile=graph_profile,
+        graph_target=graph_target,
         timing_cache=result.timing_cache.name if result.timing_cache else None,
         strongly_typed=True,
     )

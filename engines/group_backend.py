@@ -19,7 +19,7 @@ from engines.errors import AdpdmError
 from engines.manifest_schema import Manifest
 from engines.platform import BACKEND_CHOICES, pick_backend
 
-ORT_PROFILE_ORDER = ("ort", "trt", "fp")  # which group graphs onnxruntime runs, best first
+ORT_TARGET_ORDER = ("ort", "trt", "fp")  # which group graphs onnxruntime runs, best first
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class InputSpec:
     """The inputs a backend takes, beyond the UNet graph I/O contract (engines/ort_backend.py).
 
     names: its input names. batch: (min, max) batch size, max None for no limit.
-    height / width: (min, max) sample size of an engine profile; None: only the size the build
+    height / width: (min, max) sample size of an engine optimization profile; None: only the size the build
         was calibrated for. sequence_length: the one encoder_hidden_states length it takes (None: any).
     limited_by: what sets these limits, for error messages ("TensorRT").
     """
@@ -43,12 +43,12 @@ class InputSpec:
 class GroupBackend(Protocol):
     """Runs one timestep group of a build on a batch.
 
-    name: "ort" or "trt" (the manifest's backend names). profile: which group graphs it runs
+    name: "ort" or "trt" (the manifest's backend names). target: which group graphs it runs
     (None for engines). device: where `run` wants its inputs and returns its output.
     """
 
     name: str
-    profile: Optional[str]
+    target: Optional[str]
     device: torch.device
     input_spec: InputSpec
 
@@ -83,7 +83,7 @@ def open_group_backend(
     *,
     providers: Optional[Sequence[Any]] = None,
     threads: Optional[int] = None,
-    profile: Optional[str] = None,
+    target: Optional[str] = None,
     cuda_graphs: bool = False,
     ort_options: Optional[Mapping[str, Any]] = None,
 ) -> GroupBackend:
@@ -94,19 +94,19 @@ def open_group_backend(
         return TrtGroupEngines(manifest, cuda_graphs=cuda_graphs)
     from engines.ort_group_sessions import OrtGroupBackend, OrtGroupSessions
 
-    profile = profile or next((p for p in ORT_PROFILE_ORDER if p in manifest.profiles()), None)
-    if profile is None:
-        raise AdpdmError(f"the build has no ONNX graphs onnxruntime can run (profiles: {manifest.profiles()})")
+    target = target or next((p for p in ORT_TARGET_ORDER if p in manifest.targets()), None)
+    if target is None:
+        raise AdpdmError(f"the build has no ONNX graphs onnxruntime can run (targets: {manifest.targets()})")
     opts = dict(ort_options or {})
-    if profile == "ort":
-        # the CPU profile's INT8 weights are fused and pre-packed at any level, so level "all" (NCHWc
+    if target == "ort":
+        # the CPU target's INT8 weights are fused and pre-packed at any level, so level "all" (NCHWc
         # layouts) costs no memory here and runs ~15% faster on small UNets (docs/benchmarks.md)
         opts.setdefault("optimization", "all")
-    sessions = OrtGroupSessions(manifest.graph_paths(profile), providers, threads, **opts)
+    sessions = OrtGroupSessions(manifest.graph_paths(target), providers, threads, **opts)
     expected = {"sample", "timestep", *manifest.model.conditioning}
     if set(sessions.input_names) != expected:
         raise AdpdmError(
             f"the group graphs take inputs {sessions.input_names} but the manifest describes "
             f"{sorted(expected)}: the build is inconsistent, rebuild it"
         )
-    return OrtGroupBackend(sessions, profile)
+    return OrtGroupBackend(sessions, target)

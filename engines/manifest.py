@@ -22,13 +22,14 @@ from engines.manifest_schema import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     SUPPORTED_FORMAT_VERSIONS,
+    TENSORRT_KEYS,
     CalibrationSummary,
     FileEntry,
     GroupEntry,
     Manifest,
     ModelInfo,
     TensorrtInfo,
-    TrtProfile,
+    TrtOptimizationProfile,
     tool_version,
     validate_manifest,
 )
@@ -212,12 +213,14 @@ def _parse_manifest(d: Mapping[str, Any], where: str = "manifest") -> Manifest:
     trt = None
     if d.get("tensorrt") is not None:
         tr = _Reader(r.get("tensorrt", dict), "tensorrt")
-        pr = _Reader(tr.get("profile", dict), "tensorrt.profile")
+        key = TENSORRT_KEYS  # field name -> its historical key in the file
+        op_key = key["optimization_profile"]
+        pr = _Reader(tr.get(op_key, dict), f"tensorrt.{op_key}")
         trt = TensorrtInfo(
             tensorrt_version=tr.get("tensorrt_version", str),
             gpu_name=tr.get("gpu_name", str),
             compute_capability=tr.get("compute_capability", str),
-            profile=TrtProfile(
+            optimization_profile=TrtOptimizationProfile(
                 batch=tuple(pr.int_list("batch", 3)),  # type: ignore[arg-type]
                 height=tuple(pr.int_list("height", 3)),  # type: ignore[arg-type]
                 width=tuple(pr.int_list("width", 3)),  # type: ignore[arg-type]
@@ -225,7 +228,7 @@ def _parse_manifest(d: Mapping[str, Any], where: str = "manifest") -> Manifest:
             ),
             batch_sizes=tr.int_list("batch_sizes"),
             opt_level=tr.int_("opt_level", minimum=0),
-            graph_profile=tr.get("graph_profile", str, True, "trt"),
+            graph_target=tr.get(key["graph_target"], str, True, "trt"),
             timing_cache=tr.get("timing_cache", str, optional=True),
             strongly_typed=tr.get("strongly_typed", bool, True, True),
         )

@@ -3,9 +3,9 @@
 Kept apart from reading and writing (engines/manifest.py) so code that assembles a manifest
 (the export, the TensorRT build) needs no file handling, and the format has one description.
 
-A build folder holds one ONNX graph per (timestep group, profile), one external weights
-file per profile (possibly the same file for both), optionally one TensorRT engine per
-group, and `manifest.json`, which records every file's sha256 and size.
+A build folder holds one ONNX graph per (timestep group, graph target: "trt", "ort" or
+"fp"), one external weights file per target (possibly the same file for both), optionally
+one TensorRT engine per group, and `manifest.json`, which records every file's sha256 and size.
 
 Example (abridged)::
 
@@ -31,6 +31,13 @@ Example (abridged)::
 
 `timestep_ranges` are inclusive `[first, last]` runs of training timesteps, derived from
 `timestep_to_group` (`engines.timestep_groups.TimestepGroups`, checked to agree). Paths are relative, POSIX, inside the folder.
+
+Key names: the `tensorrt` section keeps its historical keys "profile" (the TensorRT
+optimization profile, `TensorrtInfo.optimization_profile`) and "graph_profile" (the graph
+target the engines were built from, `TensorrtInfo.graph_target`); TENSORRT_KEYS maps field
+names to keys, for `Manifest.to_dict` and `engines.manifest._parse_manifest` only. The
+export records the calibration's graph target under its historical key
+`calibration.extra["calibration_profile"]` (CALIBRATION_TARGET_EXTRA_KEY).
 """
 
 from __future__ import annotations
@@ -48,10 +55,15 @@ FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
 BACKENDS = ("ort", "trt")
-PROFILES = ("trt", "ort", "fp")
+TARGETS = ("trt", "ort", "fp")  # graph targets: TensorRT Q/DQ placement, onnxruntime CPU, FP
 CONDITIONING_INPUTS = ("encoder_hidden_states", "class_labels")
 ENGINE_NAME = "unet.g{k}.plan"
 TIMING_CACHE_NAME = "timing.cache"
+# TensorrtInfo field -> its key in manifest.json (historical names, kept so old and new
+# manifests read the same everywhere)
+TENSORRT_KEYS = {"optimization_profile": "profile", "graph_target": "graph_profile"}
+# calibration.extra key of the calibration's graph target (historical name)
+CALIBRATION_TARGET_EXTRA_KEY = "calibration_profile"
 
 
 def tool_version() -> str:
@@ -99,13 +111,13 @@ class CalibrationSummary:
 class GroupEntry:
     id: int
     timestep_ranges: list[tuple[int, int]]  # inclusive [first, last] runs
-    graphs: dict[str, str]  # profile -> graph file
+    graphs: dict[str, str]  # graph target -> graph file
     engine: Optional[str] = None  # TensorRT engine file (backend "trt")
 
 
 @dataclass
-class TrtProfile:
-    """One optimization profile: (min, opt, max) per dynamic dimension."""
+class TrtOptimizationProfile:
+    """One TensorRT optimization profile: (min, opt, max) per dynamic dimension."""
 
     batch: tuple[int, int, int]
     height: tuple[int, int, int]
@@ -118,10 +130,10 @@ class TensorrtInfo:
     tensorrt_version: str
     gpu_name: str
     compute_capability: str  # "9.0"
-    profile: TrtProfile
+    optimization_profile: TrtOptimizationProfile  # on disk: "profile"
     batch_sizes: list[int]
     opt_level: int
-    graph_profile: str = "trt"  # which group graphs the engines were built from
+    graph_target: str = "trt"  # which group graphs the engines were built from; on disk: "graph_profile"
     timing_cache: Optional[str] = None
     strongly_typed: bool = True
 
@@ -133,7 +145,7 @@ class Manifest:
     calibration: CalibrationSummary
     timestep_to_group: list[int]
     groups: list[GroupEntry]
-    weights: dict[str, str]  # profile -> external weights file
+    weights: dict[str, str]  # graph target -> external weights file
     backend: str = "ort"
     tensorrt: Optional[TensorrtInfo] = None
     files: list[FileEntry] = field(default_factory=list)
@@ -156,10 +168,10 @@ class Manifest:
         """`timestep_to_group` as the grouping value type (the manifest must be valid)."""
         return TimestepGroups(self.timestep_to_group, len(self.groups))
 
-    def profiles(self) -> list[str]:
-        """Graph profiles every group has, in PROFILES order."""
+    def targets(self) -> list[str]:
+        """Graph targets every group has, in TARGETS order."""
         have = set.intersection(*(set(g.graphs) for g in self.groups)) if self.groups else set()
-        return [p for p in PROFILES if p in have]
+        return [p for p in TARGETS if p in have]
 
     def referenced_files(self) -> list[str]:
         names: list[str] = []
@@ -177,13 +189,13 @@ class Manifest:
             raise AdpdmError("this manifest was not loaded from a build folder")
         return resolve_in(self.root, name)
 
-    def graph_paths(self, profile: str) -> list[Path]:
-        missing = [g.id for g in self.groups if profile not in g.graphs]
+    def graph_paths(self, target: str) -> list[Path]:
+        missing = [g.id for g in self.groups if target not in g.graphs]
         if missing:
             raise AdpdmError(
-                f"the build has no {profile!r} graph for group(s) {missing}; profiles present: {self.profiles()}"
+                f"the build has no {target!r} graph for group(s) {missing}; targets present: {self.targets()}"
             )
-        return [self.path(g.graphs[profile]) for g in self.groups]
+        return [self.path(g.graphs[target]) for g in self.groups]
 
     def engine_paths(self) -> list[Path]:
         if self.backend != "trt" or any(not g.engine for g in self.groups):
@@ -198,6 +210,8 @@ class Manifest:
         out["created"] = d.pop("created")
         out["backend"] = d.pop("backend")
         out.update(d)
+        if out.get("tensorrt") is not None:  # field names -> the historical keys, in place
+            out["tensorrt"] = {TENSORRT_KEYS.get(k, k): v for k, v in out["tensorrt"].items()}
         return _jsonable(out)
 
     def validate(self) -> "Manifest":
@@ -209,7 +223,7 @@ class Manifest:
 def make_groups(
     table: Sequence[int], graphs: Mapping[str, Sequence[str]], engines: Optional[Sequence[str]] = None
 ) -> list[GroupEntry]:
-    """GroupEntry list from the table and per-profile graph lists (`graphs[profile][k]`)."""
+    """GroupEntry list from the table and per-target graph lists (`graphs[target][k]`)."""
     runs = TimestepGroups(table).ranges()
     return [
         GroupEntry(
@@ -268,14 +282,14 @@ def validate_manifest(m: Manifest) -> None:
         if not g.graphs:
             raise AdpdmError(f"manifest: group {g.id} lists no graph")
         for p, name in g.graphs.items():
-            if p not in PROFILES:
-                raise AdpdmError(f"manifest: group {g.id} has unknown graph profile {p!r} (known: {PROFILES})")
+            if p not in TARGETS:
+                raise AdpdmError(f"manifest: group {g.id} has unknown graph target {p!r} (known: {TARGETS})")
             check_relpath(name, f"graph of group {g.id}")
         if g.engine is not None:
             check_relpath(g.engine, f"engine of group {g.id}")
     for p, name in m.weights.items():
-        if p not in PROFILES:
-            raise AdpdmError(f"manifest: weights for unknown profile {p!r}")
+        if p not in TARGETS:
+            raise AdpdmError(f"manifest: weights for unknown graph target {p!r}")
         check_relpath(name, f"weights file ({p})")
     if m.backend == "trt":
         if m.tensorrt is None:
@@ -283,7 +297,8 @@ def validate_manifest(m: Manifest) -> None:
         if any(not g.engine for g in m.groups):
             raise AdpdmError("manifest: backend 'trt' needs an engine file for every group")
         t = m.tensorrt
-        for dim, (lo, opt, hi) in (("batch", t.profile.batch), ("height", t.profile.height), ("width", t.profile.width)):
+        op = t.optimization_profile
+        for dim, (lo, opt, hi) in (("batch", op.batch), ("height", op.height), ("width", op.width)):
             if not 1 <= lo <= opt <= hi:
                 raise AdpdmError(f"manifest: tensorrt.profile.{dim} needs 1 <= min <= opt <= max, got {[lo, opt, hi]}")
         if t.timing_cache is not None:

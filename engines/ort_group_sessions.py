@@ -263,9 +263,9 @@ class OrtGroupBackend:
 
     name = "ort"
 
-    def __init__(self, sessions: OrtGroupSessions, profile: str):
+    def __init__(self, sessions: OrtGroupSessions, target: str):
         self.sessions = sessions
-        self.profile: str | None = profile
+        self.target: str | None = target
         self.device = torch.device("cpu")
         self.input_spec = InputSpec(names=tuple(sessions.input_names))
 

@@ -35,8 +35,8 @@ class TimestepDispatchRunner:
     backend: "auto" (TensorRT when the build has engines and this machine runs them, else
         onnxruntime), "ort" or "trt".
     providers / threads / ort_options: onnxruntime session settings (engines.ort_group_sessions).
-    profile: which group graphs onnxruntime loads ("ort", "trt", "fp"); default: the first
-        of engines.group_backend.ORT_PROFILE_ORDER the build has.
+    target: which group graphs onnxruntime loads ("ort", "trt", "fp"); default: the first
+        of engines.group_backend.ORT_TARGET_ORDER the build has.
     verify: check every build file's sha256 on load (True), its size only ("size"), or not.
     cuda_graphs: TensorRT only: capture one CUDA graph per (group, input shapes).
     """
@@ -48,7 +48,7 @@ class TimestepDispatchRunner:
         providers: Optional[Sequence[Any]] = None,
         threads: Optional[int] = None,
         *,
-        profile: Optional[str] = None,
+        target: Optional[str] = None,
         verify: bool | str = True,
         cuda_graphs: bool = False,
         ort_options: Optional[Mapping[str, Any]] = None,
@@ -61,11 +61,11 @@ class TimestepDispatchRunner:
             self.manifest = load_manifest(build, verify=verify)
         m = self.manifest
         self.group_backend: GroupBackend = open_group_backend(
-            m, backend, providers=providers, threads=threads, profile=profile, cuda_graphs=cuda_graphs,
+            m, backend, providers=providers, threads=threads, target=target, cuda_graphs=cuda_graphs,
             ort_options=ort_options,
         )
         self.backend = self.group_backend.name
-        self.profile: Optional[str] = self.group_backend.profile
+        self.target: Optional[str] = self.group_backend.target
         self.device = self.group_backend.device
         self.input_spec = self.group_backend.input_spec
         self.min_batch, self.max_batch = self.input_spec.batch
@@ -181,7 +181,7 @@ class TimestepDispatchRunner:
             (h0, h1), (w0, w1) = spec.height, spec.width
             if not (h0 <= h <= h1 and w0 <= w <= w1):
                 raise AdpdmError(
-                    f"resolution {h}x{w} is outside the {spec.limited_by} profile ({h0}..{h1} x "
+                    f"resolution {h}x{w} is outside the {spec.limited_by} optimization profile ({h0}..{h1} x "
                     f"{w0}..{w1}): rebuild the engines for it"
                 )
         elif (h, w) != tuple(self.manifest.model.sample_size):
@@ -272,5 +272,5 @@ class TimestepDispatchRunner:
 
     def __repr__(self) -> str:
         root = self.manifest.root
-        extra = f", profile={self.profile!r}" if self.profile else ""
+        extra = f", target={self.target!r}" if self.target else ""
         return f"TimestepDispatchRunner({str(root)!r}, backend={self.backend!r}{extra}, groups={self.num_groups})"

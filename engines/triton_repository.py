@@ -193,8 +193,8 @@ def _graph_io(path: Path) -> tuple[list[IOSpec], list[IOSpec]]:
 
 
 def _trt_dims(spec: IOSpec, m: Manifest) -> IOSpec:
-    """Fixed dims where the TensorRT profile pins them (a fixed resolution / sequence length)."""
-    p = m.tensorrt.profile  # type: ignore[union-attr]
+    """Fixed dims where the TensorRT optimization profile pins them (a fixed resolution / sequence length)."""
+    p = m.tensorrt.optimization_profile  # type: ignore[union-attr]
     if spec.name == "sample" or spec.name == "out_sample":
         C = spec.dims[0]
         H = p.height[0] if p.height[0] == p.height[2] else -1
@@ -253,8 +253,8 @@ def write_repository(
     """Write a Triton model repository for `build` at `out` (atomically: temp folder, then rename).
 
     platform: "tensorrt" (one tensorrt_plan model per group engine; the build must have engines)
-        or "onnxruntime" (the build's ORT-profile group graphs as onnxruntime_onnx models, CPU).
-    max_batch: the group models' max_batch_size (default: the TensorRT profile's largest batch, or 16).
+        or "onnxruntime" (the build's ORT-target group graphs as onnxruntime_onnx models, CPU).
+    max_batch: the group models' max_batch_size (default: the TensorRT optimization profile's largest batch, or 16).
     limits: bounds the generate model enforces (max_n, max_steps); defaults as `adpdm serve`.
     overwrite: replace an existing `out` (only an empty folder or one of our repositories: `check_out`).
     """
@@ -271,19 +271,19 @@ def write_repository(
                 "this build has no TensorRT engines: run `adpdm build-engine --backend trt` on a GPU machine first, "
                 "or export with --platform onnxruntime (CPU)"
             )
-        graph_profile = m.tensorrt.graph_profile
-        top = m.tensorrt.profile.batch[2]
+        graph_target = m.tensorrt.graph_target
+        top = m.tensorrt.optimization_profile.batch[2]
         if max_batch is not None and max_batch > top:
             raise AdpdmError(f"--max-batch {max_batch} is above the engines' largest batch ({top})")
         mb = int(max_batch or top)
     else:
-        graph_profile = next((p for p in ("ort", "trt", "fp") if p in m.profiles()), None)
-        if graph_profile is None:
-            raise AdpdmError(f"the build has no ONNX group graphs (profiles: {m.profiles()})")
+        graph_target = next((p for p in ("ort", "trt", "fp") if p in m.targets()), None)
+        if graph_target is None:
+            raise AdpdmError(f"the build has no ONNX group graphs (targets: {m.targets()})")
         mb = int(max_batch or 16)
     if mb < 1:
         raise AdpdmError(f"--max-batch must be >= 1, got {mb}")
-    inputs, outputs = _graph_io(m.graph_paths(graph_profile)[0])
+    inputs, outputs = _graph_io(m.graph_paths(graph_target)[0])
     if platform == "tensorrt":
         inputs = [_trt_dims(s, m) for s in inputs]
         outputs = [_trt_dims(s, m) for s in outputs]
@@ -301,8 +301,8 @@ def write_repository(
             if platform == "tensorrt":
                 shutil.copyfile(m.path(g.engine), vdir / "model.plan")  # type: ignore[arg-type]
             else:
-                shutil.copyfile(m.path(g.graphs[graph_profile]), vdir / "model.onnx")
-                weights = m.weights.get(graph_profile)
+                shutil.copyfile(m.path(g.graphs[graph_target]), vdir / "model.onnx")
+                weights = m.weights.get(graph_target)
                 if weights:  # external data is resolved relative to model.onnx
                     dst = vdir / weights
                     dst.parent.mkdir(parents=True, exist_ok=True)

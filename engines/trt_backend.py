@@ -73,7 +73,7 @@ class TrtGroupEngines:
     """Group engines of a TensorRT build; `run(k, feeds)` runs group k on torch CUDA tensors (a `GroupBackend`)."""
 
     name = "trt"
-    profile = None  # engines, not ONNX graphs
+    target = None  # engines, not ONNX graphs
 
     def __init__(self, manifest: Manifest, *, cuda_graphs: bool = False, device: Optional[int] = None, check_platform: bool = True):
         trt = require_tensorrt()  # one AdpdmError line where TensorRT or a GPU is missing
@@ -111,7 +111,7 @@ class TrtGroupEngines:
                 raise AdpdmError(f"engine outputs are {outputs}, expected ['{OUTPUT_NAME}']")
             self.io.append((inputs, _torch_dtype(trt, e.get_tensor_dtype(OUTPUT_NAME))))
         self.input_names = list(self.io[0][0]) if self.io else []
-        p = manifest.tensorrt.profile  # type: ignore[union-attr]
+        p = manifest.tensorrt.optimization_profile  # type: ignore[union-attr]
         self.input_spec = InputSpec(
             names=tuple(self.input_names),
             batch=(p.batch[0], p.batch[2]),

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from engines.errors import AdpdmError
 from engines.file_io import atomic_write_bytes
-from engines.manifest_schema import ENGINE_NAME, TIMING_CACHE_NAME, TrtProfile
+from engines.manifest_schema import ENGINE_NAME, TIMING_CACHE_NAME, TrtOptimizationProfile
 from engines.platform import gpu_identity, require_tensorrt
 
 DEFAULT_OPT_LEVEL = 3  # TensorRT's default; 5 searches longest
@@ -41,14 +41,15 @@ class TrtBuildResult:
     seconds: list[float] = field(default_factory=list)
 
 
-def profile_shapes(
+def optimization_profile_shapes(
     input_names: Sequence[str],
     channels: int,
-    profile: TrtProfile,
+    optimization_profile: TrtOptimizationProfile,
     conditioning: Mapping[str, Mapping[str, Any]],
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """(min, opt, max) shape per network input for one optimization profile."""
-    b, h, w = profile.batch, profile.height, profile.width
+    op = optimization_profile
+    b, h, w = op.batch, op.height, op.width
     shapes = {}
     for name in input_names:
         if name == "sample":
@@ -58,10 +59,10 @@ def profile_shapes(
         elif name == "encoder_hidden_states":
             spec = conditioning.get(name) or {}
             if "dim" not in spec:
-                raise AdpdmError("encoder_hidden_states needs its dim in the manifest to build a TensorRT profile")
-            seq = profile.sequence_length or spec.get("sequence_length")
+                raise AdpdmError("encoder_hidden_states needs its dim in the manifest to build a TensorRT optimization profile")
+            seq = op.sequence_length or spec.get("sequence_length")
             if not seq:
-                raise AdpdmError("encoder_hidden_states needs a sequence length to build a TensorRT profile")
+                raise AdpdmError("encoder_hidden_states needs a sequence length to build a TensorRT optimization profile")
             shapes[name] = tuple((b[i], int(seq), int(spec["dim"])) for i in range(3))
         else:
             raise AdpdmError(f"the graph has an input {name!r} this builder does not know")
@@ -82,7 +83,7 @@ def _parse(trt, builder, logger, graph: Path):
 def build_group_engines(
     graphs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
-    profile: TrtProfile,
+    optimization_profile: TrtOptimizationProfile,
     channels: int,
     conditioning: Mapping[str, Mapping[str, Any]] | None = None,
     opt_level: int = DEFAULT_OPT_LEVEL,
@@ -125,7 +126,7 @@ def build_group_engines(
                 config.set_timing_cache(cache, False)
         names = [network.get_input(i).name for i in range(network.num_inputs)]
         opt_profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in profile_shapes(names, channels, profile, conditioning or {}).items():
+        for name, (lo, opt, hi) in optimization_profile_shapes(names, channels, optimization_profile, conditioning or {}).items():
             opt_profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(opt_profile)
         serialized = builder.build_serialized_network(network, config)

@@ -59,15 +59,15 @@ def _export_tiny(tmp_path_factory, name: str, make_unet, spec: dict, **kw):
 
 @pytest.fixture(scope="session")
 def u2d_export(tmp_path_factory):
-    """The UNet2DModel exported for both profiles with every check (parity, lint, fusion)."""
+    """The UNet2DModel exported for both targets with every check (parity, lint, fusion)."""
     from qdq_fixtures import U2D
 
-    return _export_tiny(tmp_path_factory, "qdq-u2d", tiny_unet2d, U2D, profile="both")
+    return _export_tiny(tmp_path_factory, "qdq-u2d", tiny_unet2d, U2D, target="both")
 
 
 @pytest.fixture(scope="session")
 def u2c_export(tmp_path_factory):
-    """The UNet2DConditionModel exported for the TensorRT profile (parity and lint, no fusion counts)."""
+    """The UNet2DConditionModel exported for the TensorRT target (parity and lint, no fusion counts)."""
     from qdq_fixtures import U2C
 
-    return _export_tiny(tmp_path_factory, "qdq-u2c", tiny_cond_unet, U2C, profile="trt", fusion=False)
+    return _export_tiny(tmp_path_factory, "qdq-u2c", tiny_cond_unet, U2C, target="trt", fusion=False)

@@ -126,7 +126,7 @@ def make_build(
     conditioning: Mapping[str, Mapping[str, Any]] | None = None,
     offsets: Sequence[float] | None = None,
     table: Sequence[int] | None = None,
-    profiles: Sequence[str] = ("ort",),
+    targets: Sequence[str] = ("ort",),
     unet=None,
 ) -> Manifest:
     """A complete build folder (graphs, weights, manifest.json) for a tiny UNet."""
@@ -141,7 +141,7 @@ def make_build(
     table = list(table if table is not None else default_table(num_groups))
     base = export_base_graph(unet, folder, conditioning)
     graphs: dict[str, list[str]] = {}
-    for p in profiles:
+    for p in targets:
         suffix = ".onnx" if p == "trt" else f".{p}.onnx"
         graphs[p] = [make_group_graph(base, folder / f"unet.g{k}{suffix}", offsets[k]).name for k in range(num_groups)]
     base.unlink()
@@ -162,7 +162,7 @@ def make_build(
         calibration=CalibrationSummary(method="test-offsets", weight_bits=8, act_bits=8, num_groups=num_groups, tau_star=None),
         timestep_to_group=table,
         groups=make_groups(table, graphs),
-        weights={p: WEIGHTS for p in profiles},
+        weights={p: WEIGHTS for p in targets},
     )
     write_manifest(folder, manifest)
     return manifest

@@ -1,7 +1,7 @@
 """Calibrations for the QDQ export tests: `quick_result` (max-abs scales of a few random inputs per
 uniform group, no learning) and the input specs of the two tiny UNets (`U2D`, `U2C`).
 
-Used by the export, parity, onnxruntime-profile and lint/inspect tests; the shared exports built
+Used by the export, parity, onnxruntime-target and lint/inspect tests; the shared exports built
 from them are the `u2d_export` / `u2c_export` fixtures in conftest.py.
 """
 

@@ -64,9 +64,9 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def our_build(model, tmp_path_factory):
-    """A finished build (ort profile) to copy: calibration/, graphs, weights, report, manifest, ledger."""
+    """A finished build (ort target) to copy: calibration/, graphs, weights, report, manifest, ledger."""
     out = tmp_path_factory.mktemp("ours") / "build"
-    build_engine(str(model), out, **QUICK, backend="ort", profiles=("ort",))
+    build_engine(str(model), out, **QUICK, backend="ort", targets=("ort",))
     return out
 
 
@@ -128,21 +128,21 @@ def test_rebuilds_keep_user_files_in_our_build(model, our_build, tmp_path, capsy
     (out / "unet.g7.ort.onnx").write_bytes(b"my graph")  # a graph name, but not one the build wrote
     (out / "calibration" / "mine.json").write_text("{}")
     user = {n: (out / n).read_bytes() for n in ("notes.txt", "unet.g7.ort.onnx", "calibration/mine.json")}
-    for extra in ([], ["--force"]):  # the CLI builds both profiles: the export reruns, then everything
+    for extra in ([], ["--force"]):  # the CLI builds both targets: the export reruns, then everything
         rc, err = run_cli(capsys, "build-engine", model, "--out", out, *QUICK_FLAGS, *extra)
         assert rc == 0, err
         assert {n: (out / n).read_bytes() for n in user} == user
-    assert load_manifest(out).profiles() == ["trt", "ort"]
+    assert load_manifest(out).targets() == ["trt", "ort"]
 
 
 def test_fewer_groups_remove_only_graphs_the_build_wrote(model, tmp_path):
     out = tmp_path / "build"
     build_engine(str(model), out, UniformGroupsConfig(groups=3), data=DataFreeConfig(samples=2, steps=4),
-                 backend="ort", profiles=("ort",))
+                 backend="ort", targets=("ort",))
     assert (out / "unet.g2.ort.onnx").is_file()
     (out / "unet.g5.ort.onnx").write_bytes(b"user's")
     build_engine(str(model), out, UniformGroupsConfig(groups=2), data=DataFreeConfig(samples=2, steps=4),
-                 backend="ort", profiles=("ort",))
+                 backend="ort", targets=("ort",))
     assert not (out / "unet.g2.ort.onnx").exists()  # ours, stale: removed
     assert (out / "unet.g5.ort.onnx").read_bytes() == b"user's"  # not ours: kept
     assert load_manifest(out).num_groups == 2
@@ -150,7 +150,7 @@ def test_fewer_groups_remove_only_graphs_the_build_wrote(model, tmp_path):
 
 def test_a_user_file_where_a_stage_would_write_is_refused(model, our_build, tmp_path, capsys):
     out = shutil.copytree(our_build, tmp_path / "build")
-    (out / "unet.g0.onnx").write_bytes(b"user's")  # the trt-profile graph name: this build never wrote it
+    (out / "unet.g0.onnx").write_bytes(b"user's")  # the trt-target graph name: this build never wrote it
     before = snapshot(out, skip=("calibration", LEDGER, "manifest.json", LOCK_NAME))
     rc, err = run_cli(capsys, "build-engine", model, "--out", out, *QUICK_FLAGS)
     assert rc == 2
@@ -182,7 +182,7 @@ def test_a_second_build_fails_at_once_naming_the_holder(model, our_build, tmp_pa
         assert "is being built by pid 4242 on buildhost since 2025-01-01T00:00:00+00:00" in line
         assert snapshot(tmp_path) == before
         with pytest.raises(AdpdmError, match="pid 4242"):  # the library entry point too
-            build_engine(str(model), out, **QUICK, backend="ort", profiles=("ort",))
+            build_engine(str(model), out, **QUICK, backend="ort", targets=("ort",))
     finally:
         held.close()
 
@@ -190,10 +190,10 @@ def test_a_second_build_fails_at_once_naming_the_holder(model, our_build, tmp_pa
 def test_the_lock_is_released_on_errors(model, our_build, tmp_path):
     out = shutil.copytree(our_build, tmp_path / "build")
     with pytest.raises(AdpdmError, match="A7"):  # calibrates, then the export refuses A7
-        build_engine(str(model), out, **QUICK, quant=QuantConfig(a_bits=7), backend="ort", profiles=("ort",))
+        build_engine(str(model), out, **QUICK, quant=QuantConfig(a_bits=7), backend="ort", targets=("ort",))
     held = _hold_lock(out)  # would raise BlockingIOError if the failed build still held it
     held.close()
-    build_engine(str(model), out, **QUICK, backend="ort", profiles=("ort",))
+    build_engine(str(model), out, **QUICK, backend="ort", targets=("ort",))
 
 
 def test_a_failed_start_leaves_no_folder(tmp_path, capsys):

@@ -93,10 +93,10 @@ def embeddings(seed):
 
 
 def rebuild(model, out, settings=QUICK, **kw):
-    """build-engine into `out` (onnxruntime profile unless `profiles`): ({stage: reused}, say() lines)."""
+    """build-engine into `out` (onnxruntime target unless `targets`): ({stage: reused}, say() lines)."""
     lines = []
     kw.setdefault("backend", "ort")
-    kw.setdefault("profiles", ("ort",))
+    kw.setdefault("targets", ("ort",))
     summary = build_engine(str(model), out, **{**settings, **kw}, say=lines.append)
     return {s.name: s.reused for s in summary.stages}, lines
 
@@ -205,7 +205,7 @@ def test_each_calibration_flag_reruns_calibrate(labelled, tmp_path, flag):
     if flag == "a_bits":
         lines = []
         with pytest.raises(AdpdmError, match="A7"):
-            build_engine(str(model), out, **changed, backend="ort", profiles=("ort",), cond=labels(1, 2),
+            build_engine(str(model), out, **changed, backend="ort", targets=("ort",), cond=labels(1, 2),
                          say=lines.append)
         assert "calibrate: running" in lines
         return
@@ -214,12 +214,12 @@ def test_each_calibration_flag_reruns_calibrate(labelled, tmp_path, flag):
     assert rebuild(model, out, changed, cond=labels(1, 2))[0] == REUSED
 
 
-def test_other_profiles_rerun_only_the_export(labelled, tmp_path):
+def test_other_targets_rerun_only_the_export(labelled, tmp_path):
     model, build = labelled
     out = copy_of(build, tmp_path)
-    status, lines = rebuild(model, out, cond=labels(1, 2), profiles=("trt", "ort"))
+    status, lines = rebuild(model, out, cond=labels(1, 2), targets=("trt", "ort"))
     assert status == {"calibrate": True, "export": False} and "calibrate: running" not in lines
-    assert rebuild(model, out, cond=labels(1, 2), profiles=("trt", "ort"))[0] == REUSED
+    assert rebuild(model, out, cond=labels(1, 2), targets=("trt", "ort"))[0] == REUSED
 
 
 def test_adpdm_in_a_build_calibrates_the_weights_once_with_the_pipeline_batch(tmp_path, monkeypatch):
@@ -248,7 +248,7 @@ def _fake_tensorrt(mp, state):
     import engines.build
     import engines.platform
     from engines.manifest import write_manifest
-    from engines.manifest_schema import TensorrtInfo, TrtProfile, with_tensorrt
+    from engines.manifest_schema import TensorrtInfo, TrtOptimizationProfile, with_tensorrt
 
     def build(out, m, batch_sizes, resolution=None, opt_level=3, on_group=None):
         state["built"] += 1
@@ -257,7 +257,7 @@ def _fake_tensorrt(mp, state):
             (out / f"unet.g{g.id}.plan").write_bytes(b"placeholder %d" % g.id)
             names.append(f"unet.g{g.id}.plan")
         info = TensorrtInfo(tensorrt_version=state["trt"], gpu_name=state["gpu"][0], compute_capability=state["gpu"][1],
-                            profile=TrtProfile(batch=(1, 1, 1), height=(16, 16, 16), width=(16, 16, 16)),
+                            optimization_profile=TrtOptimizationProfile(batch=(1, 1, 1), height=(16, 16, 16), width=(16, 16, 16)),
                             batch_sizes=sorted(batch_sizes), opt_level=opt_level)
         built = with_tensorrt(m, info, names)
         write_manifest(out, built)
@@ -279,7 +279,7 @@ def trt_built(labelled, tmp_path_factory):
     out = shutil.copytree(build, tmp_path_factory.mktemp("trt") / "build")
     with pytest.MonkeyPatch.context() as mp:
         _fake_tensorrt(mp, _trt_state())
-        status, _ = rebuild(model, out, cond=labels(1, 2), backend="trt", profiles=("trt",))
+        status, _ = rebuild(model, out, cond=labels(1, 2), backend="trt", targets=("trt",))
     assert status == {"calibrate": True, "export": False, "engines": False}
     return model, out
 
@@ -294,7 +294,7 @@ def test_each_engine_setting_reruns_only_the_engines(trt_built, tmp_path, monkey
     out = copy_of(build, tmp_path)
     state = _trt_state()
     _fake_tensorrt(monkeypatch, state)
-    same = dict(cond=labels(1, 2), backend="trt", profiles=("trt",))
+    same = dict(cond=labels(1, 2), backend="trt", targets=("trt",))
     assert rebuild(model, out, **same)[0] == {**REUSED, "engines": True}
     if what == "gpu":
         state["gpu"] = ("Other GPU", "8.9")

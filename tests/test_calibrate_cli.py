@@ -116,7 +116,8 @@ def test_eval_errors(folders, run_inproc, tmp_path):
         (["--a-bits", 1], "a_bits must be from 2 to 8"),
         (["--method", "uniform-groups", "--groups", 0], "groups must be >= 1"),
         (["--method", "minmax", "--groups", 3], "one scale set"),
-        (["--profile", "tflite"], "profile"),
+        (["--target", "tflite"], "target must be one of"),
+        (["--profile", "tflite"], "target must be one of"),  # the old name of --target
         (["--option", "search_iters=3"], "minmax has no setting search_iters"),
         (["--method", "adpdm", "--option", "serch_iters=3"], "adpdm has no setting serch_iters"),
         (["--method", "adpdm", "--option", "search_iters"], "KEY=VALUE"),

@@ -126,3 +126,54 @@ def test_groups_from_table():
         {"id": 1, "timestep_ranges": [[2, 3]], "calib_timesteps": [2, 3]},
         {"id": 2, "timestep_ranges": [[5, 5]], "calib_timesteps": []},
     ]
+
+
+def test_old_style_file_loads_and_resaves_byte_identical(tmp_path):
+    """calibration.json as written before the graph target was renamed ("profile" at the top and in
+    config.quant) loads into `target`, and saving it again writes the same bytes."""
+    from safetensors.torch import save_file
+
+    from calibration.result import FORMAT, _dumps
+    from engines.file_io import sha256_file
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    tensors = {"timestep_to_group": torch.tensor([0, 0, 1, 1]), "conv.input_quantizer.scale": torch.tensor([0.5, 0.25]),
+               "conv.weight_quantizer.scale": torch.tensor([0.1, 0.2, 0.3])}
+    save_file(tensors, str(old / TENSORS_NAME), metadata={"format": FORMAT})
+    quant = {"w_bits": 8, "a_bits": 8, "profile": "ort", "fp_layers": ["conv_in"], "quantize_residual": False,
+             "quantize_attention_bmm": False, "share_qkv_input": True, "weight_clip_search": True,
+             "weight_clip_grid": 80, "weight_clip_min": 0.3}
+    doc = {  # the key order of the writer
+        "format": FORMAT, "format_version": 1, "model_sha256": "ab" * 32, "method": "uniform-groups",
+        "w_bits": 8, "a_bits": 8, "profile": "ort", "num_train_timesteps": 4, "num_groups": 2,
+        "groups": [{"id": 0, "timestep_ranges": [[0, 1]], "calib_timesteps": [1]},
+                   {"id": 1, "timestep_ranges": [[2, 3]], "calib_timesteps": [3]}],
+        "timestep_to_group": [0, 0, 1, 1], "calib_timestep": None,
+        "activation_quantizers": [{"name": "conv.input_quantizer", "role": "input", "layer": "conv", "aliases": []}],
+        "weight_quantizers": [{"name": "conv.weight_quantizer", "layer": "conv", "channels": 3}],
+        "config": {"quant": quant, "calibration": {"calib_steps": 2}}, "timings": {"total_s": 1.5}, "extra": {},
+        "tensors_file": TENSORS_NAME, "tensors_sha256": sha256_file(old / TENSORS_NAME),
+    }
+    text = _dumps(doc) + "\n"
+    (old / JSON_NAME).write_text(text)
+
+    res = CalibrationResult.load(old)
+    assert res.target == "ort" and not hasattr(res, "profile")
+    cfg = QuantConfig.from_dict(res.config["quant"])
+    assert cfg.target == "ort" and cfg.to_dict() == quant and list(cfg.to_dict()) == list(quant)
+    res.save(new)
+    assert (new / JSON_NAME).read_text() == text
+    assert (new / TENSORS_NAME).read_bytes() == (old / TENSORS_NAME).read_bytes()
+
+
+def test_quant_config_dict_names():
+    """to_dict writes the graph target under its on-disk key "profile"; from_dict takes either name."""
+    assert QuantConfig(target="ort").to_dict()["profile"] == "ort" and "target" not in QuantConfig().to_dict()
+    assert QuantConfig.from_dict({"profile": "ort"}).target == "ort"
+    assert QuantConfig.from_dict({"target": "ort"}).target == "ort"
+    assert QuantConfig.from_dict({"target": "ort", "profile": "ort"}).target == "ort"
+    with pytest.raises(AdpdmError, match="both target 'ort' and profile 'trt'"):
+        QuantConfig.from_dict({"target": "ort", "profile": "trt"})
+    with pytest.raises(AdpdmError, match="target must be one of trt, ort"):
+        QuantConfig.from_dict({"profile": "tflite"})

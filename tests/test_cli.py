@@ -97,11 +97,23 @@ def test_export_with_calibration_writes_group_graphs_and_manifest(unet_folder, t
     result = calibrate(m.unet, m.scheduler_config, UniformGroupsConfig(groups=2), data=DataFreeConfig(samples=2, steps=6),
                        cache_dir=str(tmp_path / "cache"))
     result.save(tmp_path / "calib")
-    r = run("export", unet_folder, "--calibration", tmp_path / "calib", "--out", tmp_path / "qdq", "--profile", "ort")
+    r = run("export", unet_folder, "--calibration", tmp_path / "calib", "--out", tmp_path / "qdq", "--target", "ort")
     assert r.returncode == 0, r.stderr
     manifest = load_manifest(tmp_path / "qdq")
-    assert manifest.num_groups == 2 and manifest.profiles() == ["ort"]
+    assert manifest.num_groups == 2 and manifest.targets() == ["ort"]
     # a calibration made for another model is refused in one line
     other = save_unet_folder(tiny_unet2d(seed=3), tmp_path / "other")
     r = run("export", other, "--calibration", tmp_path / "calib", "--out", tmp_path / "qdq2")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_profile_is_the_old_name_of_target():
+    """`--profile` (the graph target's old flag) still works wherever `--target` exists, so scripts keep running."""
+    import typer
+
+    from adpdm_export.cli import app
+
+    group = typer.main.get_command(app)
+    for name in ("calibrate", "export", "eval"):
+        opts = {p.name: p.opts for p in group.commands[name].params}
+        assert opts["target"] == ["--target", "--profile"], name

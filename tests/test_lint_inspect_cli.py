@@ -49,7 +49,7 @@ def run_main(capsys, monkeypatch):
 
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory):
-    """A QDQ build folder (both profiles, 2 groups) with its manifest, from a tiny UNet folder."""
+    """A QDQ build folder (both targets, 2 groups) with its manifest, from a tiny UNet folder."""
     from adpdm_export.model_loading import load_model
 
     n = torch.get_num_threads()
@@ -58,7 +58,7 @@ def build_dir(tmp_path_factory):
         root = tmp_path_factory.mktemp("cli")
         loaded = load_model(str(save_unet_folder(tiny_unet2d(), root / "unet")))
         result = quick_result(loaded.unet, **U2D)
-        export_qdq_for(loaded, result, root / "build", profile="both")
+        export_qdq_for(loaded, result, root / "build", target="both")
     finally:
         torch.set_num_threads(n)
     return root / "build"
@@ -98,8 +98,8 @@ def test_lint_reports_the_node_and_exits_1(tmp_path, run_main):
     assert r.returncode == 1 and {v["rule"] for v in doc[str(bad)]} == {"zero-point"}
 
 
-def test_lint_ort_profile_graph_breaks_trt_rules(build_dir, run_main):
-    """The CPU profile is not for TensorRT: uint8 zero points and output Q/DQ are reported."""
+def test_lint_ort_target_graph_breaks_trt_rules(build_dir, run_main):
+    """The CPU target is not for TensorRT: uint8 zero points and output Q/DQ are reported."""
     r = run_main("lint", build_dir / "unet.g0.ort.onnx", "--json")
     assert r.returncode == 1
     rules = {v["rule"] for v in json.loads(r.stdout)[str(build_dir / "unet.g0.ort.onnx")]}

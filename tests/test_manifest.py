@@ -8,14 +8,14 @@ import pytest
 
 from engines.errors import AdpdmError
 from engines.file_io import atomic_write_bytes, check_relpath, sha256_file
-from engines.manifest import load_manifest, write_manifest
+from engines.manifest import dumps_readable, load_manifest, write_manifest
 from engines.manifest_schema import (
     MANIFEST_NAME,
     CalibrationSummary,
     Manifest,
     ModelInfo,
     TensorrtInfo,
-    TrtProfile,
+    TrtOptimizationProfile,
     make_groups,
     with_tensorrt,
 )
@@ -59,7 +59,7 @@ def make_folder(root: Path, backend: str = "ort") -> Manifest:
             tensorrt_version="10.8.0",
             gpu_name="NVIDIA H100 80GB HBM3",
             compute_capability="9.0",
-            profile=TrtProfile(batch=(1, 4, 8), height=(16, 16, 16), width=(16, 16, 16)),
+            optimization_profile=TrtOptimizationProfile(batch=(1, 4, 8), height=(16, 16, 16), width=(16, 16, 16)),
             batch_sizes=[1, 4, 8],
             opt_level=3,
             timing_cache="timing.cache",
@@ -83,14 +83,14 @@ def test_round_trip(tmp_path, backend):
     assert loaded.root == tmp_path.resolve()
     assert loaded.backend == backend and loaded.num_groups == 2 and loaded.num_train_timesteps == T
     assert loaded.groups[1].timestep_ranges == [(0, 29)] and loaded.groups[0].timestep_ranges == [(30, 99)]
-    assert loaded.profiles() == ["trt", "ort"]
+    assert loaded.targets() == ["trt", "ort"]
     assert [p.name for p in loaded.graph_paths("ort")] == ["unet.g0.ort.onnx", "unet.g1.ort.onnx"]
     listed = {f.path: f for f in loaded.files}
     assert set(listed) == set(m.referenced_files())
     assert listed["unet.weights.data"].sha256 == sha256_file(tmp_path / "unet.weights.data")
     assert listed["unet.weights.data"].size == 4096
     if backend == "trt":
-        assert loaded.tensorrt.profile.batch == (1, 4, 8)
+        assert loaded.tensorrt.optimization_profile.batch == (1, 4, 8)
         assert [p.name for p in loaded.engine_paths()] == ["unet.g0.plan", "unet.g1.plan"]
     else:
         with pytest.raises(AdpdmError, match="no TensorRT engines"):
@@ -99,6 +99,31 @@ def test_round_trip(tmp_path, backend):
     raw = json.loads((tmp_path / MANIFEST_NAME).read_text())
     assert list(raw)[:2] == ["format", "format_version"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_old_style_keys_load_and_rewrite_byte_identical(tmp_path):
+    """A manifest with the on-disk key names written before the renames ("profile" for the TensorRT
+    optimization profile, "graph_profile" for the graph target, extra.calibration_profile) loads into
+    the renamed fields, and writing it again gives the same bytes."""
+    make_folder(tmp_path, "trt")
+    raw = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    raw["calibration"]["extra"] = {"calibration_profile": "ort"}
+    raw["tensorrt"] = {
+        "tensorrt_version": "10.8.0", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
+        "profile": {"batch": [1, 4, 8], "height": [16, 16, 16], "width": [16, 32, 32], "sequence_length": None},
+        "batch_sizes": [1, 4, 8], "opt_level": 3, "graph_profile": "ort", "timing_cache": "timing.cache",
+        "strongly_typed": True,
+    }
+    text = dumps_readable(raw) + "\n"
+    (tmp_path / MANIFEST_NAME).write_text(text)
+
+    m = load_manifest(tmp_path)
+    assert m.tensorrt.optimization_profile == TrtOptimizationProfile((1, 4, 8), (16, 16, 16), (16, 32, 32))
+    assert m.tensorrt.graph_target == "ort" and m.targets() == ["trt", "ort"]
+    assert m.calibration.extra == {"calibration_profile": "ort"}
+    assert m.to_dict() == raw and list(m.to_dict()["tensorrt"]) == list(raw["tensorrt"])
+    write_manifest(tmp_path, m)
+    assert (tmp_path / MANIFEST_NAME).read_text() == text
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
@@ -222,7 +247,7 @@ def test_symlink_out_of_the_folder(tmp_path):
         (lambda d: d.__setitem__("backend", "trt"), "needs the 'tensorrt' section"),
         (lambda d: d["model"].__setitem__("in_channels", "1"), "model.in_channels must be int"),
         (lambda d: d["model"].__setitem__("conditioning", {"text": {}}), "unknown conditioning"),
-        (lambda d: d["groups"][0]["graphs"].__setitem__("cuda", "unet.g0.onnx"), "unknown graph profile"),
+        (lambda d: d["groups"][0]["graphs"].__setitem__("cuda", "unet.g0.onnx"), "unknown graph target"),
         (lambda d: d["files"].pop(0), "have no sha256/size record"),
         (lambda d: d.pop("model"), "model is missing"),
     ],

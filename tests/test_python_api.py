@@ -31,8 +31,8 @@ def test_calibrate_save_load_export_run_sample(model, tmp_path):
     assert result.config["calibration"]["method_config"] == adpdm.UniformGroupsConfig(groups=2).to_dict()
     result.save(tmp_path / "calib")
     back = adpdm.CalibrationResult.load(tmp_path / "calib", expected_model_sha256=model.sha256)
-    manifest = adpdm.export(model, back, tmp_path / "build", profiles=("ort",))
-    assert manifest.num_groups == 2 and list(manifest.profiles()) == ["ort"]
+    manifest = adpdm.export(model, back, tmp_path / "build", targets=("ort",))
+    assert manifest.num_groups == 2 and list(manifest.targets()) == ["ort"]
     runner = adpdm.Runner(tmp_path / "build")
     q = adpdm.sample(runner, n=3, steps=4, seed=5)
     fp = adpdm.sample(model, n=3, steps=4, seed=5)

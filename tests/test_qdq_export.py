@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper as nh
 from adpdm_export import qdq_graph_passes as P
 from adpdm_export.qdq_export import REPORT_NAME, WEIGHTS_NAME, export_qdq
 from adpdm_export.qdq_lint import lint_model
+from adpdm_export.qdq_report import read_report, report_to_disk
 from engines.errors import AdpdmError
 from qdq_fixtures import U2D, quick_result
 from tiny_models import tiny_unet2d
@@ -41,13 +42,19 @@ def test_files_and_one_shared_weights_file(u2d_export):
         onnx.checker.check_model(str(f))
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["num_groups"] == 2 and report["weights_file"] == WEIGHTS_NAME
+    # the graph targets under their historical keys; read_report gives them the code's names
+    assert list(report)[0] == "profiles" and report["profiles"] == ["trt", "ort"]
+    assert {c["profile"] for c in report["checks"]} == {"trt", "ort"} and "target" not in report["checks"][0]
+    code = read_report(out / REPORT_NAME)
+    assert code["targets"] == ["trt", "ort"] and [c["target"] for c in code["checks"]] == [c.target for c in exp.checks]
+    assert report_to_disk(code) == report and json.dumps(report_to_disk(code)) == json.dumps(report)
 
 
-@pytest.mark.parametrize("profile", ["trt", "ort"])
-def test_group_graphs_identical_but_activation_scales(u2d_export, profile):
+@pytest.mark.parametrize("target", ["trt", "ort"])
+def test_group_graphs_identical_but_activation_scales(u2d_export, target):
     _, result, exp = u2d_export
-    models = [onnx.load(str(f), load_external_data=False) for f in exp.graphs[profile]]
-    scales = exp.activation_scales[profile]
+    models = [onnx.load(str(f), load_external_data=False) for f in exp.graphs[target]]
+    scales = exp.activation_scales[target]
     P.assert_identical_but_scales(models, scales)
     # ... and the scales do differ, with group k's calibrated values
     by_name = [{t.name: t for t in m.graph.initializer} for m in models]
@@ -114,7 +121,7 @@ def test_weights_are_the_simulated_weights_bit_for_bit(u2d_export):
 
 
 def test_every_simulated_quantizer_is_in_the_graph(u2d_export):
-    """Q/DQ exactly where the wrapper simulates them: the set of quantizers matches, per profile."""
+    """Q/DQ exactly where the wrapper simulates them: the set of quantizers matches, per target."""
     unet, result, exp = u2d_export
     roles = {q["name"]: q["role"] for q in result.activation_quantizers}
     in_trt = {s[: -len(".scale")] for s in exp.activation_scales["trt"]}
@@ -170,7 +177,7 @@ def test_rerun_replaces_stale_group_graphs(tmp_path):
     (tmp_path / "unet.g7.onnx").write_bytes(b"stale")
     (tmp_path / "manifest.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("user file")
-    exp = export_qdq(unet, quick_result(unet, groups=1, **U2D), tmp_path, profile="trt", check=False, **U2D)
+    exp = export_qdq(unet, quick_result(unet, groups=1, **U2D), tmp_path, target="trt", check=False, **U2D)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted(["notes.txt", WEIGHTS_NAME, REPORT_NAME, "unet.g0.onnx"])
     assert exp.num_groups == 1
@@ -182,9 +189,9 @@ def test_rerun_replaces_stale_group_graphs(tmp_path):
 def test_w4a8_refused_for_tensorrt(tmp_path):
     unet = tiny_unet2d()
     result = quick_result(unet, w_bits=4, **U2D)
-    for profile in ("trt", "both"):
+    for target in ("trt", "both"):
         with pytest.raises(AdpdmError, match="W4A8 cannot go to TensorRT"):
-            export_qdq(unet, result, tmp_path, profile=profile, **U2D)
+            export_qdq(unet, result, tmp_path, target=target, **U2D)
     assert not list(tmp_path.glob("*.onnx"))
 
 
@@ -192,13 +199,13 @@ def test_low_bit_activations_refused(tmp_path):
     unet = tiny_unet2d()
     result = quick_result(unet, a_bits=6, **U2D)
     with pytest.raises(AdpdmError, match="A6 activations cannot be exported"):
-        export_qdq(unet, result, tmp_path, profile="ort", **U2D)
+        export_qdq(unet, result, tmp_path, target="ort", **U2D)
 
 
 def test_w4a8_for_onnxruntime(tmp_path):
     unet = tiny_unet2d()
     result = quick_result(unet, w_bits=4, **U2D)
-    exp = export_qdq(unet, result, tmp_path, profile="ort", fusion=False, **U2D)
+    exp = export_qdq(unet, result, tmp_path, target="ort", fusion=False, **U2D)
     m = onnx.load(str(exp.graphs["ort"][0]))
     assert P.opset_version(m) >= 21
     ix = P.GraphIndex(m)
@@ -211,15 +218,15 @@ def test_w4a8_for_onnxruntime(tmp_path):
         assert c.ok and c.forced_rel_l2 < 1e-5, c
 
 
-def test_unknown_profile_refused(u2d_export, tmp_path):
+def test_unknown_target_refused(u2d_export, tmp_path):
     unet, result, _ = u2d_export
-    with pytest.raises(AdpdmError, match="unknown profile"):
-        export_qdq(unet, result, tmp_path, profile="tensorrt", **U2D)
+    with pytest.raises(AdpdmError, match="unknown target"):
+        export_qdq(unet, result, tmp_path, target="tensorrt", **U2D)
 
 
 @pytest.mark.slow
-def test_reference_model_both_profiles(tmp_path):
-    """The bundled reference UNet: 4 groups, both profiles, parity and fusion."""
+def test_reference_model_both_targets(tmp_path):
+    """The bundled reference UNet: 4 groups, both targets, parity and fusion."""
     from adpdm_export.model_loading import REFERENCE_DIR, load_model
     from adpdm_export.qdq_export import export_qdq_for
 
@@ -227,7 +234,7 @@ def test_reference_model_both_profiles(tmp_path):
         pytest.skip("the bundled reference model is not installed")
     loaded = load_model("reference")
     result = quick_result(loaded.unet, loaded.sample_shape, loaded.conditioning, groups=4)
-    exp = export_qdq_for(loaded, result, tmp_path, profile="both")
+    exp = export_qdq_for(loaded, result, tmp_path, target="both")
     assert len(exp.checks) == 8
     for c in exp.checks:
         assert c.ok and c.forced_rel_l2 < 1e-5 and c.forced["forced_bad_outputs"] == 0, c
@@ -235,4 +242,4 @@ def test_reference_model_both_profiles(tmp_path):
     assert exp.fusion["ort"]["ratio"] >= 0.95
     from engines.manifest import load_manifest
 
-    assert load_manifest(tmp_path).profiles() == ["trt", "ort"]
+    assert load_manifest(tmp_path).targets() == ["trt", "ort"]

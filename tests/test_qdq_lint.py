@@ -63,7 +63,7 @@ def build(
     if q_feeds == "relu":  # a Q whose output feeds a non-DQ node
         nodes[1] = helper.make_node("Relu", ["xq"], ["xd"], name="/unet/block/Relu_bad")
     out = "c"
-    if after_conv == "qdq":  # an output Q/DQ on the Conv (the onnxruntime profile's pattern)
+    if after_conv == "qdq":  # an output Q/DQ on the Conv (the onnxruntime target's pattern)
         inits.append(nh.from_array(np.float32(0.1), "block.conv.output_quantizer.scale"))
         nodes += [
             helper.make_node("QuantizeLinear", ["c", "block.conv.output_quantizer.scale", "qdq.act.zero_point"], ["cq"],
@@ -99,7 +99,7 @@ def test_every_rule_is_tested_below():
     "kwargs, rule, node",
     [
         ({"opset": 17}, "opset", "qdq"),
-        ({"act_zp": np.uint8(128)}, "zero-point", Q_IN),  # asymmetric uint8 (the onnxruntime profile)
+        ({"act_zp": np.uint8(128)}, "zero-point", Q_IN),  # asymmetric uint8 (the onnxruntime target)
         ({"act_zp": np.int8(3)}, "zero-point", Q_IN),
         ({"act_zp": None}, "zero-point", Q_IN),  # missing zero point: uint8 output
         ({"w_zp_dtype": np.uint8}, "zero-point", DQ_W),

@@ -1,4 +1,4 @@
-"""Parity of the QDQ group graphs (`adpdm_export.qdq_parity`): per group and profile against the
+"""Parity of the QDQ group graphs (`adpdm_export.qdq_parity`): per group and target against the
 wrapper (UNet2DModel, UNet2DConditionModel), teacher-forced and free-running; the rounding-tie
 criterion; a wrong scale or another group's graph is a mismatch naming the quantizer."""
 
@@ -19,14 +19,14 @@ from tiny_models import tiny_cond_unet
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _checks(exp, profile):
-    return [c for c in exp.checks if c.profile == profile]
+def _checks(exp, target):
+    return [c for c in exp.checks if c.target == target]
 
 
-@pytest.mark.parametrize("which, profile", [("u2d", "trt"), ("u2d", "ort"), ("u2c", "trt")])
-def test_parity_per_group(which, profile, request):
+@pytest.mark.parametrize("which, target", [("u2d", "trt"), ("u2d", "ort"), ("u2c", "trt")])
+def test_parity_per_group(which, target, request):
     unet, result, exp = request.getfixturevalue(f"{which}_export")
-    checks = _checks(exp, profile)
+    checks = _checks(exp, target)
     assert [c.group for c in checks] == list(range(result.num_groups))
     for c in checks:
         # every timestep used belongs to the group
@@ -48,10 +48,10 @@ def test_parity_per_group(which, profile, request):
 
 
 @pytest.mark.slow
-def test_parity_cond_unet_ort_profile(tmp_path):
+def test_parity_cond_unet_ort_target(tmp_path):
     unet = tiny_cond_unet()
     result = quick_result(unet, **U2C)
-    exp = export_qdq(unet, result, tmp_path, profile="ort", **U2C)
+    exp = export_qdq(unet, result, tmp_path, target="ort", **U2C)
     for c in exp.checks:
         assert c.forced_rel_l2 < 1e-5 and c.ok, c
     assert exp.fusion["ort"]["ratio"] >= 0.95

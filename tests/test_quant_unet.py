@@ -198,9 +198,9 @@ def test_residual_option(tiny_unet, tiny_cond):
         quantize_model(tiny_cond, QuantConfig(quantize_residual=True))
 
 
-@pytest.mark.parametrize("profile", ["trt", "ort"])
-def test_export_mode_equals_simulation(tiny_unet, profile):
-    q = two_group_model(tiny_unet, QuantConfig(a_bits=8, profile=profile))
+@pytest.mark.parametrize("target", ["trt", "ort"])
+def test_export_mode_equals_simulation(tiny_unet, target):
+    q = two_group_model(tiny_unet, QuantConfig(a_bits=8, target=target))
     x = torch.randn(2, 1, 16, 16)
     for group, t in [(0, torch.tensor([200, 300])), (1, torch.tensor([800, 999]))]:
         sim = eps(q, x, t)
@@ -212,19 +212,19 @@ def test_export_mode_equals_simulation(tiny_unet, profile):
     # export mode ignores the timestep's group: group 1 scales even at t = 200
     with export_mode(q, group=1):
         forced = eps(q, x, torch.tensor([200, 300]))
-    assert torch.equal(forced, eps(single_group_copy(tiny_unet, q, 1, QuantConfig(a_bits=8, profile=profile)), x,
+    assert torch.equal(forced, eps(single_group_copy(tiny_unet, q, 1, QuantConfig(a_bits=8, target=target)), x,
                                    torch.tensor([200, 300])))
     assert get_state(q).export_group is None
 
 
-def test_ort_profile_applies_output_quantizers(tiny_unet):
-    q = two_group_model(tiny_unet, QuantConfig(a_bits=6, profile="trt"))
+def test_ort_target_applies_output_quantizers(tiny_unet):
+    q = two_group_model(tiny_unet, QuantConfig(a_bits=6, target="trt"))
     x, t = torch.randn(1, 1, 16, 16), torch.tensor([10])
     trt = eps(q, x, t)
-    with quant_mode(q, profile="ort"):
+    with quant_mode(q, target="ort"):
         ort = eps(q, x, t)
     assert not torch.equal(trt, ort)
-    with export_mode(q, group=0, profile="ort"):
+    with export_mode(q, group=0, target="ort"):
         assert torch.equal(eps(q, x, t), ort)
 
 
@@ -279,5 +279,5 @@ def test_export_trace_names_quantizers_by_module_scope(tiny_unet, tmp_path):
     g = onnx.load(str(path)).graph
     names = [n.name for n in g.node]
     assert "/down_blocks.0/resnets.0/conv1/input_quantizer/QuantizeLinear" in names
-    assert not any("output_quantizer" in n for n in names)  # trt profile
+    assert not any("output_quantizer" in n for n in names)  # trt target
     assert not any(n.op_type == "If" for n in g.node)

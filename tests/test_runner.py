@@ -61,7 +61,7 @@ def direct(runner, k, x, t, **cond):
 
 
 def test_loads_and_describes(runner, build3):
-    assert runner.backend == "ort" and runner.profile == "ort" and runner.num_groups == 3
+    assert runner.backend == "ort" and runner.target == "ort" and runner.num_groups == 3
     assert runner.sample_shape == (1, 16, 16) and runner.num_train_timesteps == 1000
     assert runner.group_of(torch.tensor([0, 249, 250, 599, 600, 999])).tolist() == [1, 1, 2, 2, 0, 0]
     assert "backend='ort'" in repr(runner)
@@ -182,7 +182,7 @@ def test_backend_choice(build3):
     with pytest.raises(AdpdmError, match="unknown backend 'cuda'"):
         TimestepDispatchRunner(build3, backend="cuda")
     with pytest.raises(AdpdmError, match="no 'fp' graph"):
-        TimestepDispatchRunner(build3, profile="fp")
+        TimestepDispatchRunner(build3, target="fp")
 
 
 def test_tampered_build_is_refused(build3, tmp_path):
@@ -288,7 +288,7 @@ def test_manifest_of_fixture_is_valid_json(build3):
 
 
 def test_backend_input_spec_limits_are_checked_before_running(build3, monkeypatch):
-    """The limits a backend declares (here a TensorRT-like profile on the onnxruntime backend) are the
+    """The limits a backend declares (here a TensorRT-like optimization profile on the onnxruntime backend) are the
     runner's checks: the TensorRT path's messages, without TensorRT."""
     import engines.runner as runner_module
     from engines.group_backend import InputSpec, open_group_backend
@@ -305,7 +305,7 @@ def test_backend_input_spec_limits_are_checked_before_running(build3, monkeypatc
         r(x_of(4), 10)
     with pytest.raises(AdpdmError, match=r"below the smallest batch the TensorRT engines were built for \(2\)"):
         r(x_of(1), 10)
-    with pytest.raises(AdpdmError, match=r"outside the TensorRT profile \(16..32 x 16..16\)"):
+    with pytest.raises(AdpdmError, match=r"outside the TensorRT optimization profile \(16..32 x 16..16\)"):
         r(x_of(2, shape=(1, 16, 24)), 10)
-    assert r(x_of(2, shape=(1, 32, 16)), 10).shape == (2, 1, 32, 16)  # inside the profile: it runs
+    assert r(x_of(2, shape=(1, 32, 16)), 10).shape == (2, 1, 32, 16)  # inside the optimization profile: it runs
     r.close()

@@ -9,14 +9,14 @@ import shutil
 import pytest
 import torch
 
-from engines.build import build_trt_engines, make_profile
+from engines.build import build_trt_engines, make_optimization_profile
 from engines.errors import AdpdmError
 from engines.manifest import load_manifest, write_manifest
-from engines.manifest_schema import MANIFEST_NAME, TensorrtInfo, TrtProfile, with_tensorrt
+from engines.manifest_schema import MANIFEST_NAME, TensorrtInfo, TrtOptimizationProfile, with_tensorrt
 from engines.platform import cuda_status, pick_backend, tensorrt_status
 from engines.runner import TimestepDispatchRunner
 from engines.trt_backend import check_engine_platform
-from engines.trt_builder import profile_shapes
+from engines.trt_builder import optimization_profile_shapes
 from engines_fixtures import copy_build, make_build
 
 TRT_OK, TRT_WHY = tensorrt_status()
@@ -30,7 +30,7 @@ needs_trt = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def onnx_build(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trt_src")
-    make_build(folder, num_groups=2, profiles=("trt", "ort"))
+    make_build(folder, num_groups=2, targets=("trt", "ort"))
     return folder
 
 
@@ -42,7 +42,7 @@ def fake_trt_build(src, dst):
         (b / f"unet.g{k}.plan").write_bytes(b"not an engine %d" % k)
     info = TensorrtInfo(
         tensorrt_version="10.8.0.43", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
-        profile=TrtProfile(batch=(1, 4, 4), height=(16, 16, 16), width=(16, 16, 16)), batch_sizes=[1, 4], opt_level=3,
+        optimization_profile=TrtOptimizationProfile(batch=(1, 4, 4), height=(16, 16, 16), width=(16, 16, 16)), batch_sizes=[1, 4], opt_level=3,
     )
     write_manifest(b, with_tensorrt(m, info, ["unet.g0.plan", "unet.g1.plan"]))
     return b
@@ -98,28 +98,29 @@ def test_trt_build_manifest_round_trip_and_runner_checks(onnx_build, tmp_path):
     m = load_manifest(b)
     assert m.backend == "trt" and [p.name for p in m.engine_paths()] == ["unet.g0.plan", "unet.g1.plan"]
     d = json.loads((b / MANIFEST_NAME).read_text())
-    assert d["tensorrt"]["profile"] == {"batch": [1, 4, 4], "height": [16, 16, 16], "width": [16, 16, 16], "sequence_length": None}
+    assert d["tensorrt"]["profile"] == {  # the optimization profile, under its historical key
+       "batch": [1, 4, 4], "height": [16, 16, 16], "width": [16, 16, 16], "sequence_length": None}
     assert {f["path"] for f in d["files"]} >= {"unet.g0.plan", "unet.g1.plan", "unet.g0.onnx", "unet.g0.ort.onnx"}
 
 
-def test_profiles():
-    class M:  # the manifest fields make_profile reads
+def test_optimization_profiles():
+    class M:  # the manifest fields make_optimization_profile reads
         class model:
             sample_size = (32, 32)
             conditioning = {"encoder_hidden_states": {"dim": 768}}
 
-    p = make_profile([4, 1, 2], None, M)
+    p = make_optimization_profile([4, 1, 2], None, M)
     assert p.batch == (1, 4, 4) and p.height == (32, 32, 32) and p.width == (32, 32, 32) and p.sequence_length == 77
-    p = make_profile([1], ((16, 64), (16, 64)), M, sequence_length=16)
+    p = make_optimization_profile([1], ((16, 64), (16, 64)), M, sequence_length=16)
     assert p.height == (16, 32, 64) and p.sequence_length == 16
     with pytest.raises(AdpdmError, match="batch sizes must be positive"):
-        make_profile([0], None, M)
-    shapes = profile_shapes(["sample", "timestep", "encoder_hidden_states"], 4, p, M.model.conditioning)
+        make_optimization_profile([0], None, M)
+    shapes = optimization_profile_shapes(["sample", "timestep", "encoder_hidden_states"], 4, p, M.model.conditioning)
     assert shapes["sample"] == ((1, 4, 16, 16), (1, 4, 32, 32), (1, 4, 64, 64))
     assert shapes["timestep"] == ((1,), (1,), (1,))
     assert shapes["encoder_hidden_states"] == ((1, 16, 768),) * 3
     with pytest.raises(AdpdmError, match="does not know"):
-        profile_shapes(["mask"], 4, p, {})
+        optimization_profile_shapes(["mask"], 4, p, {})
 
 
 # ------------------------------------------------------------------ on a GPU with TensorRT
@@ -144,7 +145,7 @@ def test_build_writes_engines_cache_and_manifest(trt_build):
     assert loaded.backend == "trt" and loaded.to_dict() == m.to_dict()
     assert (b / "unet.g0.plan").stat().st_size > 0 and (b / "timing.cache").stat().st_size > 0
     info = loaded.tensorrt
-    assert info.profile.batch == (1, 4, 4) and info.batch_sizes == [1, 2, 4] and info.strongly_typed
+    assert info.optimization_profile.batch == (1, 4, 4) and info.batch_sizes == [1, 2, 4] and info.strongly_typed
     import tensorrt as trt
 
     assert info.tensorrt_version == trt.__version__
@@ -157,7 +158,7 @@ def test_build_writes_engines_cache_and_manifest(trt_build):
 def test_trt_runner_matches_onnxruntime(trt_build, cuda_graphs):
     b, _ = trt_build
     trt_runner = TimestepDispatchRunner(b, backend="trt", cuda_graphs=cuda_graphs)
-    ort_runner = TimestepDispatchRunner(b, backend="ort", profile="trt")  # the same graphs in onnxruntime
+    ort_runner = TimestepDispatchRunner(b, backend="ort", target="trt")  # the same graphs in onnxruntime
     eng = trt_runner.group_backend
     # one device-memory block, sized for the largest engine, shared by every context
     assert eng.device_memory.numel() == max(eng._device_memory_size(e) for e in eng.engines)
@@ -176,7 +177,7 @@ def test_trt_runner_matches_onnxruntime(trt_build, cuda_graphs):
     torch.testing.assert_close(trt_runner(x[:1], 10), ort_runner(x[:1], 10), atol=1e-2, rtol=1e-2)
     with pytest.raises(AdpdmError, match="batch 5 is above the largest batch"):
         trt_runner(torch.randn(5, 1, 16, 16), 10)
-    with pytest.raises(AdpdmError, match="outside the TensorRT profile"):
+    with pytest.raises(AdpdmError, match="outside the TensorRT optimization profile"):
         trt_runner(torch.randn(1, 1, 32, 32), 10)
     trt_runner.close()
 

@@ -18,7 +18,7 @@ import torch
 
 from engines.errors import AdpdmError
 from engines.manifest import load_manifest
-from engines.manifest_schema import TensorrtInfo, TrtProfile
+from engines.manifest_schema import TensorrtInfo, TrtOptimizationProfile
 from engines_fixtures import make_build
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="config validation needs tritonclient[grpc]")
@@ -47,8 +47,8 @@ def _trt_manifest(build: Path, tmp: Path):
     for g in m.groups:
         (dst / f"unet.g{g.id}.plan").write_bytes(b"plan" + bytes([g.id]))
     groups = [replace(g, engine=f"unet.g{g.id}.plan") for g in m.groups]
-    trt = TensorrtInfo("10.0", "H100", "9.0", TrtProfile((1, 4, 8), (16, 16, 16), (16, 16, 16)), [1, 4, 8], 3,
-                       graph_profile="ort")
+    trt = TensorrtInfo("10.0", "H100", "9.0", TrtOptimizationProfile((1, 4, 8), (16, 16, 16), (16, 16, 16)), [1, 4, 8], 3,
+                       graph_target="ort")
     return replace(m, groups=groups, backend="trt", tensorrt=trt, root=dst)
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Numbers for docs/export.md: QDQ export of a model, parity per group and profile, errors vs FP,
-onnxruntime fusion counts and CPU latency of FP32 / TensorRT-profile / CPU-profile graphs.
+"""Numbers for docs/export.md: QDQ export of a model, parity per group and graph target, errors vs FP,
+onnxruntime fusion counts and CPU latency of FP32 / TensorRT-target / CPU-target graphs.
 
     python tools/export_report.py reference --method uniform-groups --groups 4 --out /tmp/qdq-ref \
         --json docs/export_report.json --markdown /tmp/qdq-ref/report.md
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=16, help="calibration trajectories (with --method)")
     ap.add_argument("--steps", type=int, default=20, help="calibration DDIM steps (with --method)")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--profile", default="both")
+    ap.add_argument("--target", "--profile", dest="target", default="both", help="graph targets: trt, ort or both (--profile: old name)")
     ap.add_argument("--parity-seeds", type=int, default=5, help="parity repeated over this many input seeds")
     ap.add_argument("--batch", type=int, default=8, help="batch for latency")
     ap.add_argument("--threads", type=int, default=2)
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     from adpdm_export.onnx_export import example_inputs, export_onnx
-    from adpdm_export.ort_profile import fusion_counts
+    from adpdm_export.ort_target import fusion_counts
     from adpdm_export.qdq_export import export_qdq_for
     from adpdm_export.qdq_parity import check_group_graph
     from calibration.quant_unet import quantize_model
@@ -103,21 +103,21 @@ def main(argv=None) -> int:
         result.save(a.out / "calibration")
     t_cal = time.perf_counter() - t0
     t0 = time.perf_counter()
-    exp = export_qdq_for(loaded, result, a.out, profile=a.profile, progress=lambda m: print(m, file=sys.stderr))
+    exp = export_qdq_for(loaded, result, a.out, target=a.target, progress=lambda m: print(m, file=sys.stderr))
     t_exp = time.perf_counter() - t0
 
-    # parity over more inputs: free-running and teacher-forced, per group and profile
+    # parity over more inputs: free-running and teacher-forced, per group and graph target
     qmodel = quantize_model(loaded.unet, result=result)
     rows = []
-    for prof, graphs in exp.graphs.items():
+    for tgt, graphs in exp.graphs.items():
         for k, g in enumerate(graphs):
             cs = [
-                check_group_graph(g, qmodel, loaded.unet, result, k, prof, loaded.sample_shape, loaded.conditioning,
-                                  seed=s, optimized=(prof == "ort"))
+                check_group_graph(g, qmodel, loaded.unet, result, k, tgt, loaded.sample_shape, loaded.conditioning,
+                                  seed=s, optimized=(tgt == "ort"))
                 for s in range(a.parity_seeds)
             ]
-            rows.append({
-                "profile": prof, "group": k, "timestep_ranges": exp.timestep_ranges[k],
+            rows.append({  # "profile": the graph target; the JSON key keeps its historical name
+                "profile": tgt, "group": k, "timestep_ranges": exp.timestep_ranges[k],
                 "free_rel_l2_median": statistics.median(c.parity_rel_l2 for c in cs),
                 "free_rel_l2_max": max(c.parity_rel_l2 for c in cs),
                 "runs_with_ties": sum(c.verdict == "ties" for c in cs),
@@ -127,8 +127,8 @@ def main(argv=None) -> int:
                 "verdicts": sorted({c.verdict for c in cs}),
                 "fp_rel_l2_mean": statistics.mean(c.fp_rel_l2 for c in cs),
                 "sim_fp_rel_l2_mean": statistics.mean(c.sim_fp_rel_l2 for c in cs),
-                "optimized_rel_l2_mean": statistics.mean(c.optimized_rel_l2 for c in cs) if prof == "ort" else None,
-                "optimized_fp_rel_l2_mean": statistics.mean(c.optimized_fp_rel_l2 for c in cs) if prof == "ort" else None,
+                "optimized_rel_l2_mean": statistics.mean(c.optimized_rel_l2 for c in cs) if tgt == "ort" else None,
+                "optimized_fp_rel_l2_mean": statistics.mean(c.optimized_fp_rel_l2 for c in cs) if tgt == "ort" else None,
             })
 
     # latency: FP32 graph vs group-0 graphs, onnxruntime CPU, all optimizations
@@ -137,13 +137,13 @@ def main(argv=None) -> int:
     inputs = example_inputs(loaded.sample_shape, loaded.conditioning, batch=a.batch, seed=3,
                             num_train_timesteps=loaded.num_train_timesteps)
     lat = {"fp32": latency_ms(fp_path, inputs, a.threads, a.reps)}
-    for prof, graphs in exp.graphs.items():
-        lat[prof] = latency_ms(graphs[0], inputs, a.threads, a.reps)
-    fusion = {prof: fusion_counts(graphs[0]).to_dict() for prof, graphs in exp.graphs.items()}
+    for tgt, graphs in exp.graphs.items():
+        lat[tgt] = latency_ms(graphs[0], inputs, a.threads, a.reps)
+    fusion = {tgt: fusion_counts(graphs[0]).to_dict() for tgt, graphs in exp.graphs.items()}
     if "trt" in exp.graphs:  # docs/design.md's ablation: output Q/DQ but int8 zero points
         import onnx
 
-        from adpdm_export.ort_profile import add_output_qdq
+        from adpdm_export.ort_target import add_output_qdq
 
         m = onnx.load(str(exp.graphs["trt"][0]), load_external_data=False)
         add_output_qdq(m, lambda q: float(result.activation_scales[q][0]))
@@ -187,7 +187,7 @@ def markdown(r: dict) -> str:
         f"Model `{r['model']}` ({r['type']}, {r['params'] / 1e6:.2f} M parameters), calibration {r['calibration']['method']} "
         f"W{r['calibration']['w_bits']}A{r['calibration']['a_bits']}, {r['calibration']['groups']} groups.",
         "",
-        "| profile | group | timesteps | free-running rel L2 (median / max) | runs with a tie | teacher-forced rel L2 (max) | vs FP (mean) | CPU-optimized vs sim / vs FP |",
+        "| target | group | timesteps | free-running rel L2 (median / max) | runs with a tie | teacher-forced rel L2 (max) | vs FP (mean) | CPU-optimized vs sim / vs FP |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for p in r["parity"]:
@@ -199,10 +199,10 @@ def markdown(r: dict) -> str:
             f"{p['fp_rel_l2_mean']:.4f} | {opt} |"
         )
     lines += ["", "| graphs | quantized ops | fused by onnxruntime | ratio |", "|---|---|---|---|"]
-    for prof, f in r["fusion"].items():
+    for tgt, f in r["fusion"].items():
         q = ", ".join(f"{k} {v}" for k, v in sorted(f["quantized"].items()))
         fu = ", ".join(f"{k} {v}" for k, v in sorted(f["fused"].items())) or "none"
-        lines.append(f"| {prof} | {q} | {fu} | {f['fused_total']}/{f['total']} ({f['ratio']:.0%}) |")
+        lines.append(f"| {tgt} | {q} | {fu} | {f['fused_total']}/{f['total']} ({f['ratio']:.0%}) |")
     lat = r["latency_ms"]
     s = r["latency_setup"]
     lines += ["", f"onnxruntime CPU latency, batch {s['batch']}, {s['threads']} threads, median of {s['reps']}: "

@@ -6,7 +6,7 @@ external file), then writes G group graphs that are that graph plus `out += k` (
 except one small constant, like real group graphs that differ only in activation scales)
 and all reference the SAME external weights file. With --qdq it also makes an INT8 QDQ
 version with onnxruntime's `quantize_static` (uint8 activations, per-channel int8 weights,
-Q/DQ on inputs and outputs so Conv/MatMul fuse to QLinear ops, like the CPU profile).
+Q/DQ on inputs and outputs so Conv/MatMul fuse to QLinear ops, like the CPU target).
 
 Each configuration runs in a fresh interpreter and reports (MiB, relative to the
 interpreter before any session): after loading the G sessions (`load`), after one run of
@@ -225,7 +225,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="runs/measure-ort-rss")
     ap.add_argument("--small", action="store_true", help="a smaller UNet (quick check)")
-    ap.add_argument("--qdq", action="store_true", help="also measure an INT8 QDQ (CPU-profile-like) version")
+    ap.add_argument("--qdq", action="store_true", help="also measure an INT8 QDQ (CPU-target-like) version")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--reps", type=int, default=8)

@@ -5,8 +5,8 @@
 
 1. Build (or resume) the model's TensorRT build with the project's own orchestration
    (`adpdm_export.build_pipeline.build_engine(..., backend="trt")`: calibrate -> QDQ export ->
-   one strongly typed INT8 engine per timestep group, manifest written last), batch
-   profile 1..16.
+   one strongly typed INT8 engine per timestep group, manifest written last), optimization
+   profile batch 1..16.
 2. An FP16 TensorRT engine of the same UNet, from its FP ONNX graph
    (`adpdm_export.sampling.fp_graph_for`), same optimization profile and builder
    optimization level: the baseline the INT8 groups are timed against. Strongly typed
@@ -89,9 +89,9 @@ def simple_compare_func(atol: float, rtol: float, stat: str):
 
 
 def build_fp16_engine(trt, graph: Path, path: Path, manifest, opt_level: int) -> float:
-    """The FP16 baseline engine of the FP graph (weakly typed + BuilderFlag.FP16), same profile as the build."""
+    """The FP16 baseline engine of the FP graph (weakly typed + BuilderFlag.FP16), same optimization profile as the build."""
     from engines.file_io import atomic_write_bytes
-    from engines.trt_builder import profile_shapes
+    from engines.trt_builder import optimization_profile_shapes
 
     if not hasattr(trt.BuilderFlag, "FP16"):
         raise AdpdmError(
@@ -111,7 +111,7 @@ def build_fp16_engine(trt, graph: Path, path: Path, manifest, opt_level: int) ->
     config.set_flag(trt.BuilderFlag.FP16)
     names = [network.get_input(i).name for i in range(network.num_inputs)]
     opt_profile = builder.create_optimization_profile()
-    shapes = profile_shapes(names, manifest.model.in_channels, manifest.tensorrt.profile, manifest.model.conditioning)
+    shapes = optimization_profile_shapes(names, manifest.model.in_channels, manifest.tensorrt.optimization_profile, manifest.model.conditioning)
     for name, (lo, opt, hi) in shapes.items():
         opt_profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(opt_profile)
@@ -150,7 +150,7 @@ def make_feeds(manifest, timesteps: list[int], batch: int, seed: int) -> list[di
     c = manifest.model.in_channels
     h, w = manifest.model.sample_size
     cond = manifest.model.conditioning
-    seq = manifest.tensorrt.profile.sequence_length if manifest.tensorrt else None
+    seq = manifest.tensorrt.optimization_profile.sequence_length if manifest.tensorrt else None
     feeds = []
     for i in range(0, len(timesteps), batch):
         ts = timesteps[i:i + batch]
@@ -181,7 +181,7 @@ def torch_feeds(manifest, batch: int, timestep: int, device) -> dict[str, Any]:
     }
     cond = manifest.model.conditioning
     if "encoder_hidden_states" in cond:
-        seq = int(manifest.tensorrt.profile.sequence_length or 77)
+        seq = int(manifest.tensorrt.optimization_profile.sequence_length or 77)
         feeds["encoder_hidden_states"] = torch.randn((batch, seq, int(cond["encoder_hidden_states"]["dim"])), generator=g)
     if "class_labels" in cond:
         feeds["class_labels"] = torch.arange(batch, dtype=torch.int64) % int(cond["class_labels"]["num_classes"])
@@ -309,7 +309,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calib-samples", type=int, default=None, help="calibration samples (default 64; --fast 8)")
     p.add_argument("--calib-steps", type=int, default=None, help="calibration sampler steps (default 100; --fast 20)")
     p.add_argument("--calib-device", default="cpu", help="device for calibration (cpu | cuda)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="timed batch sizes (profile min..max)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="timed batch sizes (optimization profile min..max)")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level (0..5)")
     p.add_argument("--compare-batch", type=int, default=4, help="batch size of each comparison input")
     p.add_argument("--compare-batches", type=int, default=None, help="comparison inputs per engine (default 4; --fast 2)")
@@ -368,14 +368,14 @@ def run(args: argparse.Namespace, trt, polygraphy, t_start: float) -> int:
     summary = build_engine(
         loaded, out, method_config(args.method, {"groups": args.groups}),
         data=DataFreeConfig(samples=args.calib_samples, steps=args.calib_steps), seed=args.seed,
-        device=args.calib_device, backend="trt", profiles=("trt",), batch_sizes=batch_sizes,
+        device=args.calib_device, backend="trt", targets=("trt",), batch_sizes=batch_sizes,
         opt_level=args.opt_level, force=args.force, say=say,
     )
     manifest = load_manifest(out)
     seconds["build"] = time.perf_counter() - t0
     say(f"build: {manifest.num_groups} INT8 group engines in {out} ({seconds['build']:.1f} s)")
 
-    # 2. FP16 baseline engine of the FP graph, same profile
+    # 2. FP16 baseline engine of the FP graph, same optimization profile
     t0 = time.perf_counter()
     fp_graph = fp_graph_for(loaded)
     fp16_rel = f"{FP16_DIR}/{FP16_ENGINE}"
@@ -383,7 +383,7 @@ def run(args: argparse.Namespace, trt, polygraphy, t_start: float) -> int:
     key_path = fp16_path.with_suffix(".key.json")
     key = {"graph": sha256_file(fp_graph), "weights": sha256_file(fp_graph.with_name(fp_graph.name + ".data")),
            "tensorrt": str(trt.__version__), "gpu": list(gpu_identity()), "opt_level": args.opt_level,
-           "profile": asdict(manifest.tensorrt.profile)}
+           "profile": asdict(manifest.tensorrt.optimization_profile)}  # key name kept: engines built before reuse
     key = json.loads(json.dumps(key))  # tuples -> lists, as read back
     reused = (not args.force and fp16_path.is_file() and key_path.is_file()
               and json.loads(key_path.read_text()) == key)
@@ -398,8 +398,8 @@ def run(args: argparse.Namespace, trt, polygraphy, t_start: float) -> int:
     t0 = time.perf_counter()
     func = simple_compare_func(args.atol, args.rtol, args.error_stat)
     fp_session = make_session(fp_graph, providers=["CPUExecutionProvider"], optimize=False)
-    lo_b, _, hi_b = manifest.tensorrt.profile.batch
-    compare_batch = min(max(args.compare_batch, lo_b), hi_b)  # inside the engines' batch profile
+    lo_b, _, hi_b = manifest.tensorrt.optimization_profile.batch
+    compare_batch = min(max(args.compare_batch, lo_b), hi_b)  # inside the engines' optimization profile
     n_items = compare_batch * args.compare_batches
     groups: list[dict[str, Any]] = []
     for g, engine_path, qdq_graph in zip(manifest.groups, manifest.engine_paths(), manifest.graph_paths("trt")):
@@ -468,7 +468,7 @@ def run(args: argparse.Namespace, trt, polygraphy, t_start: float) -> int:
             "compare": {"atol": args.atol, "rtol": args.rtol, "stat": args.error_stat,
                         "batch": compare_batch, "batches": args.compare_batches,
                         "onnxruntime": "CPUExecutionProvider, graph optimizations off"},
-            "fp16_baseline": "FP graph, weakly typed network + BuilderFlag.FP16, same profile and opt level",
+            "fp16_baseline": "FP graph, weakly typed network + BuilderFlag.FP16, same optimization profile and opt level",
             "timing": "TrtGroupEngines.run, CUDA events, synchronized per call, median",
         },
         "stages": [{"name": s.name, "reused": bool(s.reused), "seconds": s.seconds} for s in summary.stages],

@@ -29,7 +29,7 @@ def build_engine(
     out: Annotated[Path, typer.Option("--out", help="Build folder (created; resumed when it holds an earlier build).")] = Path("build/reference"),
     backend: Annotated[str, typer.Option("--backend", help="auto (TensorRT where it can run, else onnxruntime) | trt | ort.")] = "auto",
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="TensorRT optimization-profile batch sizes.")] = "1,4,16",
-    resolution: Annotated[Optional[tuple[int, int]], typer.Option("--resolution", help="H W for the TensorRT profile (default: the model's sample size).")] = None,
+    resolution: Annotated[Optional[tuple[int, int]], typer.Option("--resolution", help="H W for the TensorRT optimization profile (default: the model's sample size).")] = None,
     opt_level: Annotated[int, typer.Option("--opt-level", help="TensorRT builder optimization level (0..5).")] = 3,
     force: Annotated[bool, typer.Option("--force", help="Rerun every stage even when its outputs are current.")] = False,
     method: opt.Method = "adpdm",
@@ -52,7 +52,7 @@ def build_engine(
 ) -> None:
     """Calibrate MODEL with ADP-DM, export one QDQ graph per timestep group, build the engines."""
     from adpdm_export.build_pipeline import build_engine as run_build
-    from adpdm_export.build_pipeline import default_profiles
+    from adpdm_export.build_pipeline import default_targets
     from adpdm_export.build_stages import LOCK_NAME, build_lock, check_build_folder
     from adpdm_export.commands.calibrate_cmd import load_prompt_embeds, model_conditions, parse_class_labels
     from adpdm_export.model_loading import load_model
@@ -73,7 +73,7 @@ def build_engine(
     if not 0 <= opt_level <= 5:
         raise AdpdmError(f"--opt-level must be in 0..5, got {opt_level}")
     chosen = pick_backend(backend)
-    profiles = default_profiles(quant.w_bits, chosen)
+    targets = default_targets(quant.w_bits, chosen)
     # --out: empty, missing or one of our builds, and no other build in it; checked before loading the model
     check_build_folder(out)
     created = not out.exists()
@@ -87,7 +87,7 @@ def build_engine(
             console.print(f"[bold]build-engine[/bold] {model} -> {out} (backend {chosen}, {method}, W{w_bits}A{a_bits})")
             with stage_progress(progress) as on_progress:
                 summary = run_build(
-                    loaded, out, config, quant, data, seed=seed, device=device, backend=chosen, profiles=profiles,
+                    loaded, out, config, quant, data, seed=seed, device=device, backend=chosen, targets=targets,
                     batch_sizes=sizes, resolution=resolution, opt_level=opt_level, cond=cond,
                     cache_dir=str(cache_dir or default_cache_dir()), force=force, progress=on_progress,
                     say=lambda msg: console.print(f"  {msg}"), log=stderr_line,
@@ -114,8 +114,8 @@ def print_summary(summary) -> None:
         groups.add_column(col)
     checks = summary.export_report.get("checks", [])
 
-    def worst(k: int, profile: str, key: str) -> str:
-        vals = [c[key] for c in checks if c["group"] == k and c["profile"] == profile and c.get(key) is not None]
+    def worst(k: int, target: str, key: str) -> str:
+        vals = [c[key] for c in checks if c["group"] == k and c["target"] == target and c.get(key) is not None]
         return f"{max(vals):.1e}" if vals else "-"
 
     sizes = {f.path: f.size for f in m.files}

@@ -87,7 +87,7 @@ def calibrate(
     calib_steps: opt.CalibSteps = 100,
     seed: opt.Seed = 0,
     device: opt.Device = "cpu",
-    profile: str = typer.Option("trt", "--profile", help="trt (Q/DQ on inputs) or ort (also on Conv/MatMul outputs)."),
+    target: str = typer.Option("trt", "--target", "--profile", help="Graph target: trt (Q/DQ on inputs) or ort (also on Conv/MatMul outputs). --profile: old name."),
     stat: opt.Stat = None,
     percentile: opt.Percentile = None,
     class_labels: opt.ClassLabels = None,
@@ -108,7 +108,7 @@ def calibrate(
     from engines.file_io import check_output_folder
 
     config = opt.method_from_flags(method, groups, stat, percentile, options)
-    quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, profile=profile, quantize_residual=quantize_residual,
+    quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, target=target, quantize_residual=quantize_residual,
                         quantize_attention_bmm=quantize_attention_bmm)
     data = DataFreeConfig(samples=calib_samples, steps=calib_steps)
     if batch_size < 1:

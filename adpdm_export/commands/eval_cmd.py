@@ -30,7 +30,7 @@ def eval_calibration(
     model: Optional[str] = typer.Option(None, "--model", help="The model (default: the one named in the calibration)."),
     samples: int = typer.Option(64, "--samples", help="Held-out seeds (distinct from the calibration seeds)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="DDIM steps (default: the calibration's)."),
-    profile: Optional[str] = typer.Option(None, "--profile", help="Simulate trt or ort (default: the calibration's)."),
+    target: Optional[str] = typer.Option(None, "--target", "--profile", help="Simulate graph target trt or ort (default: the calibration's). --profile: old name."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Trajectory cache (see `adpdm calibrate`)."),
     batch_size: int = typer.Option(64, "--batch-size", help="UNet batch size."),
@@ -45,8 +45,8 @@ def eval_calibration(
 
     if samples < 2 or batch_size < 1 or (steps is not None and steps < 1):
         raise AdpdmError("--samples must be >= 2, --steps and --batch-size >= 1")
-    if profile not in (None, "trt", "ort"):
-        raise AdpdmError(f"--profile must be trt or ort, got {profile!r}")
+    if target not in (None, "trt", "ort"):
+        raise AdpdmError(f"--target must be trt or ort, got {target!r}")
     dev = resolve_device(device)
     from calibration.result import CalibrationResult
 
@@ -58,7 +58,7 @@ def eval_calibration(
     from adpdm_export.model_loading import load_model
     from adpdm_export.progress import console
     from calibration.metrics import evaluate
-    from calibration.quant_unet import quantize_model, set_profile
+    from calibration.quant_unet import quantize_model, set_target
     from calibration.trajectories import default_cache_dir, generate_trajectories, heldout_seed
 
     loaded = load_model(source)
@@ -78,8 +78,8 @@ def eval_calibration(
             progress=lambda d, t: on_progress("FP held-out", d, t),
         )
         qmodel = quantize_model(unet, result=result)
-        if profile:
-            set_profile(qmodel, profile)
+        if target:
+            set_target(qmodel, target)
         feature_fn, real_stats, why = reference_fd_inputs(loaded)
         metrics = evaluate(
             qmodel, loaded.scheduler_config, heldout, feature_fn=feature_fn, real_stats=real_stats,
@@ -87,7 +87,8 @@ def eval_calibration(
         )
     metrics.update(
         method=result.method, w_bits=result.w_bits, a_bits=result.a_bits, groups=result.num_groups,
-        profile=profile or result.profile, heldout_seed=seed, fd_note=why,
+        # the --json key keeps its historical name "profile" for the graph target
+        profile=target or result.target, heldout_seed=seed, fd_note=why,
     )
     if metrics["off_range_count"]:  # on stderr, also with --json
         seeds = ", ".join(str(s) for s in metrics["off_range_seeds"][:8])

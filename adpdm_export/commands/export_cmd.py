@@ -15,7 +15,7 @@ def export(
     calibration: Optional[Path] = typer.Option(
         None, "--calibration", help="A calibration folder (adpdm calibrate): export QDQ graphs per timestep group."
     ),
-    profile: str = typer.Option("both", "--profile", help="QDQ graphs for: trt | ort (onnxruntime CPU) | both."),
+    target: str = typer.Option("both", "--target", "--profile", help="QDQ graphs for: trt | ort (onnxruntime CPU) | both. --profile: old name."),
     opset: int = typer.Option(19, help="ONNX opset (>= 19)."),
     check: bool = typer.Option(True, help="Compare onnxruntime against PyTorch (parity per group with --calibration)."),
 ) -> None:
@@ -26,17 +26,17 @@ def export(
 
     check_opset(opset)
     if calibration is not None:
-        from adpdm_export.qdq_export import check_supported, export_qdq_for, parse_profiles
+        from adpdm_export.qdq_export import check_supported, export_qdq_for, parse_targets
         from calibration.result import CalibrationResult
 
-        profiles = parse_profiles(profile)
+        targets = parse_targets(target)
         loaded = load_model(model)
         result = CalibrationResult.load(calibration, expected_model_sha256=loaded.sha256)
-        check_supported(result, profiles)
-        exp = export_qdq_for(loaded, result, out, profile=profiles, check=check,
+        check_supported(result, targets)
+        exp = export_qdq_for(loaded, result, out, target=targets, check=check,
                              progress=lambda msg: console.print(f"  {msg}"))
         console.print(
-            f"wrote {exp.num_groups} group graph(s) x {', '.join(exp.profiles)} profile(s), {exp.weights.name} and "
+            f"wrote {exp.num_groups} group graph(s) x {', '.join(exp.targets)} target(s), {exp.weights.name} and "
             f"manifest.json to {out}"
         )
         for line in exp.summary_lines():

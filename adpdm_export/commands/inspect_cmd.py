@@ -26,6 +26,7 @@ def inspect_build(
 
     from adpdm_export.progress import console
     from adpdm_export.qdq_graph_passes import REPORT_NAME
+    from adpdm_export.qdq_report import read_report
     from engines.manifest import load_manifest
     from engines.timestep_groups import format_ranges
 
@@ -34,11 +35,11 @@ def inspect_build(
     report = None
     if REPORT_NAME in sizes:
         try:
-            report = json.loads(m.path(REPORT_NAME).read_text())
+            report = read_report(m.path(REPORT_NAME))
         except (OSError, json.JSONDecodeError):
             report = None
-    profiles = m.profiles()
-    checks = {(c["profile"], c["group"]): c for c in (report or {}).get("checks", [])}
+    targets = m.targets()
+    checks = {(c["target"], c["group"]): c for c in (report or {}).get("checks", [])}
     fusion = (report or {}).get("fusion", {})
     summary = {
         "folder": str(m.root),
@@ -71,18 +72,18 @@ def inspect_build(
     table = Table(title=None)
     table.add_column("group", justify="right")
     table.add_column("timesteps")
-    for p in profiles:
+    for p in targets:
         table.add_column(f"{p} graph")
     if checks:
-        for p in profiles:
+        for p in targets:
             table.add_column(f"{p} vs FP", justify="right")
     if any(g.engine for g in m.groups):
         table.add_column("engine")
     for g in m.groups:
         row = [str(g.id), format_ranges(g.timestep_ranges)]
-        row += [f"{g.graphs[p]} ({_size(sizes.get(g.graphs[p], 0))})" for p in profiles]
+        row += [f"{g.graphs[p]} ({_size(sizes.get(g.graphs[p], 0))})" for p in targets]
         if checks:
-            row += [f"{checks[(p, g.id)]['fp_rel_l2']:.3g}" if (p, g.id) in checks else "-" for p in profiles]
+            row += [f"{checks[(p, g.id)]['fp_rel_l2']:.3g}" if (p, g.id) in checks else "-" for p in targets]
         if any(x.engine for x in m.groups):
             row.append(f"{g.engine} ({_size(sizes.get(g.engine, 0))})" if g.engine else "-")
         table.add_row(*row)

@@ -1,4 +1,4 @@
-"""Speed benchmark (issue 8): our CPU-profile group graphs through the runner vs the tools a
+"""Speed benchmark (issue 8): our CPU-target group graphs through the runner vs the tools a
 user would pick instead, on the DDPM-CIFAR10 UNet layout and the bundled reference model.
 
     .venv/bin/python -m tools.bench_speed                 # full: docs/bench_speed.json + docs/benchmarks.md
@@ -19,7 +19,7 @@ one module each:
   every round), warm-up excluded; every raw time is kept. Variants (set up in models.py): PyTorch
   eager FP32, onnxruntime FP32 (the FP ONNX graph), onnxruntime `quantize_static` QDQ (the
   ort_static peer's fastest graph), ModelOpt's exported QDQ graph on onnxruntime (modelopt_int8
-  peer), ours (the CPU-profile group graphs through `TimestepDispatchRunner`), plus diagnostic rows
+  peer), ours (the CPU-target group graphs through `TimestepDispatchRunner`), plus diagnostic rows
   (our group graph in a plain session at onnxruntime's defaults; the runner with pre-packing off).
   Random weights are fine for speed: the kernels' cost does not depend on the values.
   Scales do not matter either, so every quantizer is calibrated on a small budget.

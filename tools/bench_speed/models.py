@@ -135,7 +135,7 @@ def calib_trajectories(loaded, samples: int, steps: int):
 
 
 def build_ours(loaded, traj, groups: int, out: Path) -> tuple[Path, dict]:
-    """Calibrate (uniform-groups, minmax: scales do not matter for speed) and export the CPU profile
+    """Calibrate (uniform-groups, minmax: scales do not matter for speed) and export the CPU target
     into a build folder with a manifest; returns the folder and facts about the export."""
     from adpdm_export.qdq_export import export_qdq_for
     from calibration.configs import UniformGroupsConfig
@@ -145,7 +145,7 @@ def build_ours(loaded, traj, groups: int, out: Path) -> tuple[Path, dict]:
     result = calibrate(loaded.unet, loaded.scheduler_config, UniformGroupsConfig(groups=groups, stat="minmax"),
                        data=traj)
     t1 = time.perf_counter()
-    exp = export_qdq_for(loaded, result, out, profile="ort", check=False, lint=False, fusion=True)
+    exp = export_qdq_for(loaded, result, out, target="ort", check=False, lint=False, fusion=True)
     fusion = exp.fusion.get("ort", {})
     return out, {"groups": groups, "calibrate_s": round(t1 - t0, 2), "export_s": round(time.perf_counter() - t1, 2),
                  "fused": f"{fusion.get('fused_total')}/{fusion.get('total')}" if fusion else None,
@@ -237,7 +237,7 @@ def setup_model(name: str, args, work: Path, timed: bool = True) -> ModelBench:
         # switch groups as often as sampling does (G - 1 times per loop), not on every call
         mb.timesteps = sampling_timesteps(loaded.scheduler_config, 50)
         if timed:
-            mb.runner = TimestepDispatchRunner(build, backend="ort", threads=args.threads, profile="ort")
+            mb.runner = TimestepDispatchRunner(build, backend="ort", threads=args.threads, target="ort")
         mb.ok("ours", time.perf_counter() - t0, **facts)
     except Exception as e:
         log(traceback.format_exc())
@@ -249,7 +249,7 @@ def setup_model(name: str, args, work: Path, timed: bool = True) -> ModelBench:
             ("ours-plain-session", lambda: plain_session(mb.builds[args.groups] / "unet.g0.ort.onnx", args.threads,
                                                          args.ort_spinning)),
             ("ours-noprepack", lambda: TimestepDispatchRunner(mb.builds[args.groups], backend="ort", threads=args.threads,
-                                                              profile="ort", verify="size",
+                                                              target="ort", verify="size",
                                                               ort_options={"session_config": NOPREPACK})),
         ):
             if variant not in args.variants:

@@ -149,7 +149,7 @@ def render_markdown(data: dict, img_dir: Path, rel_img_prefix: str) -> str:
     rss = data.get("rss") or {}
     if isinstance(rss.get("summary"), list) and (rss.get("summary") or rss.get("runs")):
         L += ["### Resident memory of the runner, G = 1 vs G = 4", "",
-              f"{rss.get('model')}: real builds of ours (CPU profile, {rss.get('weights_file_mib')} MiB weights file), "
+              f"{rss.get('model')}: real builds of ours (CPU target, {rss.get('weights_file_mib')} MiB weights file), "
               "each configuration in a fresh interpreter; MiB of RSS above the interpreter after importing torch, "
               "numpy, onnxruntime and the runner: after loading the G sessions, and steady (after one run of every "
               f"group and {rss.get('reps')} more). Latency here is single-process and noisy; the interleaved "
@@ -183,7 +183,7 @@ def render_markdown(data: dict, img_dir: Path, rel_img_prefix: str) -> str:
     if be.get("status") == "ok":
         L += ["### `build-engine` wall time per stage (reference model)", "",
               f"`{be['cli_equivalent']}`: fresh out folder and trajectory cache, {be['threads']} threads, "
-              f"profiles {', '.join(be['profiles'])} (no TensorRT here: no engine stage).", "",
+              f"graph targets {', '.join(be['profiles'])} (no TensorRT here: no engine stage).", "",
               "| stage | seconds |", "|---|---:|"]
         for s in be["stages"]:
             L.append(f"| {s['name']}{' (reused!)' if s['reused'] else ''} | {s['seconds']} |")

@@ -57,7 +57,7 @@ def rss_child(args) -> None:
         table = runner.table
         C, H, W = load_sample_shape(Path(args.rss_child))
     else:
-        runner = TimestepDispatchRunner(args.rss_child, backend="ort", threads=args.threads, profile="ort",
+        runner = TimestepDispatchRunner(args.rss_child, backend="ort", threads=args.threads, target="ort",
                                         verify="size", ort_options={"session_config": dict(session_config)})
         table = runner.manifest.timestep_to_group
         C, H, W = runner.sample_shape

@@ -1,4 +1,4 @@
-"""The onnxruntime CPU profile: output Q/DQ on every quantized Conv/MatMul/Gemm, uint8 128 zero
+"""The onnxruntime CPU target: output Q/DQ on every quantized Conv/MatMul/Gemm, uint8 128 zero
 points, onnxruntime fuses >= 95% of the quantized ops; what int8 zero points would leave unfused."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper as nh
 
 from adpdm_export import qdq_graph_passes as P
-from adpdm_export.ort_profile import (
+from adpdm_export.ort_target import (
     MIN_FUSED_RATIO,
     add_output_qdq,
     fusion_counts,
-    make_ort_profile,
+    make_ort_target,
     quantized_ops,
     set_zero_point_uint8,
 )
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def exported(tmp_path_factory):
     unet = tiny_unet2d()
     result = quick_result(unet, **U2D)
-    exp = export_qdq(unet, result, tmp_path_factory.mktemp("ortp"), profile="both", check=False, **U2D)
+    exp = export_qdq(unet, result, tmp_path_factory.mktemp("ortp"), target="both", check=False, **U2D)
     return result, exp
 
 
@@ -80,7 +80,7 @@ def test_fusion_at_least_95_percent(exported):
     assert exp.fusion["ort"]["ratio"] >= MIN_FUSED_RATIO  # recorded by the export
 
 
-def test_what_the_trt_profile_and_int8_zero_points_leave_unfused(exported):
+def test_what_the_trt_target_and_int8_zero_points_leave_unfused(exported):
     """docs/design.md's measurement, reproduced: without output Q/DQ no QLinearConv; with output Q/DQ
     but int8 zero points, ops whose input has several consumers (q/k/v) stay unfused."""
     _, exp = exported
@@ -131,9 +131,9 @@ def _tiny_trt_template():
     return m
 
 
-def test_make_ort_profile_on_a_small_graph():
+def test_make_ort_target_on_a_small_graph():
     trt = _tiny_trt_template()
-    ort, names = make_ort_profile(trt, lambda q: 0.2)
+    ort, names = make_ort_target(trt, lambda q: 0.2)
     assert names == ["lin.output_quantizer"]
     assert len(trt.graph.node) == 7  # the template is not modified
     ix = P.GraphIndex(ort)
@@ -159,7 +159,7 @@ def test_make_ort_profile_on_a_small_graph():
 def test_output_qdq_refuses_bad_scales_and_double_application():
     with pytest.raises(AdpdmError, match="must be finite and > 0"):
         add_output_qdq(_tiny_trt_template(), lambda q: 0.0)
-    ort, _ = make_ort_profile(_tiny_trt_template(), lambda q: 0.2)
+    ort, _ = make_ort_target(_tiny_trt_template(), lambda q: 0.2)
     with pytest.raises(AdpdmError, match="already"):
         add_output_qdq(ort, lambda q: 0.2)
     m = _tiny_trt_template()
@@ -171,6 +171,6 @@ def test_output_qdq_refuses_bad_scales_and_double_application():
 @pytest.mark.slow
 def test_fusion_cond_unet(tmp_path):
     unet = tiny_cond_unet()
-    exp = export_qdq(unet, quick_result(unet, **U2C), tmp_path, profile="ort", check=False, **U2C)
+    exp = export_qdq(unet, quick_result(unet, **U2C), tmp_path, target="ort", check=False, **U2C)
     fc = fusion_counts(exp.graphs["ort"][0])
     assert fc.ratio >= MIN_FUSED_RATIO, fc.summary()

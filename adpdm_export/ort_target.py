@@ -1,9 +1,9 @@
-"""The onnxruntime CPU profile: the TensorRT-profile graph plus output Q/DQ, uint8 zero points.
+"""The onnxruntime CPU target: the TensorRT-target graph plus output Q/DQ, uint8 zero points.
 
 docs/design.md ("Quantization contract") explains why: onnxruntime's CPU QDQ fusion turns
 `DQ -> Conv -> Q` into QLinearConv only when the Conv's output is quantized too, and with
 int8 activation zero points it leaves ops whose input has several consumers unfused.
-So `make_ort_profile` takes the TensorRT-profile template and
+So `make_ort_target` takes the TensorRT-target template and
 
 1. after every quantized Conv / Gemm (its output) and every quantized MatMul (after its
    bias Add when the Linear has one, which is where the calibration wrapper's
@@ -151,8 +151,8 @@ def set_zero_point_uint8(model: onnx.ModelProto, zero_point_name: str = ACT_ZERO
     raise AdpdmError(f"the graph has no shared activation zero point {zero_point_name!r}")
 
 
-def make_ort_profile(trt_template: onnx.ModelProto, scale_of: Callable[[str], float]) -> tuple[onnx.ModelProto, list[str]]:
-    """The onnxruntime-profile template from the TensorRT-profile template (which is not changed)."""
+def make_ort_target(trt_template: onnx.ModelProto, scale_of: Callable[[str], float]) -> tuple[onnx.ModelProto, list[str]]:
+    """The onnxruntime-target template from the TensorRT-target template (which is not changed)."""
     m = onnx.ModelProto()
     m.CopyFrom(trt_template)
     names = add_output_qdq(m, scale_of)
@@ -243,7 +243,7 @@ __all__ = [
     "QuantizedOp",
     "add_output_qdq",
     "fusion_counts",
-    "make_ort_profile",
+    "make_ort_target",
     "quantized_ops",
     "set_zero_point_uint8",
 ]
