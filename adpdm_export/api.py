@@ -97,7 +97,7 @@ def export(
     chosen = default_targets(result.w_bits, "ort") if targets is None else parse_targets(targets)
     check_supported(result, chosen)
     export_qdq_for(loaded, result, out_dir, target=chosen, check=check,
-                   progress=say or (lambda msg: None))
+                   say=say)
     return load_manifest(out_dir)
 
 

@@ -222,7 +222,7 @@ def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, targets, batc
 
     def run_export():
         exp = export_qdq_for(loaded, result, out, target=targets, manifest=False, owned=ledger.owned(),
-                             progress=lambda msg: say(f"export: {msg}"))
+                             say=lambda msg: say(f"export: {msg}"))
         exported["exp"] = exp
         files = [g for gs in exp.graphs.values() for g in gs] + [exp.weights, out / REPORT_NAME]
         return files

@@ -346,7 +346,7 @@ def export_qdq(
     fusion: bool = True,
     parity_tol: float = PARITY_TOL,
     allow_lint: Sequence[str] = (),
-    progress: Optional[Callable[[str], None]] = None,
+    say: Optional[Callable[[str], None]] = None,
     owned: Optional[Collection[str]] = None,
 ) -> QdqExport:
     """Export `unet` quantized as `result` describes to one QDQ graph per group and target.
@@ -359,6 +359,8 @@ def export_qdq(
         error vs FP; lint: the TensorRT linter on TensorRT-target graphs (raises on
         violations, except rules in `allow_lint`); fusion: onnxruntime fusion counts of the
         CPU target (a warning in the report below MIN_FUSED_RATIO).
+    say: one line per step of the export (text, not the `progress(stage, done, total, loss)`
+        shape of the long numeric stages).
     owned: the files in `out_dir` this export may remove as stale group graphs (build-engine
         passes what its ledger and manifest list); None: any `unet.g{k}[.ort].onnx`.
     Writes graphs, `unet.weights.data` and `qdq_report.json` into `out_dir`; the manifest is
@@ -372,7 +374,7 @@ def export_qdq(
         raise AdpdmError(f"opset {opset} is too old: TensorRT explicit quantization here needs opset >= {OPSET}")
     if result.config.get("quant", {}).get("quantize_residual"):
         allow_lint = tuple(allow_lint) + ("weighted-output",)
-    say = progress or (lambda msg: None)
+    say = say or (lambda msg: None)
     out_dir = Path(out_dir)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -512,7 +514,7 @@ def export_qdq_for(
     """`export_qdq` for a `model_loading.LoadedModel`, then the manifest (unless manifest=False).
 
     Checks the calibration against the model (sha256, number of training timesteps).
-    Keyword arguments go to `export_qdq` (opset, check, lint, fusion, parity_tol, progress).
+    Keyword arguments go to `export_qdq` (opset, check, lint, fusion, parity_tol, say).
     """
     if result.model_sha256 != loaded.sha256:
         raise AdpdmError(

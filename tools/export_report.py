@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         result.save(a.out / "calibration")
     t_cal = time.perf_counter() - t0
     t0 = time.perf_counter()
-    exp = export_qdq_for(loaded, result, a.out, target=a.target, progress=lambda m: print(m, file=sys.stderr))
+    exp = export_qdq_for(loaded, result, a.out, target=a.target, say=lambda m: print(m, file=sys.stderr))
     t_exp = time.perf_counter() - t0
 
     # parity over more inputs: free-running and teacher-forced, per group and graph target

@@ -34,7 +34,7 @@ def export(
         result = CalibrationResult.load(calibration, expected_model_sha256=loaded.sha256)
         check_supported(result, targets)
         exp = export_qdq_for(loaded, result, out, target=targets, check=check,
-                             progress=lambda msg: console.print(f"  {msg}"))
+                             say=lambda msg: console.print(f"  {msg}"))
         console.print(
             f"wrote {exp.num_groups} group graph(s) x {', '.join(exp.targets)} target(s), {exp.weights.name} and "
             f"manifest.json to {out}"
