@@ -19,7 +19,8 @@ record (`.adpdm-stages.json`) is missing or stale.
 
 `--out` must be missing, empty or one of our builds (`build_stages.check_build_folder`); a
 stage claims its output files in the ledger before it runs (refusing a file of someone
-else's in their place), and the whole build holds `build_stages.build_lock`.
+else's in their place), and the whole build holds `build_stages.build_lock`
+(`build_stages.claimed_build_folder`).
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from adpdm_export.build_stages import StageLedger, StageRecord, build_lock, check_build_folder, stage_key
+from adpdm_export.build_stages import StageLedger, StageRecord, claimed_build_folder, stage_key
 from adpdm_export.model_loading import LoadedModel, load_model
 from calibration.configs import ADPDMConfig, DataFreeConfig, MethodConfig
 from calibration.progress import Progress
 from calibration.qconfig import QuantConfig
 from engines.errors import AdpdmError
+from engines.file_io import check_output_folder
 from engines.manifest import load_manifest
 from engines.manifest_schema import ENGINE_NAME, MANIFEST_NAME, TIMING_CACHE_NAME, Manifest, tool_version
 
@@ -143,15 +145,13 @@ def build_engine(
         raise AdpdmError("--backend trt needs the TensorRT-target graphs: include 'trt' in the targets")
     if chosen == "ort" and "ort" not in targets:
         raise AdpdmError("--backend ort runs the onnxruntime-target graphs: include 'ort' in the targets")
-    out = Path(out)
-    check_build_folder(out)  # empty, missing or one of our builds: else one line, before any work
+    check_output_folder(out)
     loaded = model if isinstance(model, LoadedModel) else None
     if loaded is not None:
         data.check_for(loaded.num_train_timesteps)
-    out.mkdir(parents=True, exist_ok=True)
     plan = CalibrationPlan(method, quant, data, int(seed), str(device))
-    with build_lock(out):  # one build per folder; a second fails at once, naming this one
-        check_build_folder(out)
+    # empty, missing or one of our builds (else one line, before any work); one build per folder
+    with claimed_build_folder(out) as out:
         return _build_locked(model, out, plan, chosen, targets, batch_sizes, resolution, opt_level, cond,
                              cache_dir, force, progress, say, log, loaded, t_start)
 

@@ -291,3 +291,25 @@ class StageLedger:
         t0 = time.perf_counter()
         outputs = list(fn())
         return self.record(name, key, outputs, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def claimed_build_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """`out` checked (`check_build_folder`), created and locked (`build_lock`) for the block: the one
+    way `build-engine` and `export` take their `--out`. A folder this call created is removed again
+    when the block fails before writing anything but the lock. Reentrant (the API inside the CLI)."""
+    out = Path(out)
+    check_build_folder(out)  # before any work: empty, missing or one of ours
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with build_lock(out):
+            check_build_folder(out)  # again, now that no other build can change it
+            yield out
+    except BaseException:
+        if created and out.is_dir() and [p.name for p in out.iterdir()] == [LOCK_NAME]:
+            (out / LOCK_NAME).unlink()
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+

@@ -301,3 +301,53 @@ def test_bad_model_config_is_one_line(capsys, tmp_path, model, change, message):
     rc, err = run_cli(capsys, "calibrate", folder, "--out", tmp_path / "c", "--method", "minmax", "--no-progress")
     assert rc == 2 and message in one_line(err)
     assert not (tmp_path / "c").exists()
+
+
+# --------------------------------------------------------------------------- adpdm export --out: the build-folder rule
+
+
+@pytest.fixture(scope="module")
+def calibration_folder(model, our_build):
+    return our_build / "calibration"
+
+
+def test_export_refuses_a_folder_that_is_not_ours(model, calibration_folder, tmp_path, capsys, monkeypatch):
+    import adpdm_export.model_loading as model_loading
+
+    monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("loaded despite a bad --out"))
+    out = tmp_path / "user"
+    out.mkdir()
+    (out / "unet.g0.ort.onnx").write_text("the user's")
+    before = snapshot(tmp_path)
+    rc, err = run_cli(capsys, "export", model, "--calibration", calibration_folder, "--out", out, "--target", "ort")
+    assert rc == 2 and "not empty and holds no adpdm build" in one_line(err)
+    assert snapshot(tmp_path) == before
+
+
+def test_export_while_a_build_holds_the_folder_fails_at_once(model, our_build, calibration_folder, tmp_path, capsys):
+    out = Path(shutil.copytree(our_build, tmp_path / "build"))
+    held = _hold_lock(out)
+    try:
+        rc, err = run_cli(capsys, "export", model, "--calibration", calibration_folder, "--out", out, "--target", "ort")
+    finally:
+        held.close()
+    assert rc == 2 and "is being built by" in one_line(err)
+
+
+def test_export_into_a_new_folder_and_over_our_build(model, our_build, calibration_folder, tmp_path, capsys):
+    import adpdm_export as adpdm
+
+    rc, _ = run_cli(capsys, "export", model, "--calibration", calibration_folder, "--out", tmp_path / "new",
+                    "--target", "ort", "--no-check")
+    assert rc == 0 and load_manifest(tmp_path / "new").num_groups == 1
+    out = Path(shutil.copytree(our_build, tmp_path / "again"))
+    (out / "notes.txt").write_text("mine")
+    result = adpdm.CalibrationResult.load(calibration_folder)
+    adpdm.export(str(model), result, out, targets=("ort",), check=False)  # the API holds the same rule
+    assert (out / "notes.txt").read_text() == "mine" and load_manifest(out).num_groups == 1
+    user = tmp_path / "user-files"
+    user.mkdir()
+    (user / "x.txt").write_text("mine")
+    with pytest.raises(AdpdmError, match="not empty and holds no adpdm build"):
+        adpdm.export(str(model), result, user, check=False)
+    assert [p.name for p in user.iterdir()] == ["x.txt"]

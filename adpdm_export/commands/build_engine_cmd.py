@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -53,7 +52,7 @@ def build_engine(
     """Calibrate MODEL with ADP-DM, export one QDQ graph per timestep group, build the engines."""
     from adpdm_export.build_pipeline import build_engine as run_build
     from adpdm_export.build_pipeline import default_targets
-    from adpdm_export.build_stages import LOCK_NAME, build_lock, check_build_folder
+    from adpdm_export.build_stages import claimed_build_folder
     from adpdm_export.commands.calibrate_cmd import load_prompt_embeds, model_conditions, parse_class_labels
     from adpdm_export.model_loading import load_model
     from adpdm_export.progress import console, stage_progress, stderr_line
@@ -75,29 +74,19 @@ def build_engine(
     chosen = pick_backend(backend)
     targets = default_targets(quant.w_bits, chosen)
     # --out: empty, missing or one of our builds, and no other build in it; checked before loading the model
-    check_build_folder(out)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    with build_lock(out):
-        try:
-            loaded = load_model(model)
-            cond = model_conditions(loaded, calib_samples, parse_class_labels(class_labels, loaded),
-                                    load_prompt_embeds(prompt_embeds, loaded))
-            data.check_for(loaded.num_train_timesteps)
-            console.print(f"[bold]build-engine[/bold] {model} -> {out} (backend {chosen}, {method}, W{w_bits}A{a_bits})")
-            with stage_progress(progress) as on_progress:
-                summary = run_build(
-                    loaded, out, config, quant, data, seed=seed, device=device, backend=chosen, targets=targets,
-                    batch_sizes=sizes, resolution=resolution, opt_level=opt_level, cond=cond,
-                    cache_dir=str(cache_dir or default_cache_dir()), force=force, progress=on_progress,
-                    say=lambda msg: console.print(f"  {msg}"), log=stderr_line,
-                )
-        except BaseException:
-            if created and [p.name for p in out.iterdir()] == [LOCK_NAME]:  # failed before any work: no folder left
-                (out / LOCK_NAME).unlink()
-                with contextlib.suppress(OSError):
-                    out.rmdir()
-            raise
+    with claimed_build_folder(out):
+        loaded = load_model(model)
+        cond = model_conditions(loaded, calib_samples, parse_class_labels(class_labels, loaded),
+                                load_prompt_embeds(prompt_embeds, loaded))
+        data.check_for(loaded.num_train_timesteps)
+        console.print(f"[bold]build-engine[/bold] {model} -> {out} (backend {chosen}, {method}, W{w_bits}A{a_bits})")
+        with stage_progress(progress) as on_progress:
+            summary = run_build(
+                loaded, out, config, quant, data, seed=seed, device=device, backend=chosen, targets=targets,
+                batch_sizes=sizes, resolution=resolution, opt_level=opt_level, cond=cond,
+                cache_dir=str(cache_dir or default_cache_dir()), force=force, progress=on_progress,
+                say=lambda msg: console.print(f"  {msg}"), log=stderr_line,
+            )
     print_summary(summary)
 
 

@@ -26,15 +26,18 @@ def export(
 
     check_opset(opset)
     if calibration is not None:
+        from adpdm_export.build_stages import claimed_build_folder
         from adpdm_export.qdq_export import check_supported, export_qdq_for, parse_targets
         from calibration.result import CalibrationResult
 
         targets = parse_targets(target)
-        loaded = load_model(model)
-        result = CalibrationResult.load(calibration, expected_model_sha256=loaded.sha256)
-        check_supported(result, targets)
-        exp = export_qdq_for(loaded, result, out, target=targets, check=check,
-                             say=lambda msg: console.print(f"  {msg}"))
+        # a QDQ export is a build folder: missing, empty or one of ours, one writer at a time
+        with claimed_build_folder(out):
+            loaded = load_model(model)
+            result = CalibrationResult.load(calibration, expected_model_sha256=loaded.sha256)
+            check_supported(result, targets)
+            exp = export_qdq_for(loaded, result, out, target=targets, check=check,
+                                 say=lambda msg: console.print(f"  {msg}"))
         console.print(
             f"wrote {exp.num_groups} group graph(s) x {', '.join(exp.targets)} target(s), {exp.weights.name} and "
             f"manifest.json to {out}"
@@ -44,7 +47,9 @@ def export(
         return
 
     from adpdm_export.onnx_export import check_parity, example_inputs, export_onnx
+    from engines.file_io import check_output_folder
 
+    check_output_folder(out)
     loaded = load_model(model)
     with console.status(f"exporting {loaded.kind} ({model}) to ONNX"):
         exported = export_onnx(
