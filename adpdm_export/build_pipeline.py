@@ -146,9 +146,11 @@ def build_engine(
     if chosen == "ort" and "ort" not in targets:
         raise AdpdmError("--backend ort runs the onnxruntime-target graphs: include 'ort' in the targets")
     check_output_folder(out)
+    check_resolution(resolution, chosen)
     loaded = model if isinstance(model, LoadedModel) else None
     if loaded is not None:
         data.check_for(loaded.num_train_timesteps)
+        check_resolution(resolution, chosen, dict(getattr(loaded.unet, "config", {}) or {}))
     plan = CalibrationPlan(method, quant, data, int(seed), str(device))
     # empty, missing or one of our builds (else one line, before any work); one build per folder
     with claimed_build_folder(out) as out:
@@ -164,6 +166,23 @@ def default_targets(w_bits: int, backend: str) -> tuple[str, ...]:
     if backend == "trt":
         raise AdpdmError("TensorRT engines need W8 (INT8 weights); use --w-bits 8 or --backend ort")
     return ("ort",)
+
+
+def check_resolution(resolution: Optional[Sequence[int]], backend: str, unet_config: Optional[dict] = None) -> None:
+    """--resolution is the TensorRT optimization profile's (H, W): refused where nothing would use it,
+    and checked against the UNet's downsampling (every side a multiple of 2^(down blocks - 1))."""
+    if resolution is None:
+        return
+    if backend != "trt":
+        raise AdpdmError("--resolution sets the TensorRT optimization profile; an onnxruntime build runs any "
+                         "resolution the UNet takes: drop --resolution or build with --backend trt")
+    if len(resolution) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in resolution):
+        raise AdpdmError(f"--resolution must be two positive integers H W, got {tuple(resolution)}")
+    blocks = len((unet_config or {}).get("down_block_types") or ())
+    step = 2 ** max(blocks - 1, 0)
+    if step > 1 and any(v % step for v in resolution):
+        raise AdpdmError(f"--resolution {resolution[0]} {resolution[1]}: this UNet downsamples by {step}, so H and W "
+                         f"must be multiples of {step}")
 
 
 @dataclass(frozen=True)
@@ -191,6 +210,7 @@ def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, targets, batc
     ledger = StageLedger(out).open()  # marks the folder as ours before any work
     loaded = loaded or load_model(model)
     plan.data.check_for(loaded.num_train_timesteps)
+    check_resolution(resolution, chosen, dict(getattr(loaded.unet, "config", {}) or {}))
     if cond is None:
         cond = loaded.default_condition(plan.data.samples)
     manifest_path = out / MANIFEST_NAME

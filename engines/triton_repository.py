@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from engines.errors import AdpdmError
+from engines.file_io import check_output_folder
 from engines.manifest import load_manifest
 from engines.manifest_schema import Manifest
 
@@ -227,6 +228,7 @@ def check_out(out: Path, build_root: Path, overwrite: bool) -> None:
     if out_r == build_r or build_r.is_relative_to(out_r):
         raise AdpdmError(f"--out {out} is the build folder or holds it: choose a new folder for the repository")
     if not out.exists() and not out.is_symlink():
+        check_output_folder(out)  # below a file or unwritable: one line now, not an OSError later
         return
     if out.is_symlink() or not out.is_dir():
         raise AdpdmError(f"--out {out} exists and is not a folder (or is a symbolic link): choose a new folder")
@@ -264,6 +266,8 @@ def write_repository(
     if m.root is None:
         raise AdpdmError("export-triton needs a manifest loaded from its build folder")
     out = Path(out)
+    if max_batch is not None and (isinstance(max_batch, bool) or int(max_batch) < 1):
+        raise AdpdmError(f"--max-batch must be >= 1, got {max_batch}")
     check_out(out, m.root, overwrite)
     if platform == "tensorrt":
         if m.backend != "trt" or m.tensorrt is None or any(g.engine is None for g in m.groups):
@@ -275,12 +279,12 @@ def write_repository(
         top = m.tensorrt.optimization_profile.batch[2]
         if max_batch is not None and max_batch > top:
             raise AdpdmError(f"--max-batch {max_batch} is above the engines' largest batch ({top})")
-        mb = int(max_batch or top)
+        mb = int(top if max_batch is None else max_batch)
     else:
         graph_target = next((p for p in ("ort", "trt", "fp") if p in m.targets()), None)
         if graph_target is None:
             raise AdpdmError(f"the build has no ONNX group graphs (targets: {m.targets()})")
-        mb = int(max_batch or 16)
+        mb = int(16 if max_batch is None else max_batch)
     if mb < 1:
         raise AdpdmError(f"--max-batch must be >= 1, got {mb}")
     inputs, outputs = _graph_io(m.graph_paths(graph_target)[0])

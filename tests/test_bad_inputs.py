@@ -351,3 +351,25 @@ def test_export_into_a_new_folder_and_over_our_build(model, our_build, calibrati
     with pytest.raises(AdpdmError, match="not empty and holds no adpdm build"):
         adpdm.export(str(model), result, user, check=False)
     assert [p.name for p in user.iterdir()] == ["x.txt"]
+
+
+# --------------------------------------------------------------------------- --resolution: used, or refused
+
+
+@pytest.mark.parametrize("resolution", [["7", "7"], ["-1", "0"], ["16", "16"]])
+def test_resolution_on_an_onnxruntime_build_is_refused_not_ignored(capsys, tmp_path, model, resolution):
+    rc, err = run_cli(capsys, "build-engine", model, "--out", tmp_path / "b", *QUICK_FLAGS, "--resolution", *resolution)
+    assert rc == 2 and "--resolution sets the TensorRT optimization profile" in one_line(err)
+    assert not (tmp_path / "b").exists()
+
+
+def test_resolution_is_checked_against_the_unet():
+    from adpdm_export.build_pipeline import check_resolution
+
+    config = {"down_block_types": ["DownBlock2D"] * 4}  # downsamples by 8
+    check_resolution((64, 96), "trt", config)
+    check_resolution(None, "ort", config)
+    with pytest.raises(AdpdmError, match="multiples of 8"):
+        check_resolution((60, 64), "trt", config)
+    with pytest.raises(AdpdmError, match="two positive integers"):
+        check_resolution((0, 64), "trt", config)

@@ -83,6 +83,13 @@ def test_tensorrt_needs_engines_and_out_is_not_overwritten(build, tmp_path):
     m = _trt_manifest(build, tmp_path)
     with pytest.raises(AdpdmError, match="above the engines' largest batch"):
         write_repository(m, tmp_path / "r3", max_batch=9)
+    for bad in (0, -3):  # 0 used to become the default (16) silently
+        with pytest.raises(AdpdmError, match=f"--max-batch must be >= 1, got {bad}"):
+            write_repository(build, tmp_path / "r4", platform="onnxruntime", max_batch=bad)
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(AdpdmError, match="afile is a file, not a folder"):
+        write_repository(build, tmp_path / "afile" / "repo", platform="onnxruntime")
+    assert not (tmp_path / "r4").exists()
 
 
 def test_bad_configs_are_refused():

@@ -51,7 +51,7 @@ def build_engine(
 ) -> None:
     """Calibrate MODEL with ADP-DM, export one QDQ graph per timestep group, build the engines."""
     from adpdm_export.build_pipeline import build_engine as run_build
-    from adpdm_export.build_pipeline import default_targets
+    from adpdm_export.build_pipeline import check_resolution, default_targets
     from adpdm_export.build_stages import claimed_build_folder
     from adpdm_export.commands.calibrate_cmd import load_prompt_embeds, model_conditions, parse_class_labels
     from adpdm_export.model_loading import load_model
@@ -73,6 +73,7 @@ def build_engine(
         raise AdpdmError(f"--opt-level must be in 0..5, got {opt_level}")
     chosen = pick_backend(backend)
     targets = default_targets(quant.w_bits, chosen)
+    check_resolution(resolution, chosen)
     # --out: empty, missing or one of our builds, and no other build in it; checked before loading the model
     with claimed_build_folder(out):
         loaded = load_model(model)
