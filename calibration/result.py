@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 
 from engines.errors import AdpdmError
+from engines.json_files import JsonFields, read_json
 from engines.file_io import atomic_write, sha256_file
 from engines.timestep_groups import TimestepGroups
 
@@ -206,18 +207,16 @@ class CalibrationResult:
         jpath, tpath = d / JSON_NAME, d / TENSORS_NAME
         if not d.is_dir():
             raise AdpdmError(f"no calibration folder at {d}")
-        try:
-            doc = json.loads(jpath.read_text())
-        except FileNotFoundError:
-            raise AdpdmError(f"{d} holds no {JSON_NAME}; run `adpdm calibrate` first") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AdpdmError(f"{jpath} is not valid JSON ({e})") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        if not jpath.is_file():
+            raise AdpdmError(f"{d} holds no {JSON_NAME}; run `adpdm calibrate` first")
+        doc = read_json(jpath, "calibration file")  # damaged, nested too deep, not an object: one line
+        if doc.get("format") != FORMAT:
             raise AdpdmError(f"{jpath} is not an adpdm calibration file")
         ver = doc.get("format_version")
         if ver != FORMAT_VERSION:
             raise AdpdmError(f"{jpath} has format_version {ver}; this tool reads {FORMAT_VERSION}: recalibrate")
-        sha = doc.get("model_sha256")
+        doc_fields = JsonFields(doc, "calibration", prefix=f"{jpath}: ")
+        sha = doc_fields.str_("model_sha256")
         if expected_model_sha256 is not None and sha != expected_model_sha256:
             raise AdpdmError(
                 f"calibration in {d} is for model {str(sha)[:12]}, not for this model ({expected_model_sha256[:12]}): "
@@ -235,48 +234,57 @@ class CalibrationResult:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
             raise AdpdmError(f"cannot read {tpath} ({type(e).__name__}: {str(e)[:200]}); recalibrate") from None
-        try:
-            table = tensors[TABLE_KEY].to(torch.int64)
-            t_json = torch.tensor(doc["timestep_to_group"], dtype=torch.int64)
-            if not torch.equal(table, t_json):
-                raise AdpdmError(f"timestep_to_group differs between {JSON_NAME} and {TENSORS_NAME}")
-            g = int(doc["num_groups"])
-            if table.numel() != int(doc["num_train_timesteps"]) or int(table.min()) < 0 or int(table.max()) != g - 1:
-                raise AdpdmError(f"{jpath}: timestep_to_group does not fit num_train_timesteps / num_groups")
-            act, wts = {}, {}
-            for q in doc["activation_quantizers"]:
-                s = tensors[f"{q['name']}.scale"].to(torch.float32)
-                if s.shape != (g,):
-                    raise AdpdmError(f"{q['name']}: {tuple(s.shape)} scales for {g} groups")
-                act[q["name"]] = s
-            for q in doc["weight_quantizers"]:
-                s = tensors[f"{q['name']}.scale"].to(torch.float32)
-                if s.shape != (int(q["channels"]),):
-                    raise AdpdmError(f"{q['name']}: {tuple(s.shape)} scales for {q['channels']} channels")
-                wts[q["name"]] = s
-            for n, s in {**act, **wts}.items():
-                if not torch.isfinite(s).all() or bool((s <= 0).any()):
-                    raise AdpdmError(f"{n}: non-positive or non-finite scale")
-            return cls(
-                model_sha256=sha,
-                method=doc["method"],
-                w_bits=int(doc["w_bits"]),
-                a_bits=int(doc["a_bits"]),
-                target=doc[TARGET_KEY],
-                timestep_to_group=table,
-                activation_scales=act,
-                weight_scales=wts,
-                activation_quantizers=list(doc["activation_quantizers"]),
-                weight_quantizers=list(doc["weight_quantizers"]),
-                config=doc.get("config", {}),
-                groups=doc["groups"],
-                calib_timestep=doc.get("calib_timestep"),
-                timings=doc.get("timings", {}),
-                extra=doc.get("extra", {}),
-                format_version=ver,
-            )
-        except KeyError as e:
-            raise AdpdmError(f"calibration in {d} lacks {e}; recalibrate") from None
+        # every field by type before use: a wrong type is one line naming the field, never a traceback
+        g = doc_fields.int_("num_groups", minimum=1)
+        t_count = doc_fields.int_("num_train_timesteps", minimum=1)
+        t_json = doc_fields.int_list("timestep_to_group", length=t_count, minimum=0)
+        w_bits, a_bits = doc_fields.int_("w_bits", minimum=1), doc_fields.int_("a_bits", minimum=1)
+        method, target = doc_fields.str_("method"), doc_fields.str_(TARGET_KEY)
+        act_q = [(q, q.str_("name")) for q in doc_fields.objects("activation_quantizers")]
+        wt_q = [(q, q.str_("name"), q.int_("channels", minimum=1)) for q in doc_fields.objects("weight_quantizers")]
+        groups = [q.d for q in doc_fields.objects("groups")]
+        calib_timestep = doc_fields.int_("calib_timestep", optional=True)
+        config, timings, extra = (doc_fields.get(k, dict, optional=True, default={}) for k in ("config", "timings", "extra"))
+        if TABLE_KEY not in tensors:
+            raise AdpdmError(f"{tpath} lacks {TABLE_KEY}; recalibrate")
+        table = tensors[TABLE_KEY].to(torch.int64)
+        if not torch.equal(table, torch.tensor(t_json, dtype=torch.int64)):
+            raise AdpdmError(f"timestep_to_group differs between {JSON_NAME} and {TENSORS_NAME}")
+        if int(table.max()) != g - 1:
+            raise AdpdmError(f"{jpath}: timestep_to_group does not fit num_train_timesteps / num_groups")
+        act, wts = {}, {}
+        for expected, entries in (((g,), act_q), (None, wt_q)):
+            for entry in entries:
+                name = entry[1]
+                key = f"{name}.scale"
+                if key not in tensors:
+                    raise AdpdmError(f"{tpath} lacks {key}; recalibrate")
+                s_ = tensors[key].to(torch.float32)
+                want = expected or (entry[2],)
+                if tuple(s_.shape) != want:
+                    what = f"{g} groups" if expected else f"{entry[2]} channels"
+                    raise AdpdmError(f"{name}: {tuple(s_.shape)} scales for {what}")
+                if not torch.isfinite(s_).all() or bool((s_ <= 0).any()):
+                    raise AdpdmError(f"{name}: non-positive or non-finite scale")
+                (act if expected else wts)[name] = s_
+        return cls(
+            model_sha256=sha,
+            method=method,
+            w_bits=w_bits,
+            a_bits=a_bits,
+            target=target,
+            timestep_to_group=table,
+            activation_scales=act,
+            weight_scales=wts,
+            activation_quantizers=[q.d for q, _ in act_q],
+            weight_quantizers=[q.d for q, _, _ in wt_q],
+            config=config,
+            groups=groups,
+            calib_timestep=calib_timestep,
+            timings=timings,
+            extra=extra,
+            format_version=ver,
+        )
 
 
 def result_from_model(

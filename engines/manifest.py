@@ -13,9 +13,10 @@ import datetime as _dt
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping
 
 from engines.errors import AdpdmError
+from engines.json_files import JsonFields, read_json
 from engines.file_io import atomic_write_text, resolve_in, sha256_file
 from engines.manifest_schema import (
     FORMAT,
@@ -79,12 +80,7 @@ def load_manifest(build_dir: str | os.PathLike, verify: bool | str = True) -> Ma
     if not mpath.is_file():
         hint = " (unfinished or interrupted build?)" if root.is_dir() else ""
         raise AdpdmError(f"no {MANIFEST_NAME} in {root}{hint}: not an adpdm build folder")
-    try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdpdmError(f"{mpath} is not valid JSON ({e}): the manifest is damaged, rebuild") from None
-    if not isinstance(raw, dict):
-        raise AdpdmError(f"{mpath}: the manifest must be a JSON object")
+    raw = read_json(mpath, "the build manifest")  # damaged, nested too deep, not an object: one line
     m = _parse_manifest(raw, where=str(mpath))
     m.root = root.resolve()
     for fe in m.files:
@@ -118,45 +114,9 @@ def verify_files(manifest: Manifest, hashes: bool = True) -> None:
 # --------------------------------------------------------------------------- parsing
 
 
-class _Reader:
-    def __init__(self, d: Any, where: str):
-        if not isinstance(d, Mapping):
-            raise AdpdmError(f"manifest: {where} must be an object, got {type(d).__name__}")
-        self.d, self.where = d, where
-
-    def get(self, key: str, kind, optional: bool = False, default: Any = None):
-        if key not in self.d or self.d[key] is None:
-            if optional:
-                return default
-            raise AdpdmError(f"manifest: {self.where}.{key} is missing")
-        v = self.d[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if bool in kinds or not isinstance(v, bool):  # bool is an int subclass: only accept it where asked
-            if isinstance(v, kinds):
-                return v
-        raise AdpdmError(
-            f"manifest: {self.where}.{key} must be {'/'.join(k.__name__ for k in kinds)}, got {type(v).__name__}"
-        )
-
-    def int_(self, key: str, optional: bool = False, default: Any = None, minimum: Optional[int] = None):
-        v = self.get(key, int, optional, default)
-        if v is not None and minimum is not None and v < minimum:
-            raise AdpdmError(f"manifest: {self.where}.{key} must be >= {minimum}, got {v}")
-        return v
-
-    def int_list(self, key: str, length: Optional[int] = None) -> list[int]:
-        v = self.get(key, list)
-        if not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-            raise AdpdmError(f"manifest: {self.where}.{key} must be a list of integers")
-        if length is not None and len(v) != length:
-            raise AdpdmError(f"manifest: {self.where}.{key} must have {length} entries, got {len(v)}")
-        return list(v)
-
-    def str_map(self, key: str) -> dict[str, str]:
-        v = self.get(key, dict)
-        if not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
-            raise AdpdmError(f"manifest: {self.where}.{key} must map names to file names")
-        return dict(v)
+def _Reader(d: Any, where: str) -> JsonFields:
+    """Typed fields of the manifest; errors read "manifest: model.in_channels must be integer, ..."."""
+    return JsonFields(d, where, prefix="manifest: ")
 
 
 def _parse_manifest(d: Mapping[str, Any], where: str = "manifest") -> Manifest:

@@ -373,3 +373,64 @@ def test_resolution_is_checked_against_the_unet():
         check_resolution((60, 64), "trt", config)
     with pytest.raises(AdpdmError, match="two positive integers"):
         check_resolution((0, 64), "trt", config)
+
+
+# --------------------------------------------------------------------------- files we read: one line per bad field
+
+
+def _edited_copy(src: Path, dst: Path, name: str, change) -> Path:
+    folder = Path(shutil.copytree(src, dst))
+    path = folder / name
+    if callable(change):
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    else:
+        path.write_text(change)
+    return folder
+
+
+def _set(path: list, value):
+    def edit(doc):
+        node = doc
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        return doc
+    return edit
+
+
+DEEP = "[" * 200_000 + "]" * 200_000
+
+CALIBRATION_CASES = {
+    "string in the table": (_set(["timestep_to_group", 0], "x"), "timestep_to_group must be a list of integers"),
+    "num_groups a string": (_set(["num_groups"], "two"), "num_groups must be integer, got string"),
+    "quantizer not an object": (_set(["activation_quantizers", 0], "oops"), "activation_quantizers[0] must be an object"),
+    "channels missing": (lambda d: (d["weight_quantizers"][0].pop("channels"), d)[1], "channels is missing"),
+    "nested too deep": (DEEP, "nests too deeply"),
+    "a list": ("[1, 2]", "must hold a JSON object, got array"),
+    "not JSON": ("{", "is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CALIBRATION_CASES))
+def test_bad_calibration_json_is_one_line(our_build, tmp_path, capsys, case):
+    change, message = CALIBRATION_CASES[case]
+    folder = _edited_copy(our_build / "calibration", tmp_path / "cal", "calibration.json", change)
+    rc, err = run_cli(capsys, "eval", folder, "--samples", "2", "--json", "--no-progress")
+    assert rc == 2 and message in one_line(err)
+
+
+MANIFEST_CASES = {
+    "string in the table": (_set(["timestep_to_group", 0], "x"), "timestep_to_group must be a list of integers"),
+    "group not an object": (_set(["groups", 0], 7), "groups[0] must be an object"),
+    "nested too deep": (DEEP, "nests too deeply"),
+    "a list": ("[]", "must hold a JSON object, got array"),
+    "channels a string": (_set(["model", "in_channels"], "1"), "model.in_channels must be integer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST_CASES))
+def test_bad_manifest_is_one_line(our_build, tmp_path, capsys, case):
+    change, message = MANIFEST_CASES[case]
+    folder = _edited_copy(our_build, tmp_path / "b", "manifest.json", change)
+    rc, err = run_cli(capsys, "inspect", folder)
+    assert rc == 2 and message in one_line(err)
