@@ -51,6 +51,7 @@ from adpdm_export.qdq_manifest import write_qdq_manifest
 from adpdm_export.qdq_parity import PARITY_TOL, GraphCheck, check_group_graph
 from adpdm_export.qdq_report import report_to_disk
 from engines.errors import AdpdmError
+from engines.group_graph_stamp import stamp, stamp_values
 
 WEIGHTS_NAME = P.WEIGHTS_NAME
 REPORT_NAME = P.REPORT_NAME
@@ -404,6 +405,7 @@ def export_qdq(
 
         t1 = time.perf_counter()
         g_count = int(result.num_groups)
+        table = [int(x) for x in result.timestep_to_group.tolist()]
         files: dict[str, list[Path]] = {}
         with P.SharedWeights(stage / WEIGHTS_NAME) as weights:
             for prof, tmpl in templates.items():
@@ -413,7 +415,8 @@ def export_qdq(
             models = []
             for k in range(g_count):
                 values = {s: float(result.activation_scales[q][k]) for s, q in scale_maps[prof].items()}
-                m = P.set_activation_scales(tmpl, values)
+                m = stamp(P.set_activation_scales(tmpl, values), stamp_values(
+                    k, g_count, table, sample_shape[1:], sample_shape[0]))
                 models.append(m)
                 files.setdefault(prof, []).append(P.save_graph(m, stage / graph_name(k, prof)))
             P.assert_identical_but_scales(models, scale_maps[prof], [graph_name(k, prof) for k in range(g_count)])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from engines.errors import AdpdmError
+from engines.group_graph_stamp import check_graph_stamps
 from engines.json_files import JsonFields, read_json
 from engines.file_io import atomic_write_text, resolve_in, sha256_file
 from engines.manifest_schema import (
@@ -87,6 +88,7 @@ def load_manifest(build_dir: str | os.PathLike, verify: bool | str = True) -> Ma
         resolve_in(m.root, fe.path, "file")
     if verify:
         verify_files(m, hashes=(verify is True))
+        check_graph_stamps(m)  # the manifest's table, sample size and channels are the graphs' own
     return m
 
 

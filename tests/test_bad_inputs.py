@@ -434,3 +434,37 @@ def test_bad_manifest_is_one_line(our_build, tmp_path, capsys, case):
     folder = _edited_copy(our_build, tmp_path / "b", "manifest.json", change)
     rc, err = run_cli(capsys, "inspect", folder)
     assert rc == 2 and message in one_line(err)
+
+
+def _two_group_build(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two") / "build"
+    build_engine(str(model), out, UniformGroupsConfig(groups=2), data=DataFreeConfig(samples=2, steps=4),
+                 backend="ort", targets=("ort",))
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_groups(model, tmp_path_factory):
+    return _two_group_build(model, tmp_path_factory)
+
+
+def _swap_groups(doc):
+    doc["timestep_to_group"] = [1 - g for g in doc["timestep_to_group"]]  # valid, consistent, wrong
+    for g in doc["groups"]:
+        g["timestep_ranges"] = [[lo, hi] for lo, hi in g["timestep_ranges"]]
+    doc["groups"][0]["timestep_ranges"], doc["groups"][1]["timestep_ranges"] = (
+        doc["groups"][1]["timestep_ranges"], doc["groups"][0]["timestep_ranges"])
+    return doc
+
+
+@pytest.mark.parametrize("change, field", [
+    (_swap_groups, "timestep_table_sha256"),
+    (_set(["model", "sample_size"], [8, 8]), "sample_size"),
+])
+def test_a_manifest_edited_consistently_is_caught_by_its_graphs(two_groups, tmp_path, change, field):
+    from engines.runner import TimestepDispatchRunner
+
+    folder = _edited_copy(two_groups, tmp_path / "b", "manifest.json", change)
+    with pytest.raises(AdpdmError, match=f"manifest disagrees with unet.g0.ort.onnx on {field}"):
+        TimestepDispatchRunner(folder)
+    assert TimestepDispatchRunner(two_groups).manifest.num_groups == 2  # the unedited build loads
