@@ -25,6 +25,7 @@ from engines.group_backend import GroupBackend, open_group_backend
 from engines.manifest import load_manifest
 from engines.manifest_schema import Manifest
 
+ORT_CHUNK = 16  # onnxruntime's default largest call: its arena keeps the peak of any call it ran
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
@@ -39,6 +40,10 @@ class TimestepDispatchRunner:
         of engines.group_backend.ORT_TARGET_ORDER the build has.
     verify: check every build file's sha256 on load (True), its size only ("size"), or not.
     cuda_graphs: TensorRT only: capture one CUDA graph per (group, input shapes).
+    chunk: the largest batch one backend call gets; larger batches are split into near-equal
+        chunks (so each stays at or above the smallest batch TensorRT was built for) and their
+        outputs joined. Default: the TensorRT engines' largest batch, or ORT_CHUNK for
+        onnxruntime, whose memory arena keeps the peak of the largest call it ever ran.
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class TimestepDispatchRunner:
         verify: bool | str = True,
         cuda_graphs: bool = False,
         ort_options: Optional[Mapping[str, Any]] = None,
+        chunk: Optional[int] = None,
     ):
         if isinstance(build, Manifest):
             if build.root is None:
@@ -69,6 +75,11 @@ class TimestepDispatchRunner:
         self.device = self.group_backend.device
         self.input_spec = self.group_backend.input_spec
         self.min_batch, self.max_batch = self.input_spec.batch
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise AdpdmError(f"chunk must be an integer >= 1, got {chunk!r}")
+        limit = self.max_batch  # TensorRT: the engines' largest batch; onnxruntime: none
+        self.chunk = min(chunk or limit or ORT_CHUNK, limit) if limit else (chunk or ORT_CHUNK)
+        self._closed = False
         self.cond_specs: dict[str, dict[str, Any]] = dict(m.model.conditioning)
         self.cond_names: tuple[str, ...] = tuple(self.cond_specs)
         self.timestep_groups = m.timestep_groups
@@ -95,7 +106,23 @@ class TimestepDispatchRunner:
         return self.timestep_groups.group_of(t)
 
     def __call__(self, sample: torch.Tensor, timestep: Any, **cond: Any) -> torch.Tensor:
+        if self._closed:
+            raise AdpdmError("this runner is closed: open a new TimestepDispatchRunner")
         sample, t, cond = self.check_inputs(sample, timestep, **cond)
+        B = sample.shape[0]
+        if B <= self.chunk:
+            return self._dispatch(sample, t, cond)
+        n = -(-B // self.chunk)
+        sizes = [B // n + (1 if i < B % n else 0) for i in range(n)]  # near-equal: no tiny tail chunk
+        outs, lo = [], 0
+        for size in sizes:
+            sl = slice(lo, lo + size)
+            outs.append(self._dispatch(sample[sl], t[sl], {k: v[sl] for k, v in cond.items()}))
+            lo += size
+        return torch.cat(outs)
+
+    def _dispatch(self, sample: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One backend call per group present in the batch (checked inputs, at most `chunk` items)."""
         out_device = sample.device
         groups = self.timestep_groups.group_of(t.cpu())
         run_device = self.device
@@ -149,11 +176,6 @@ class TimestepDispatchRunner:
             raise AdpdmError(f"sample has {sample.shape[1]} channels, the model takes {C} (shape {tuple(sample.shape)})")
         self._check_resolution(sample.shape[2], sample.shape[3])
         by = self.input_spec.limited_by
-        if self.max_batch is not None and B > self.max_batch:
-            raise AdpdmError(
-                f"batch {B} is above the largest batch the {by} engines were built for ({self.max_batch}): "
-                f"split the batch or rebuild with larger --batch-sizes"
-            )
         if B < self.min_batch:
             raise AdpdmError(f"batch {B} is below the smallest batch the {by} engines were built for ({self.min_batch})")
         bad = ~torch.isfinite(sample.reshape(B, -1)).all(dim=1)
@@ -262,7 +284,10 @@ class TimestepDispatchRunner:
         return RunnerUNet(self)
 
     def close(self) -> None:
-        self.group_backend.close()
+        """Release the sessions or engines; calling the runner afterwards is one AdpdmError line."""
+        if not self._closed:
+            self._closed = True
+            self.group_backend.close()
 
     def __enter__(self):
         return self

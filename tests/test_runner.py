@@ -300,12 +300,36 @@ def test_backend_input_spec_limits_are_checked_before_running(build3, monkeypatc
 
     monkeypatch.setattr(runner_module, "open_group_backend", limited)
     r = TimestepDispatchRunner(build3, backend="ort", threads=1)
-    assert (r.min_batch, r.max_batch) == (2, 3)
-    with pytest.raises(AdpdmError, match=r"above the largest batch the TensorRT engines were built for \(3\)"):
-        r(x_of(4), 10)
+    assert (r.min_batch, r.max_batch, r.chunk) == (2, 3, 3)
+    calls = []
+    run = r.group_backend.run
+    r.group_backend.run = lambda k, feeds: calls.append(feeds["sample"].shape[0]) or run(k, feeds)
+    y = r(x_of(4), 10)  # above the largest batch: two chunks of 2 (near-equal, none below the smallest)
+    assert calls == [2, 2] and torch.equal(y, torch.cat([r(x_of(4)[:2], 10), r(x_of(4)[2:], 10)]))
     with pytest.raises(AdpdmError, match=r"below the smallest batch the TensorRT engines were built for \(2\)"):
         r(x_of(1), 10)
     with pytest.raises(AdpdmError, match=r"outside the TensorRT optimization profile \(16..32 x 16..16\)"):
         r(x_of(2, shape=(1, 16, 24)), 10)
     assert r(x_of(2, shape=(1, 32, 16)), 10).shape == (2, 1, 32, 16)  # inside the optimization profile: it runs
     r.close()
+
+
+def test_large_batches_run_in_chunks_and_a_closed_runner_says_so(build3):
+    r = TimestepDispatchRunner(build3, backend="ort", threads=1, chunk=4)
+    calls = []
+    run = r.group_backend.run
+    r.group_backend.run = lambda k, feeds: calls.append(feeds["sample"].shape[0]) or run(k, feeds)
+    x = torch.randn(10, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([10, 900, 400] * 3 + [10])
+    y = r(x, t)
+    assert max(calls) <= 4 and sum(calls) == 10  # chunks 4, 3, 3, each split by group
+    parts = [r(x[a:b], t[a:b]) for a, b in ((0, 4), (4, 7), (7, 10))]
+    assert torch.equal(y, torch.cat(parts))
+    assert TimestepDispatchRunner(build3, backend="ort", threads=1).chunk == 16  # onnxruntime's default
+    with pytest.raises(AdpdmError, match="chunk must be an integer >= 1"):
+        TimestepDispatchRunner(build3, backend="ort", chunk=0)
+    r.close()
+    r.close()  # idempotent
+    with pytest.raises(AdpdmError, match="this runner is closed"):
+        r(x[:1], 10)
+
