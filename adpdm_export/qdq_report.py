@@ -9,10 +9,10 @@ for the targets exported and "profile" in each entry of "checks". `report_to_dis
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any, Mapping
+
+from engines.json_files import read_json
 
 TARGETS_KEY = "profiles"  # historical name of the report's list of graph targets
 CHECK_TARGET_KEY = "profile"  # historical name of a check's graph target
@@ -40,8 +40,8 @@ def report_from_disk(doc: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_report(path: str | os.PathLike) -> dict[str, Any]:
-    """Load qdq_report.json (json errors and OSError propagate) in code names."""
-    return report_from_disk(json.loads(Path(path).read_text()))
+    """Load qdq_report.json in code names (an unreadable report is one AdpdmError line)."""
+    return report_from_disk(read_json(path, "export report"))
 
 
 __all__ = ["CHECK_TARGET_KEY", "TARGETS_KEY", "read_report", "report_from_disk", "report_to_disk"]

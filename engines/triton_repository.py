@@ -36,6 +36,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from engines.errors import AdpdmError
 from engines.file_io import check_output_folder
+from engines.json_files import JsonFields, read_json
 from engines.manifest import load_manifest
 from engines.manifest_schema import Manifest
 
@@ -164,8 +165,9 @@ def validate_repository(repo: str | os.PathLike) -> dict[str, Any]:
             raise AdpdmError(f"{d.name}: no version folder (1/)")
         out[d.name] = cfg
     if GENERATE_MODEL in out:
-        meta = json.loads((repo / GENERATE_MODEL / "1" / GENERATE_CONFIG).read_text())
-        missing = [m for m in meta["group_models"] if m not in out]
+        meta = JsonFields(read_json(repo / GENERATE_MODEL / "1" / GENERATE_CONFIG, "generate model config"),
+                          GENERATE_CONFIG)
+        missing = [m for m in meta.get("group_models", list) if m not in out]
         if missing:
             raise AdpdmError(f"generate dispatches to {missing}, which the repository lacks")
     return out
@@ -213,7 +215,7 @@ def is_our_repository(folder: str | os.PathLike) -> bool:
         return False
     try:
         doc = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return False
     return isinstance(doc, dict) and doc.get("format") == MARKER_FORMAT
 
