@@ -46,6 +46,8 @@ def calibrate(
     data: Any = None,
     seed: int = 0,
     cond: Optional[Mapping[str, Any]] = None,
+    prompts: Optional[Sequence[str]] = None,
+    negative_prompt: Optional[str] = None,
     device: str = "cpu",
     batch_size: int = DEFAULT_BATCH_SIZE,
     cache_dir: Optional[str | os.PathLike] = None,
@@ -54,19 +56,32 @@ def calibrate(
 ) -> CalibrationResult:
     """Calibrate `model` (default: ADP-DM with 4 groups, W8A8, data-free).
 
-    data: None / a DataFreeConfig (the FP model samples `samples` seeds from `seed`), a
-    TrajectorySet, or the user's own `(x_t, t[, cond])` batches (an iterable, or a callable
-    returning one). cond: conditions of data-free sampling (default: the model's null ones).
-    cache_dir: where sampled trajectories are cached (default: none).
+    data: None / a DataFreeConfig (the FP model samples `samples` seeds from `seed`; its
+    guidance_scale > 1 samples with classifier-free guidance), a TrajectorySet, or the user's own
+    `(x_t, t[, cond])` batches (an iterable, or a callable returning one). cond: conditions of
+    data-free sampling (default: the model's null ones). Text-to-image pipelines: `prompts`
+    (default: a shipped set of generic captions) and `negative_prompt` (default "") are encoded
+    by the pipeline's own text encoder. cache_dir: where sampled trajectories are cached (default: none).
     """
+    from adpdm_export.text_prompts import prompt_conditions
     from calibration.pipeline import calibrate as run
 
     loaded = _loaded(model)
     method = ADPDMConfig() if method is None else method
-    if cond is None and (data is None or isinstance(data, DataFreeConfig)):
-        cond = loaded.default_condition((data or DataFreeConfig()).samples)
+    uncond = None
+    if data is None or isinstance(data, DataFreeConfig):
+        data = data or DataFreeConfig()
+        if cond is None:
+            cond = loaded.default_condition(data.samples)
+        if loaded.text_encoder is not None and (prompts is not None or data.guidance_scale > 1.0):
+            pc = prompt_conditions(loaded, prompts, negative_prompt, data.guidance_scale)
+            cond = {**cond, **pc.cond} if prompts is not None else cond  # type: ignore[union-attr]
+            uncond = pc.uncond if data.guidance_scale > 1.0 else None
+        elif prompts is not None or negative_prompt is not None:
+            prompt_conditions(loaded, prompts, negative_prompt)  # one line: not a text pipeline
     result = run(
-        loaded.unet, loaded.scheduler_config, method, quant, data=data, seed=seed, cond=cond, device=device,
+        loaded.unet, loaded.scheduler_config, method, quant, data=data, seed=seed, cond=cond, uncond=uncond,
+        device=device,
         batch_size=batch_size, cache_dir=None if cache_dir is None else str(cache_dir), progress=progress, log=log,
         extra_settings={"model_source": loaded.source, "model_kind": loaded.kind},
     )

@@ -85,11 +85,12 @@ def _versions(*modules: str) -> dict[str, Optional[str]]:
 
 
 def _calibrate_stage(loaded: LoadedModel, method: MethodConfig, quant: QuantConfig, data: DataFreeConfig, seed: int,
-                     device: str, out: Path, cond, cache_dir, progress, log):
+                     device: str, out: Path, cond, uncond, cache_dir, progress, log):
     from calibration.pipeline import calibrate
 
     result = calibrate(
-        loaded.unet, loaded.scheduler_config, method, quant, data=data, seed=seed, cond=cond, device=device,
+        loaded.unet, loaded.scheduler_config, method, quant, data=data, seed=seed, cond=cond, uncond=uncond,
+        device=device,
         cache_dir=cache_dir, progress=progress, log=log,
         extra_settings={"model_source": loaded.source, "model_kind": loaded.kind},
     )
@@ -113,6 +114,7 @@ def build_engine(
     resolution: Optional[tuple[int, int]] = None,
     opt_level: int = 3,
     cond: Optional[dict] = None,
+    uncond: Optional[dict] = None,
     cache_dir: Optional[str] = None,
     force: bool = False,
     progress: Optional[Progress] = None,
@@ -122,7 +124,8 @@ def build_engine(
     """Build (or resume) the folder `out` for `model` (a name/path for `load_model`, or a LoadedModel).
 
     method / quant / data: the calibration (default ADP-DM with 4 groups, W8A8, 64 data-free
-    samples x 100 steps); seed and device as for `calibration.pipeline.calibrate`. targets:
+    samples x 100 steps); seed, device, cond and uncond (the unconditional inputs of guidance,
+    data.guidance_scale > 1) as for `calibration.pipeline.calibrate`. targets:
     the graph targets to export (default `default_targets`). Returns what each stage did.
     """
     from adpdm_export.qdq_export import parse_targets
@@ -154,7 +157,7 @@ def build_engine(
     plan = CalibrationPlan(method, quant, data, int(seed), str(device))
     # empty, missing or one of our builds (else one line, before any work); one build per folder
     with claimed_build_folder(out) as out:
-        return _build_locked(model, out, plan, chosen, targets, batch_sizes, resolution, opt_level, cond,
+        return _build_locked(model, out, plan, chosen, targets, batch_sizes, resolution, opt_level, cond, uncond,
                              cache_dir, force, progress, say, log, loaded, t_start)
 
 
@@ -201,7 +204,7 @@ class CalibrationPlan:
 
 
 def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, targets, batch_sizes, resolution,
-                  opt_level, cond, cache_dir, force, progress, say, log, loaded, t_start) -> BuildSummary:
+                  opt_level, cond, uncond, cache_dir, force, progress, say, log, loaded, t_start) -> BuildSummary:
     from adpdm_export.qdq_export import REPORT_NAME, WEIGHTS_NAME, export_qdq_for, graph_name
     from adpdm_export.qdq_manifest import write_qdq_manifest
     from adpdm_export.qdq_report import read_report
@@ -221,14 +224,16 @@ def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, targets, batc
     model_id = model_identity(loaded)
 
     # 1. calibrate (conditions by content: `--class-labels 1,2` then `3,4` must recalibrate)
-    key = stage_key(stage="calibrate", model=model_id, settings=plan.key(), cond=dict(cond),
+    guidance = {"uncond": dict(uncond)} if uncond else {}  # unguided builds keep the key they had
+    key = stage_key(stage="calibrate", model=model_id, settings=plan.key(), cond=dict(cond), **guidance,
                     versions=_versions("torch", "diffusers"))
     if force or ledger.current("calibrate", key) is None:
         ledger.claim("calibrate", [f"{CALIBRATION_DIR}/{JSON_NAME}", f"{CALIBRATION_DIR}/{TENSORS_NAME}"])
         unfinished()
         say("calibrate: running")
     calib = ledger.run("calibrate", key, lambda: _calibrate_stage(loaded, plan.method, plan.quant, plan.data, plan.seed,
-                                                                  plan.device, out, cond, cache_dir, progress, log),
+                                                                  plan.device, out, cond, uncond, cache_dir, progress,
+                                                                  log),
                        force=force)
     result = CalibrationResult.load(out / CALIBRATION_DIR, expected_model_sha256=loaded.sha256)
     say(f"calibrate: {'reused' if calib.reused else 'done'} ({result.method}, {result.num_groups} group(s))")

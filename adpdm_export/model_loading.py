@@ -51,6 +51,7 @@ class LoadedModel:
     out_channels: int
     conditioning: dict[str, Any] = field(default_factory=dict)
     scheduler_config_found: bool = True
+    text_encoder: Any = None  # adpdm_export.text_prompts.TextEncoder of a text-to-image pipeline folder
     _sha256: str | None = None
 
     @property
@@ -68,8 +69,19 @@ class LoadedModel:
         return (self.in_channels, *self.sample_size)
 
     def default_condition(self, batch: int) -> dict[str, torch.Tensor]:
-        """Null conditioning for `batch` items (engines.conditioning.default_condition)."""
-        return default_condition(self.conditioning, batch)
+        """Null conditioning for `batch` items: a text pipeline's encoding of the empty prompt (what
+        the UNet sees unconditionally), else engines.conditioning.default_condition."""
+        cond = default_condition(self.conditioning, batch)
+        if self.text_encoder is not None:
+            cond["encoder_hidden_states"] = self.empty_prompt().expand(batch, -1, -1).clone()
+        return cond
+
+    def empty_prompt(self) -> torch.Tensor:
+        """(1, L, D) embedding of the empty prompt (needs the text encoder)."""
+        if self.text_encoder is None:
+            raise AdpdmError("this model has no text encoder (a text-to-image pipeline folder has tokenizer/ and "
+                             "text_encoder/)")
+        return self.text_encoder.encode([""])[0]
 
 
 def _conditioning_of(kind: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -165,8 +177,8 @@ def _from_hub(repo_id: str) -> Path:
     try:
         path = snapshot_download(
             repo_id,
-            allow_patterns=["model_index.json", "*.json", "unet/*.safetensors", "*.safetensors"],
-            ignore_patterns=["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "text_encoder*/*", "vae/*"],
+            allow_patterns=["model_index.json", "*.json", "*.safetensors", "tokenizer/*"],
+            ignore_patterns=["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "text_encoder_2/*", "vae/*"],
         )
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -194,12 +206,17 @@ def load_model(source: str | os.PathLike) -> LoadedModel:
         if folder.is_file():
             raise AdpdmError(f"{src} is a file; give the folder of a diffusers UNet or pipeline")
     found_scheduler = True
+    text_encoder = None
     if (folder / "model_index.json").is_file():
         index = read_json(folder / "model_index.json", "pipeline index")
         if not (folder / "unet" / "config.json").is_file():
             raise AdpdmError(f"pipeline folder {folder} has no unet/config.json (pipeline {index.get('_class_name')})")
         unet, kind, config = _load_unet_folder(folder / "unet", src)
         sched = _scheduler_config_near(folder / "unet")
+        if kind == "UNet2DConditionModel" and ("text_encoder" in index or (folder / "text_encoder").exists()):
+            from adpdm_export.text_prompts import load_text_encoder
+
+            text_encoder = load_text_encoder(folder, config.get("cross_attention_dim"))
     elif (folder / "config.json").is_file():
         unet, kind, config = _load_unet_folder(folder, src)
         sched = _scheduler_config_near(folder)
@@ -214,6 +231,9 @@ def load_model(source: str | os.PathLike) -> LoadedModel:
         found_scheduler = False
         sched = dict(DEFAULT_SCHEDULER_CONFIG)
     size = sample_size_of(config, str(folder))
+    conditioning = _conditioning_of(kind, config)
+    if text_encoder is not None:
+        conditioning["encoder_hidden_states"]["sequence_length"] = text_encoder.max_length
     return LoadedModel(
         unet=unet,
         scheduler_config=sched,
@@ -222,6 +242,7 @@ def load_model(source: str | os.PathLike) -> LoadedModel:
         sample_size=size,
         in_channels=int(config.get("in_channels", 4)),
         out_channels=int(config.get("out_channels", 4)),
-        conditioning=_conditioning_of(kind, config),
+        conditioning=conditioning,
         scheduler_config_found=found_scheduler,
+        text_encoder=text_encoder,
     )

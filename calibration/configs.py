@@ -194,17 +194,24 @@ class ADPDMConfig(MethodConfig):
 @dataclass(frozen=True)
 class DataFreeConfig:
     """The data-free calibration data: `samples` seeds sampled by the FP model with `steps` DDIM
-    steps (item i from seed + i; the seed is `calibrate`'s)."""
+    steps (item i from seed + i; the seed is `calibrate`'s). guidance_scale > 1: classifier-free
+    guidance (needs `calibrate(uncond=...)`, e.g. the negative prompt's embeddings); the data then
+    holds both halves the UNet sees at every step, the conditional and the unconditional one."""
 
     samples: int = DEFAULT_SAMPLES
     steps: int = DEFAULT_STEPS
+    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _int(self, "samples", 1)
         _int(self, "steps", 1)
+        _float(self, "guidance_scale", 1.0, 1e6)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["guidance_scale"] == 1.0:
+            d.pop("guidance_scale")  # unguided plans keep the key they had before guidance existed
+        return d
 
     def check_for(self, num_train_timesteps: int) -> "DataFreeConfig":
         """This config against a model: no more DDIM steps than its training timesteps."""

@@ -137,6 +137,7 @@ def calibrate(
     data: Data = None,
     seed: int = 0,
     cond: Optional[Mapping[str, Any]] = None,
+    uncond: Optional[Mapping[str, Any]] = None,
     device: str = "cpu",
     batch_size: int = DEFAULT_BATCH_SIZE,
     cache_dir: Optional[str] = None,
@@ -150,7 +151,9 @@ def calibrate(
     (data-free: the FP model samples `samples` seeds from `seed`), a TrajectorySet, or the
     user's own `(x_t, t[, cond])` batches (an iterable or a callable returning one;
     calibration.user_data). cond: conditions of data-free sampling (see
-    trajectories.expand_cond). progress(stage, done, total, loss): stages "trajectories",
+    trajectories.expand_cond); uncond: the unconditional inputs classifier-free guidance needs
+    (DataFreeConfig.guidance_scale > 1; e.g. the negative prompt's embeddings).
+    progress(stage, done, total, loss): stages "trajectories",
     "weights", "activations" and ADP-DM's. log: text lines (ADP-DM's losses and summary).
     """
     t_start = time.perf_counter()
@@ -188,7 +191,7 @@ def calibrate(
             trajectories = generate_trajectories(
                 qmodel, scheduler_config, num_samples=data.samples, num_steps=data.steps, seed=seed, cond=cond,
                 batch_size=batch_size, cache_dir=cache_dir, model_sha=sha,
-                progress=stage_steps(progress, "trajectories"),
+                progress=stage_steps(progress, "trajectories"), guidance_scale=data.guidance_scale, uncond=uncond,
             )
         set_table(qmodel, single_group_table(t_count))
         if not trajectories.from_cache:
@@ -236,6 +239,7 @@ def calibrate(
         "calib_steps": trajectories.num_steps,
         "seed": int(seed),
         "sampler": "ddim",
+        "guidance_scale": float(trajectories.settings.get("guidance_scale", 1.0)),
         "scheduler_config": {k: v for k, v in dict(scheduler_config).items()},
         "cond_keys": sorted(trajectories.cond),
         "trajectory_key": trajectories.settings,

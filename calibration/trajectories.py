@@ -28,7 +28,7 @@ from calibration.configs import DEFAULT_SAMPLES, DEFAULT_STEPS
 from calibration.fingerprint import model_sha256
 from engines.errors import AdpdmError
 from engines.file_io import atomic_write, sha256_json
-from engines.sampler import initial_noise, sample
+from engines.sampler import check_guidance, initial_noise, interleave, sample
 from engines.scheduling import make_scheduler
 from engines.torch_predictor import TorchNoisePredictor
 
@@ -63,13 +63,21 @@ class TrajectorySet:
 
     @property
     def num_samples(self) -> int:
+        """UNet items per step (with guidance: two per seed, see `guided`)."""
         return int(self.x_t.shape[1])
 
     @property
+    def guided(self) -> bool:
+        """Sampled with classifier-free guidance: item 2j is seed j's unconditional half, 2j + 1 its
+        conditional one (engines.sampler.Trajectory); `final` and `noise` have one entry per seed."""
+        return float(self.settings.get("guidance_scale", 1.0)) > 1.0
+
+    @property
     def seeds(self) -> list[int]:
-        """The noise seed of each item (`generate_trajectories` draws item i from seed + i)."""
+        """The noise seed of each item (`generate_trajectories` draws sample j from seed + j)."""
         base = int(self.settings.get("seed", 0))
-        return [base + i for i in range(self.num_samples)]
+        per = 2 if self.guided else 1
+        return [base + i // per for i in range(self.num_samples)]
 
     def cond_for(self, idx: slice | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if idx is None:
@@ -171,11 +179,15 @@ def generate_trajectories(
     cache_dir: Optional[str | os.PathLike] = None,
     model_sha: Optional[str] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    guidance_scale: float = 1.0,
+    uncond: Optional[Mapping[str, Any]] = None,
 ) -> TrajectorySet:
     """Sample `num_samples` seeds with the FP `unet` (on its own device) and DDIM `num_steps`.
 
     `cond`: user conditions (see `expand_cond`) or None (unconditional / null). With
-    `cache_dir`, a matching cached set is returned instead of sampling again.
+    guidance_scale > 1, `uncond` (e.g. the negative prompt's embeddings, cycled like `cond`)
+    gives classifier-free guidance and the set holds both halves the UNet sees (TrajectorySet.guided).
+    With `cache_dir`, a matching cached set is returned instead of sampling again.
     `progress(done, total)` counts UNet calls.
     """
     if int(num_samples) < 1:
@@ -185,9 +197,16 @@ def generate_trajectories(
     num_samples, num_steps = int(num_samples), int(num_steps)
     shape = tuple(sample_shape) if sample_shape else unet_sample_shape(unet)
     conds = expand_cond(cond, num_samples)
+    scale = check_guidance(guidance_scale)
+    unconds = expand_cond(uncond, num_samples) if scale > 1.0 else {}
+    if scale > 1.0 and set(unconds) != set(conds):
+        raise AdpdmError(f"guidance needs unconditional inputs for {sorted(conds)}, got {sorted(unconds)}")
     sha = model_sha or model_sha256(unet)
     settings = trajectory_settings(sha, scheduler_config, num_samples, num_steps, seed, conds, shape,
                                    unet_config=getattr(unet, "config", None))
+    if scale > 1.0:  # unguided keys stay as they were (existing caches remain valid)
+        settings["guidance_scale"] = scale
+        settings["uncond"] = {k: tensor_digest(v) for k, v in sorted(unconds.items())}
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"trajectories-{settings_key(settings)[:32]}.safetensors"
@@ -216,6 +235,8 @@ def generate_trajectories(
             keep_trajectory=True,
             seed=int(seed),
             on_step=on_step,
+            guidance_scale=scale,
+            uncond={k: v[sl] for k, v in unconds.items()} or None,
         )
         parts.append(out)
     trajs = [p.trajectory for p in parts]
@@ -226,7 +247,7 @@ def generate_trajectories(
         x0_hat=torch.cat([t.x0_hat for t in trajs], 1),
         final=torch.cat([p.images for p in parts], 0).to(torch.float32).cpu(),
         noise=noise,
-        cond=conds,
+        cond={k: interleave(unconds[k], v) for k, v in conds.items()} if scale > 1.0 else conds,
         settings=settings,
     )
     if path is not None:
@@ -275,7 +296,8 @@ def load_trajectories(path: str | os.PathLike, expected_settings: Optional[Mappi
         warnings.warn(f"ignoring incomplete trajectory cache {path}", stacklevel=2)
         return None
     n, b = tensors["x_t"].shape[:2]
-    if tensors["timesteps"].numel() != n or tensors["final"].shape[0] != b:
+    per = 2 if float(settings.get("guidance_scale", 1.0)) > 1.0 else 1
+    if tensors["timesteps"].numel() != n or tensors["final"].shape[0] * per != b:
         warnings.warn(f"ignoring inconsistent trajectory cache {path}", stacklevel=2)
         return None
     return TrajectorySet(

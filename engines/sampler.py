@@ -28,6 +28,9 @@ class Trajectory:
 
     `x_t[i]` is the UNet input at `timesteps[i]`, `eps[i]` its noise prediction
     and `x0_hat[i]` the predicted clean image at that step (shapes (N, B, C, H, W)).
+    With classifier-free guidance every sample is two UNet items, interleaved (2j: the
+    unconditional half, 2j + 1: the conditional half; shapes (N, 2B, ...)): `eps` holds each
+    half's own output, `x0_hat` the guided prediction the sampler follows (the same for both).
     """
 
     timesteps: torch.Tensor
@@ -83,6 +86,24 @@ def predicted_x0(scheduler, x_t: torch.Tensor, model_output: torch.Tensor, times
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
+def check_guidance(guidance_scale: Any) -> float:
+    """A classifier-free guidance scale: a finite number >= 1 (1: no guidance), or one AdpdmError line."""
+    try:
+        if isinstance(guidance_scale, bool):
+            raise TypeError
+        g = float(guidance_scale)
+    except (TypeError, ValueError):
+        raise AdpdmError(f"guidance scale must be a number >= 1, got {guidance_scale!r}") from None
+    if not g >= 1.0 or g == float("inf"):
+        raise AdpdmError(f"guidance scale must be a finite number >= 1 (1: no guidance), got {guidance_scale}")
+    return g
+
+
+def interleave(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """(B, ...) and (B, ...) -> (2B, ...): item 2j the unconditional, 2j + 1 the conditional one."""
+    return torch.stack([uncond, cond], dim=1).reshape(-1, *cond.shape[1:])
+
+
 def scheduler_step_kwargs(scheduler, generator: Optional[torch.Generator] = None) -> dict[str, Any]:
     """The keyword arguments this loop passes to `scheduler.step`.
 
@@ -111,13 +132,26 @@ def sample(
     keep_trajectory: bool = False,
     seed: int = 0,
     on_step: Optional[Callable[[int, int], None]] = None,
+    guidance_scale: float = 1.0,
+    uncond: Optional[Mapping[str, Any]] = None,
 ) -> SampleOutput:
     """Run `num_steps` scheduler steps from `noise` and return the final sample.
 
     `seed` seeds the scheduler's own noise (DDPM, DDIM with eta > 0), so stochastic
     samplers are reproducible too. `on_step(i, num_steps)` reports progress.
+    guidance_scale > 1 with `uncond` (the unconditional inputs, e.g. the negative prompt's
+    embeddings, one per item): classifier-free guidance, eps = eps_u + s (eps_c - eps_u), both
+    halves in one predictor call of 2B items (interleaved, see Trajectory).
     """
     cond = dict(cond or {})
+    scale = check_guidance(guidance_scale)
+    guided = scale > 1.0
+    if guided:
+        if not uncond:
+            raise AdpdmError("classifier-free guidance needs the unconditional inputs (uncond)")
+        if set(uncond) != set(cond):
+            raise AdpdmError(f"uncond has inputs {sorted(uncond)}, cond {sorted(cond)}: give the same ones")
+        cond = {k: interleave(torch.as_tensor(uncond[k]), torch.as_tensor(v)) for k, v in cond.items()}
     scheduler.set_timesteps(check_steps(scheduler, num_steps))
     gen = torch.Generator(device="cpu").manual_seed(int(seed) + 1)
     x = noise.to(torch.float32) * scheduler.init_noise_sigma
@@ -127,12 +161,19 @@ def sample(
     for i, t in enumerate(scheduler.timesteps):
         t_int = int(t)
         model_in = scheduler.scale_model_input(x, t)
-        tt = torch.full((batch,), t_int, dtype=torch.int64)
-        out = predictor(model_in, tt, **cond).to(torch.float32)
+        unet_in = interleave(model_in, model_in) if guided else model_in
+        tt = torch.full((unet_in.shape[0],), t_int, dtype=torch.int64)
+        raw = predictor(unet_in, tt, **cond).to(torch.float32)
+        if guided:
+            halves = raw.reshape(batch, 2, *raw.shape[1:])
+            out = halves[:, 0] + scale * (halves[:, 1] - halves[:, 0])
+        else:
+            out = raw
         if keep_trajectory:
-            xs.append(model_in.clone())
-            epss.append(out.clone())
-            x0s.append(predicted_x0(scheduler, model_in, out, t_int))
+            xs.append(unet_in.clone())
+            epss.append(raw.clone())
+            x0 = predicted_x0(scheduler, model_in, out, t_int)
+            x0s.append(interleave(x0, x0) if guided else x0)
             ts.append(t_int)
         x = scheduler.step(out, t, x, **step_kwargs).prev_sample
         if on_step is not None:

@@ -184,7 +184,8 @@ FLAG_CHANGES = {
     "device": {"device": "cpu:0"},
 }
 NOT_CALIBRATION = {"model", "out", "backend", "batch_sizes", "resolution", "opt_level", "force", "class_labels",
-                   "prompt_embeds", "cache_dir", "progress"}  # conditions: the tests above
+                   "prompt_embeds", "cache_dir", "progress",  # conditions: the tests above
+                   "prompts", "negative_prompt", "guidance_scale"}  # text pipelines: tests/test_text_pipelines.py
 
 
 def test_every_calibration_flag_is_tested():

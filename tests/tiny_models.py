@@ -46,3 +46,56 @@ def save_unet_folder(unet, folder, scheduler: bool = True):
     if scheduler:
         DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder)
     return folder
+
+
+TEXT_WORDS = ("a", "the", "digit", "handwritten", "zero", "one", "two", "three", "seven", "photo", "of", "cat")
+
+
+def save_text_pipeline(folder, max_length: int = 8, text_width: int = 24, words=TEXT_WORDS, seed: int = 0):
+    """A tiny Stable-Diffusion-layout pipeline folder: a CLIP BPE tokenizer written here (each word one
+    token), a tiny CLIPTextModel, the tiny cross-attention UNet, a tiny AutoencoderKL, a DDPM scheduler."""
+    import json
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    tok_dir = folder / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    chars = sorted(set("".join(words)))
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = ["#version: 0.2"]
+    for w in words:  # merge each word left to right into one token
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(parts) > 1:
+            a, b = parts[0], parts[1]
+            if f"{a} {b}" not in merges:
+                merges.append(f"{a} {b}")
+            vocab.setdefault(a + b, len(vocab))
+            parts = [a + b] + parts[2:]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("\n".join(merges) + "\n")
+    CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=max_length).save_pretrained(
+        str(tok_dir))
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=text_width, intermediate_size=2 * text_width,
+                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=max_length,
+                            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                            pad_token_id=vocab["<|endoftext|>"])
+    CLIPTextModel(config).eval().save_pretrained(str(folder / "text_encoder"))
+    tiny_cond_unet(seed).save_pretrained(str(folder / "unet"))
+    AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 8),
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  norm_num_groups=4, sample_size=32).save_pretrained(str(folder / "vae"))
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(str(folder / "scheduler"))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+    }))
+    return folder

@@ -43,6 +43,9 @@ def build_engine(
     percentile: opt.Percentile = None,
     class_labels: opt.ClassLabels = None,
     prompt_embeds: opt.PromptEmbeds = None,
+    prompts: opt.Prompts = None,
+    negative_prompt: opt.NegativePrompt = None,
+    guidance_scale: opt.GuidanceScale = None,
     quantize_residual: opt.QuantizeResidual = False,
     quantize_attention_bmm: opt.QuantizeAttentionBmm = False,
     cache_dir: opt.CacheDir = None,
@@ -53,7 +56,9 @@ def build_engine(
     from adpdm_export.build_pipeline import build_engine as run_build
     from adpdm_export.build_pipeline import check_resolution, default_targets
     from adpdm_export.build_stages import claimed_build_folder
-    from adpdm_export.commands.calibrate_cmd import load_prompt_embeds, model_conditions, parse_class_labels
+    import dataclasses
+
+    from adpdm_export.commands.calibrate_cmd import calibration_conditions
     from adpdm_export.model_loading import load_model
     from adpdm_export.progress import console, stage_progress, stderr_line
     from calibration.configs import DataFreeConfig
@@ -77,14 +82,15 @@ def build_engine(
     # --out: empty, missing or one of our builds, and no other build in it; checked before loading the model
     with claimed_build_folder(out):
         loaded = load_model(model)
-        cond = model_conditions(loaded, calib_samples, parse_class_labels(class_labels, loaded),
-                                load_prompt_embeds(prompt_embeds, loaded))
         data.check_for(loaded.num_train_timesteps)
+        cond, uncond, guidance = calibration_conditions(loaded, calib_samples, class_labels, prompt_embeds, prompts,
+                                                        negative_prompt, guidance_scale)
+        data = dataclasses.replace(data, guidance_scale=guidance)
         console.print(f"[bold]build-engine[/bold] {model} -> {out} (backend {chosen}, {method}, W{w_bits}A{a_bits})")
         with stage_progress(progress) as on_progress:
             summary = run_build(
                 loaded, out, config, quant, data, seed=seed, device=device, backend=chosen, targets=targets,
-                batch_sizes=sizes, resolution=resolution, opt_level=opt_level, cond=cond,
+                batch_sizes=sizes, resolution=resolution, opt_level=opt_level, cond=cond, uncond=uncond,
                 cache_dir=str(cache_dir or default_cache_dir()), force=force, progress=on_progress,
                 say=lambda msg: console.print(f"  {msg}"), log=stderr_line,
             )

@@ -70,6 +70,28 @@ def model_conditions(loaded, n: int, class_labels: Optional[list[int]] = None, p
     return cond
 
 
+def calibration_conditions(loaded, n: int, class_labels: Optional[str], prompt_embeds: Optional[Path],
+                           prompts: Optional[Path], negative_prompt: Optional[str], guidance_scale: Optional[float]):
+    """(cond, uncond or None, guidance scale) for the calibration flags; notes (truncated prompts) on stderr."""
+    from adpdm_export.progress import console
+    from adpdm_export.text_prompts import prompt_conditions, read_prompts
+    from engines.errors import AdpdmError
+
+    if prompts is not None and prompt_embeds is not None:
+        raise AdpdmError("give --prompts or --prompt-embeds, not both")
+    texts = read_prompts(prompts) if prompts is not None else None
+    cond = model_conditions(loaded, n, parse_class_labels(class_labels, loaded), load_prompt_embeds(prompt_embeds, loaded))
+    pc = prompt_conditions(loaded, texts, negative_prompt, guidance_scale)
+    if pc is None:
+        return cond, None, 1.0
+    if prompt_embeds is None:
+        cond.update(pc.cond)
+    if pc.truncated:
+        console.print(f"note: {len(pc.truncated)} prompt(s) longer than the tokenizer's "
+                      f"{loaded.text_encoder.max_length} tokens were truncated (lines {[i + 1 for i in pc.truncated][:8]})")
+    return cond, (pc.uncond if pc.guidance_scale > 1.0 else None), pc.guidance_scale
+
+
 def _absolute_source(source: str) -> str:
     """Local folders as absolute paths (so `adpdm eval` works from any directory); names as given."""
     p = Path(source).expanduser()
@@ -92,6 +114,9 @@ def calibrate(
     percentile: opt.Percentile = None,
     class_labels: opt.ClassLabels = None,
     prompt_embeds: opt.PromptEmbeds = None,
+    prompts: opt.Prompts = None,
+    negative_prompt: opt.NegativePrompt = None,
+    guidance_scale: opt.GuidanceScale = None,
     quantize_residual: opt.QuantizeResidual = False,
     quantize_attention_bmm: opt.QuantizeAttentionBmm = False,
     cache_dir: opt.CacheDir = None,
@@ -104,6 +129,8 @@ def calibrate(
     from calibration.configs import DataFreeConfig
     from calibration.pipeline import resolve_device
     from calibration.qconfig import QuantConfig
+    import dataclasses
+
     from engines.errors import AdpdmError
     from engines.file_io import check_output_folder
 
@@ -122,13 +149,14 @@ def calibrate(
 
     loaded = load_model(model)
     data.check_for(loaded.num_train_timesteps)
-    labels = parse_class_labels(class_labels, loaded)
-    embeds = load_prompt_embeds(prompt_embeds, loaded)
-    cond = model_conditions(loaded, calib_samples, labels, embeds)
+    cond, uncond, guidance = calibration_conditions(loaded, calib_samples, class_labels, prompt_embeds, prompts,
+                                                    negative_prompt, guidance_scale)
+    data = dataclasses.replace(data, guidance_scale=guidance)
     cache = None if no_cache else (cache_dir or default_cache_dir())
     with stage_progress(progress) as on_progress:
         result = run_calibration(
-            loaded.unet, loaded.scheduler_config, config, quant, data=data, seed=seed, cond=cond, device=device,
+            loaded.unet, loaded.scheduler_config, config, quant, data=data, seed=seed, cond=cond, uncond=uncond,
+            device=device,
             cache_dir=None if cache is None else str(cache), batch_size=batch_size, progress=on_progress,
             log=stderr_line, extra_settings={"model_source": _absolute_source(loaded.source), "model_kind": loaded.kind},
         )

@@ -26,6 +26,19 @@ ClassLabels = Annotated[
 PromptEmbeds = Annotated[
     Optional[Path], typer.Option("--prompt-embeds", help="safetensors with prompt embeddings (K, L, D), used in turn.")
 ]
+Prompts = Annotated[
+    Optional[Path],
+    typer.Option("--prompts", help="Text pipelines: a file with one prompt a line, used in turn (default: a shipped "
+                                   "set of generic captions)."),
+]
+NegativePrompt = Annotated[
+    Optional[str], typer.Option("--negative-prompt", help="Text pipelines: the unconditional half of guidance (default '').")
+]
+GuidanceScale = Annotated[
+    Optional[float],
+    typer.Option("--guidance-scale", help="Text pipelines: classifier-free guidance of the calibration trajectories "
+                                          "(>= 1; default 7.5; 1 = none)."),
+]
 QuantizeResidual = Annotated[bool, typer.Option("--quantize-residual", help="Also quantize residual-add inputs.")]
 QuantizeAttentionBmm = Annotated[
     bool, typer.Option("--quantize-attention-bmm", help="Also quantize attention BMM inputs.")

@@ -1,0 +1,158 @@
+"""Text-to-image pipeline folders: the pipeline's own tokenizer and text encoder, prompts and
+classifier-free guidance in the calibration data (issue 14, its first part: calibration)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import adpdm_export as adpdm
+from adpdm_export.cli import main
+from engines.sampler import initial_noise, sample
+from engines.scheduling import make_scheduler
+from engines.torch_predictor import TorchNoisePredictor
+from tiny_models import save_text_pipeline, tiny_cond_unet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return save_text_pipeline(tmp_path_factory.mktemp("t2i") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def loaded(pipe):
+    return adpdm.load_model(str(pipe))
+
+
+def run_cli(capsys, *argv):
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def test_a_pipeline_folder_loads_its_text_encoder(loaded):
+    te = loaded.text_encoder
+    assert te is not None and te.max_length == 8 and te.hidden_size == 24
+    assert loaded.conditioning["encoder_hidden_states"] == {"dim": 24, "sequence_length": 8}
+    embeds, truncated = te.encode(["a handwritten seven", "the digit three"])
+    assert embeds.shape == (2, 8, 24) and truncated == []
+    assert not torch.equal(embeds[0], embeds[1])  # the prompt matters
+    null = loaded.default_condition(3)["encoder_hidden_states"]
+    assert null.shape == (3, 8, 24) and torch.equal(null[0], te.encode([""])[0][0])  # the empty prompt, not zeros
+    assert null.abs().sum() > 0
+    _, truncated = te.encode(["a photo of a cat a photo of a cat a photo of a cat"])
+    assert truncated == [0]
+
+
+def test_guided_sampling_is_classifier_free_guidance():
+    unet = tiny_cond_unet()
+    p = TorchNoisePredictor(unet)
+    sched = make_scheduler({"num_train_timesteps": 1000}, "ddim")
+    c = {"encoder_hidden_states": torch.randn(1, 4, 24, generator=torch.Generator().manual_seed(0))}
+    u = {"encoder_hidden_states": torch.zeros(1, 4, 24)}
+    noise = initial_noise(1, (4, 16, 16), 0)
+    out = sample(p, sched, noise, 3, cond=c, guidance_scale=4.0, uncond=u, keep_trajectory=True)
+    tr = out.trajectory
+    assert tr.x_t.shape[1] == 2 and torch.equal(tr.x_t[:, 0], tr.x_t[:, 1])  # both halves see the same latent
+    t0 = torch.full((1,), int(tr.timesteps[0]))
+    e_u = p(tr.x_t[0, :1], t0, **u)
+    e_c = p(tr.x_t[0, :1], t0, **c)
+    torch.testing.assert_close(tr.eps[0, 0:1], e_u, rtol=1e-4, atol=1e-5)  # each half's own output is kept
+    torch.testing.assert_close(tr.eps[0, 1:2], e_c, rtol=1e-4, atol=1e-5)
+    plain = sample(p, make_scheduler({"num_train_timesteps": 1000}, "ddim"), noise, 3, cond=c).images
+    assert (out.images - plain).abs().max() > 1e-3  # guidance changes the sample
+    with pytest.raises(adpdm.AdpdmError, match="needs the unconditional inputs"):
+        sample(p, sched, noise, 3, cond=c, guidance_scale=4.0)
+    for bad in (0.5, float("nan"), "x"):
+        with pytest.raises(adpdm.AdpdmError, match="guidance scale must be"):
+            sample(p, sched, noise, 3, cond=c, guidance_scale=bad, uncond=u)
+
+
+def test_calibration_with_prompts_sees_both_halves(loaded):
+    data = adpdm.DataFreeConfig(samples=3, steps=4, guidance_scale=5.0)
+    result = adpdm.calibrate(loaded, adpdm.UniformGroupsConfig(groups=2), data=data,
+                             prompts=["a handwritten seven", "the digit zero"], negative_prompt="a photo of a cat")
+    settings = result.config["calibration"]
+    assert settings["guidance_scale"] == 5.0 and settings["calib_samples"] == 6  # 3 seeds x 2 halves
+    assert settings["cond_keys"] == ["encoder_hidden_states"]
+    unguided = adpdm.calibrate(loaded, adpdm.UniformGroupsConfig(groups=2), data=adpdm.DataFreeConfig(samples=3, steps=4),
+                               prompts=["a handwritten seven", "the digit zero"])
+    assert unguided.config["calibration"]["calib_samples"] == 3
+    # the cross-attention K/V inputs see real embeddings, not a collapsed all-zero one
+    kv = [n for n in result.activation_scales if "attn2.to_k" in n]
+    assert kv and all(float(result.activation_scales[n].min()) > 1e-4 for n in kv)
+
+
+def test_prompt_flags_through_the_cli(pipe, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten seven\n\nthe digit three\n")
+    out = tmp_path / "calib"
+    rc, err = run_cli(capsys, "calibrate", pipe, "--out", out, "--method", "minmax", "--calib-samples", 2,
+                      "--calib-steps", 2, "--prompts", prompts, "--guidance-scale", 3, "--no-progress")
+    assert rc == 0, err
+    settings = json.loads((out / "calibration.json").read_text())["config"]["calibration"]
+    assert settings["guidance_scale"] == 3.0 and settings["calib_samples"] == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompts", "EMPTY"], "holds no prompts"),
+    (["--prompts", "MISSING"], "no such prompt file"),
+    (["--guidance-scale", "0.5"], "guidance scale must be a finite number >= 1"),
+    (["--guidance-scale", "nan"], "guidance scale must be a finite number >= 1"),
+])
+def test_bad_prompt_flags_are_one_line(pipe, tmp_path, capsys, args, message):
+    (tmp_path / "EMPTY").write_text("\n \n")
+    args = [str(tmp_path / a) if a in ("EMPTY", "MISSING") else a for a in args]
+    rc, err = run_cli(capsys, "calibrate", pipe, "--out", tmp_path / "c", "--method", "minmax", "--calib-samples", 2,
+                      "--calib-steps", 2, "--no-progress", *args)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and message in lines[-1] and len([ln for ln in lines if ln.startswith("error:")]) == 1
+    assert not (tmp_path / "c").exists()
+
+
+def test_prompts_for_a_model_without_a_text_encoder_are_refused(tmp_path, capsys):
+    from tiny_models import save_unet_folder
+
+    folder = save_unet_folder(tiny_cond_unet(), tmp_path / "unet")
+    rc, err = run_cli(capsys, "calibrate", folder, "--out", tmp_path / "c", "--method", "minmax", "--no-progress",
+                      "--guidance-scale", "3")
+    assert rc == 2 and "need(s) a text-to-image pipeline folder" in err
+
+
+def test_a_text_encoder_of_another_width_or_in_pickles_is_one_line(pipe, tmp_path):
+    other = save_text_pipeline(tmp_path / "wide", text_width=32)  # the UNet's cross-attention takes 24
+    with pytest.raises(adpdm.AdpdmError, match="32-wide embeddings, the UNet's cross-attention takes 24"):
+        adpdm.load_model(str(other))
+    pickled = Path(shutil.copytree(pipe, tmp_path / "pickled"))
+    for f in (pickled / "text_encoder").glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    with pytest.raises(adpdm.AdpdmError, match="only pickle weights"):
+        adpdm.load_model(str(pickled))
+    missing = Path(shutil.copytree(pipe, tmp_path / "missing"))
+    shutil.rmtree(missing / "tokenizer")
+    with pytest.raises(adpdm.AdpdmError, match="lacks tokenizer/"):
+        adpdm.load_model(str(missing))
+
+
+def test_guidance_and_negative_prompt_are_in_the_build_key(pipe, tmp_path):
+    def build(**kw):
+        lines = []
+        adpdm.build_engine(str(pipe), tmp_path / "b", adpdm.MinMaxConfig(), backend="ort", targets=("ort",),
+                           say=lines.append, **kw)
+        return "calibrate: running" in lines
+
+    loaded = adpdm.load_model(str(pipe))
+    cond = {"encoder_hidden_states": loaded.text_encoder.encode(["the digit three"])[0]}
+    neg = {"encoder_hidden_states": loaded.text_encoder.encode([""])[0]}
+    other_neg = {"encoder_hidden_states": loaded.text_encoder.encode(["a cat"])[0]}
+    guided = adpdm.DataFreeConfig(samples=2, steps=2, guidance_scale=3.0)
+    assert build(data=guided, cond=cond, uncond=neg)
+    assert not build(data=guided, cond=cond, uncond=neg)  # same: reused
+    assert build(data=guided, cond=cond, uncond=other_neg)  # another negative prompt
+    assert build(data=adpdm.DataFreeConfig(samples=2, steps=2, guidance_scale=4.0), cond=cond, uncond=other_neg)
