@@ -40,12 +40,13 @@ def _loaded(model: Union[str, LoadedModel]) -> LoadedModel:
 
 def calibrate(
     model: Union[str, LoadedModel],
-    method: Optional[MethodConfig] = None,
+    method: Union[None, str, MethodConfig] = None,
     quant: Optional[QuantConfig] = None,
     *,
     data: Any = None,
     seed: int = 0,
     cond: Optional[Mapping[str, Any]] = None,
+    uncond: Optional[Mapping[str, Any]] = None,
     prompts: Optional[Sequence[str]] = None,
     negative_prompt: Optional[str] = None,
     device: str = "cpu",
@@ -56,37 +57,49 @@ def calibrate(
 ) -> CalibrationResult:
     """Calibrate `model` (default: ADP-DM with 4 groups, W8A8, data-free).
 
+    method: a method config, or its name ("adpdm", "minmax", ...) for the defaults.
     data: None / a DataFreeConfig (the FP model samples `samples` seeds from `seed`; its
     guidance_scale > 1 samples with classifier-free guidance), a TrajectorySet, or the user's own
-    `(x_t, t[, cond])` batches (an iterable, or a callable returning one). cond: conditions of
-    data-free sampling (default: the model's null ones). Text-to-image pipelines: `prompts`
+    `(x_t, t[, cond])` batches (an iterable, or a callable returning one). cond / uncond: the
+    conditions of data-free sampling and the unconditional inputs of guidance (default: the
+    model's null ones). Text-to-image pipelines: data=None means guidance 7.5, and `prompts`
     (default: a shipped set of generic captions) and `negative_prompt` (default "") are encoded
-    by the pipeline's own text encoder. cache_dir: where sampled trajectories are cached (default: none).
+    by the pipeline's own text encoder, as `adpdm calibrate` does. cache_dir: where sampled
+    trajectories are cached (default: none).
     """
-    from adpdm_export.text_prompts import prompt_conditions
+    from adpdm_export.text_prompts import DEFAULT_GUIDANCE_SCALE, prompt_conditions
+    from calibration.configs import method_config
     from calibration.pipeline import calibrate as run
 
     loaded = _loaded(model)
-    method = ADPDMConfig() if method is None else method
-    uncond = None
+    method = ADPDMConfig() if method is None else method_config(method) if isinstance(method, str) else method
     if data is None or isinstance(data, DataFreeConfig):
-        data = data or DataFreeConfig()
-        if cond is None:
-            cond = loaded.default_condition(data.samples)
-        if loaded.text_encoder is not None and (prompts is not None or data.guidance_scale > 1.0):
+        text = loaded.text_encoder is not None
+        data = data or DataFreeConfig(guidance_scale=DEFAULT_GUIDANCE_SCALE if text else 1.0)
+        user_cond = cond is not None
+        cond = dict(cond) if user_cond else loaded.default_condition(data.samples)
+        if text:
             pc = prompt_conditions(loaded, prompts, negative_prompt, data.guidance_scale)
-            cond = {**cond, **pc.cond} if prompts is not None else cond  # type: ignore[union-attr]
-            uncond = pc.uncond if data.guidance_scale > 1.0 else None
+            if not (user_cond and "encoder_hidden_states" in cond):  # type: ignore[operator]
+                cond.update(pc.cond)  # type: ignore[union-attr]
+            if uncond is None and data.guidance_scale > 1.0:
+                uncond = pc.uncond
         elif prompts is not None or negative_prompt is not None:
             prompt_conditions(loaded, prompts, negative_prompt)  # one line: not a text pipeline
-    result = run(
-        loaded.unet, loaded.scheduler_config, method, quant, data=data, seed=seed, cond=cond, uncond=uncond,
-        device=device,
-        batch_size=batch_size, cache_dir=None if cache_dir is None else str(cache_dir), progress=progress, log=log,
-        extra_settings={"model_source": loaded.source, "model_kind": loaded.kind},
-    )
-    loaded.unet.to("cpu")
-    return result
+    else:
+        given = [k for k, v in (("cond", cond), ("uncond", uncond), ("prompts", prompts),
+                                ("negative_prompt", negative_prompt)) if v is not None]
+        if given:
+            raise AdpdmError(f"{', '.join(given)} apply to data-free calibration; trajectories or your own batches "
+                             "carry their conditions")
+    try:
+        return run(
+            loaded.unet, loaded.scheduler_config, method, quant, data=data, seed=seed, cond=cond, uncond=uncond,
+            device=device, batch_size=batch_size, cache_dir=None if cache_dir is None else str(cache_dir),
+            progress=progress, log=log, extra_settings={"model_source": loaded.source, "model_kind": loaded.kind},
+        )
+    finally:
+        loaded.unet.to("cpu")  # back where load_model put it, also after a failure on CUDA
 
 
 def export(
@@ -156,7 +169,9 @@ def sample(
         shape, conditioning = source.sample_shape, source.conditioning
     else:
         raise AdpdmError(f"sample needs a Runner or a LoadedModel, got {type(source).__name__}")
-    cond = default_condition(conditioning, n) if cond is None else dict(cond)
+    if cond is None:  # the FP pipeline's own null conditioning (a text pipeline: the empty prompt)
+        cond = source.default_condition(n) if isinstance(source, LoadedModel) else default_condition(conditioning, n)
+    cond = dict(cond)
     return generate(predictor, sched_config, shape, n, steps, seed, cond=cond, scheduler=scheduler,
                     on_step=on_step).images
 

@@ -88,13 +88,14 @@ def _calibrate_stage(loaded: LoadedModel, method: MethodConfig, quant: QuantConf
                      device: str, out: Path, cond, uncond, cache_dir, progress, log):
     from calibration.pipeline import calibrate
 
-    result = calibrate(
-        loaded.unet, loaded.scheduler_config, method, quant, data=data, seed=seed, cond=cond, uncond=uncond,
-        device=device,
-        cache_dir=cache_dir, progress=progress, log=log,
-        extra_settings={"model_source": loaded.source, "model_kind": loaded.kind},
-    )
-    loaded.unet.to("cpu")
+    try:
+        result = calibrate(
+            loaded.unet, loaded.scheduler_config, method, quant, data=data, seed=seed, cond=cond, uncond=uncond,
+            device=device, cache_dir=cache_dir, progress=progress, log=log,
+            extra_settings={"model_source": loaded.source, "model_kind": loaded.kind},
+        )
+    finally:
+        loaded.unet.to("cpu")  # the export and the next stages run on the CPU, also after a failure on CUDA
     folder = result.save(out / CALIBRATION_DIR)
     return sorted(p for p in Path(folder).iterdir() if p.is_file())
 
@@ -150,6 +151,9 @@ def build_engine(
         raise AdpdmError("--backend ort runs the onnxruntime-target graphs: include 'ort' in the targets")
     check_output_folder(out)
     check_resolution(resolution, chosen)
+    if data.guidance_scale > 1.0 and not uncond:
+        raise AdpdmError("data.guidance_scale > 1 needs `uncond`, the unconditional inputs of guidance (e.g. the "
+                         "negative prompt's embeddings)")
     loaded = model if isinstance(model, LoadedModel) else None
     if loaded is not None:
         data.check_for(loaded.num_train_timesteps)
@@ -224,7 +228,7 @@ def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, targets, batc
     model_id = model_identity(loaded)
 
     # 1. calibrate (conditions by content: `--class-labels 1,2` then `3,4` must recalibrate)
-    guidance = {"uncond": dict(uncond)} if uncond else {}  # unguided builds keep the key they had
+    guidance = {"uncond": dict(uncond)} if uncond else {}  # in the key only when guided
     key = stage_key(stage="calibrate", model=model_id, settings=plan.key(), cond=dict(cond), **guidance,
                     versions=_versions("torch", "diffusers"))
     if force or ledger.current("calibrate", key) is None:
@@ -239,8 +243,7 @@ def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, targets, batc
     say(f"calibrate: {'reused' if calib.reused else 'done'} ({result.method}, {result.num_groups} group(s))")
 
     # 2. export
-    # the stage key keeps the historical name "profiles" for the targets, so builds made before the
-    # rename reuse their export stage
+    # the stage key keeps the historical name "profiles" for the targets (the rename left its shape alone)
     key = stage_key(stage="export", model=model_id, calibration=calib.outputs, profiles=list(targets),
                     versions=_versions("torch", "diffusers", "onnx", "onnxruntime"))
     exported: dict[str, Any] = {}

@@ -27,15 +27,27 @@ def _set(obj: Any, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)  # normalising a frozen dataclass in __post_init__
 
 
+def _as_int(value: Any, what: str) -> int:
+    """An integral value as int (2, 2.0, "2"), or one AdpdmError line (2.7, True, inf, "abc")."""
+    if isinstance(value, bool):
+        raise AdpdmError(f"{what} must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    try:
+        as_float = float(value)
+        if as_float != int(as_float):
+            raise ValueError
+        return int(as_float)
+    except (TypeError, ValueError, OverflowError):
+        raise AdpdmError(f"{what} must be an integer, got {value!r}") from None
+
+
 def _int(obj: Any, name: str, low: int, what: str = "") -> None:
     value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            if float(value) != int(value):
-                raise ValueError
-            value = int(value)
-        except (TypeError, ValueError):
-            raise AdpdmError(f"{name} must be an integer >= {low}, got {value!r}") from None
+    try:
+        value = _as_int(value, name)
+    except AdpdmError:
+        raise AdpdmError(f"{name} must be an integer >= {low}, got {value!r}") from None
     if value < low:
         raise AdpdmError(f"{name} must be >= {low}{what}, got {value}")
     _set(obj, name, value)
@@ -71,13 +83,6 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **asdict(self)}  # type: ignore[call-overload]
-
-    def describe(self) -> str:
-        """One line for logs: the method and the fields that differ from its defaults."""
-        base = type(self)()
-        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)  # type: ignore[arg-type]
-                   if getattr(self, f.name) != getattr(base, f.name)]
-        return self.method + (f" ({', '.join(changed)})" if changed else "")
 
 
 @dataclass(frozen=True)
@@ -168,10 +173,8 @@ class ADPDMConfig(MethodConfig):
         _int(self, "groups", 1)
         if self.calib_step is not None and self.calib_step != "last":
             try:
-                if isinstance(self.calib_step, bool):
-                    raise ValueError
-                _set(self, "calib_step", int(self.calib_step))
-            except (TypeError, ValueError):
+                _set(self, "calib_step", _as_int(self.calib_step, "calib_step"))
+            except AdpdmError:
                 raise AdpdmError(f"calib_step must be None, 'last' or a step index, got {self.calib_step!r}") from None
         _float(self, "percentile", 0.0, 100.0, low_open=True)
         if self.search_items is not None:
@@ -210,7 +213,7 @@ class DataFreeConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if d["guidance_scale"] == 1.0:
-            d.pop("guidance_scale")  # unguided plans keep the key they had before guidance existed
+            d.pop("guidance_scale")  # only guided plans carry the key
         return d
 
     def check_for(self, num_train_timesteps: int) -> "DataFreeConfig":
@@ -259,7 +262,7 @@ def method_config(method: str, values: Optional[Mapping[str, Any]] = None) -> Me
     if "groups" in values and values["groups"] is None:
         values.pop("groups")  # not given: the method's default
     if cls.groups_fixed is not None and "groups" in values and values["groups"] is not None:
-        if int(values["groups"]) == cls.groups_fixed:
+        if _as_int(values["groups"], "groups") == cls.groups_fixed:
             values.pop("groups")  # --groups 1 with a one-scale-set method says what it does
         else:
             raise AdpdmError(f"--groups {values['groups']}: {method} uses one scale set "

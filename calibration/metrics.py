@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from calibration.trajectories import TrajectorySet
+from engines.errors import AdpdmError
 from engines.sampler import sample
 from engines.scheduling import make_scheduler
 from engines.torch_predictor import TorchNoisePredictor, module_device
@@ -140,6 +141,8 @@ def sample_like(
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> torch.Tensor:
     """Final samples of `model` from `traj`'s initial noise, conditions, step count and sampler."""
+    if traj.guided:
+        raise AdpdmError("sampling metrics over guided (classifier-free guidance) trajectories are not built yet")
     seed = int(traj.settings.get("seed", 0))
     n, steps = traj.num_samples, traj.num_steps
     predictor = TorchNoisePredictor(model)

@@ -27,6 +27,7 @@ from calibration.baselines import (
     calibrate_activations,
 )
 from calibration.configs import (
+    DEFAULT_PERCENTILE,
     ADPDMConfig,
     DataFreeConfig,
     MethodConfig,
@@ -64,7 +65,7 @@ def _calibrate_with_table(ctx: CalibrationContext, table: torch.Tensor, stat: st
 
 def _minmax(ctx: CalibrationContext) -> MethodOutput:
     table = single_group_table(ctx.num_train_timesteps)
-    _calibrate_with_table(ctx, table, "minmax", PercentileConfig().percentile)
+    _calibrate_with_table(ctx, table, "minmax", DEFAULT_PERCENTILE)  # unused by minmax
     return MethodOutput(calib_timesteps_by_group(table, _calib_timesteps(ctx)))
 
 
@@ -170,8 +171,8 @@ def calibrate(
     t_count = num_train_timesteps(scheduler_config)
     if isinstance(data, DataFreeConfig):
         data.check_for(t_count)
-        if isinstance(method, ADPDMConfig) and method.calib_step is None:
-            srm_config(method, seed, batch_size, data.samples)  # too few samples for SRM: before sampling
+        if isinstance(method, ADPDMConfig) and method.calib_step is None:  # too few items for SRM: before sampling
+            srm_config(method, seed, batch_size, data.samples * (2 if data.guidance_scale > 1.0 else 1))
     unet = unet.to(dev).eval()
     sha = model_sha256(unet)
     timings: dict[str, float] = {}
@@ -234,8 +235,9 @@ def calibrate(
         "method": method.method,
         "groups_requested": getattr(method, "groups", None),
         "stat": _stat_of(method),
-        "percentile": float(getattr(method, "percentile", PercentileConfig().percentile)),
-        "calib_samples": trajectories.num_samples,
+        "percentile": float(getattr(method, "percentile", DEFAULT_PERCENTILE)),
+        "calib_samples": len(set(trajectories.seeds)),  # seeds; with guidance each is two UNet items
+        "calib_items": trajectories.num_samples,
         "calib_steps": trajectories.num_steps,
         "seed": int(seed),
         "sampler": "ddim",

@@ -263,9 +263,13 @@ def select_calibration_timestep(
     t_start = time.perf_counter()
     n, b = int(traj.timesteps.numel()), int(traj.x_t.shape[1])
     h = int(cfg.heldout_items)
+    if getattr(traj, "guided", False):  # both halves of a seed on one side: whole (uncond, cond) pairs
+        h += h % 2
     if b - h < 2 or h < 1:
         raise AdpdmError(f"SRM needs >= 2 calibration items and >= 1 held-out item; have {b} items, {h} held out")
     n_cal = b - h if cfg.calib_items is None else max(2, min(b - h, int(cfg.calib_items)))
+    if getattr(traj, "guided", False):
+        n_cal -= n_cal % 2
     cal_items, held_items = torch.arange(n_cal), torch.arange(b - h, b)
     cand = sorted(set(int(c) % n for c in cfg.candidates)) if cfg.candidates else evenly_spaced(n, cfg.num_candidates)
     ev = torch.tensor(evenly_spaced(n, cfg.eval_steps), dtype=torch.int64)

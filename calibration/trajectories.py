@@ -219,6 +219,8 @@ def generate_trajectories(
     predictor = TorchNoisePredictor(unet)
     noise = _seeded_noise(num_samples, shape, int(seed))
     parts = []
+    if scale > 1.0:  # two UNet items per seed: keep the UNet batch (and its memory) at batch_size
+        batch_size = max(1, batch_size // 2)
     n_batches = (num_samples + batch_size - 1) // batch_size
     total = n_batches * num_steps
     for b in range(n_batches):

@@ -24,25 +24,39 @@ Batch = tuple  # (x_t, t) or (x_t, t, cond)
 UserData = Union[Iterable[Batch], Callable[[], Iterable[Batch]]]
 
 
+def _tensor(value: Any, what: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise AdpdmError(f"{what} must be a tensor or an array of numbers, got {type(value).__name__}") from None
+
+
 def _batch_parts(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    where = f"calibration data batch {index}"
     if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
-        raise AdpdmError(f"calibration data batch {index}: expected (x_t, t) or (x_t, t, cond), got {type(batch).__name__}")
-    x = torch.as_tensor(batch[0])
+        raise AdpdmError(f"{where}: expected (x_t, t) or (x_t, t, cond), got {type(batch).__name__}")
+    x = _tensor(batch[0], f"{where}: x_t")
     if x.ndim != 4 or not x.is_floating_point():
-        raise AdpdmError(f"calibration data batch {index}: x_t must be a float (B, C, H, W) tensor, got "
-                         f"{x.dtype} {tuple(x.shape)}")
-    t = torch.as_tensor(batch[1]).to(torch.int64).reshape(-1)
+        raise AdpdmError(f"{where}: x_t must be a float (B, C, H, W) tensor, got {x.dtype} {tuple(x.shape)}")
+    t = _tensor(batch[1], f"{where}: t").reshape(-1)
+    if t.is_floating_point():
+        if not bool((t == t.round()).all()):
+            raise AdpdmError(f"{where}: timesteps must be integers, got {t[:4].tolist()}")
+    elif t.dtype == torch.bool or t.is_complex():
+        raise AdpdmError(f"{where}: timesteps must be integers, got {t.dtype}")
+    t = t.to(torch.int64)
     if t.numel() == 1:
         t = t.expand(x.shape[0])
     if t.numel() != x.shape[0]:
-        raise AdpdmError(f"calibration data batch {index}: {t.numel()} timesteps for {x.shape[0]} items")
-    cond = dict(batch[2] or {}) if len(batch) == 3 else {}
+        raise AdpdmError(f"{where}: {t.numel()} timesteps for {x.shape[0]} items")
+    cond = batch[2] if len(batch) == 3 else None
+    if cond is not None and not isinstance(cond, Mapping):
+        raise AdpdmError(f"{where}: cond must be a mapping of input name -> tensor, got {type(cond).__name__}")
     out_cond = {}
-    for k, v in cond.items():
-        v = torch.as_tensor(v)
+    for k, v in dict(cond or {}).items():
+        v = _tensor(v, f"{where}: condition {k!r}")
         if v.shape[:1] != x.shape[:1]:
-            raise AdpdmError(f"calibration data batch {index}: condition {k!r} has {tuple(v.shape)}, "
-                             f"not one entry per item ({x.shape[0]})")
+            raise AdpdmError(f"{where}: condition {k!r} has {tuple(v.shape)}, not one entry per item ({x.shape[0]})")
         out_cond[k] = v
     return x.detach().float().cpu(), t, out_cond
 

@@ -79,6 +79,9 @@ class TimestepDispatchRunner:
             raise AdpdmError(f"chunk must be an integer >= 1, got {chunk!r}")
         limit = self.max_batch  # TensorRT: the engines' largest batch; onnxruntime: none
         self.chunk = min(chunk or limit or ORT_CHUNK, limit) if limit else (chunk or ORT_CHUNK)
+        if self.chunk < self.min_batch:
+            raise AdpdmError(f"chunk {self.chunk} is below the smallest batch the {self.input_spec.limited_by} engines "
+                             f"were built for ({self.min_batch})")
         self._closed = False
         self.cond_specs: dict[str, dict[str, Any]] = dict(m.model.conditioning)
         self.cond_names: tuple[str, ...] = tuple(self.cond_specs)
@@ -113,6 +116,9 @@ class TimestepDispatchRunner:
         if B <= self.chunk:
             return self._dispatch(sample, t, cond)
         n = -(-B // self.chunk)
+        if B // n < self.min_batch:  # e.g. a 16..16 optimization profile and a batch of 17
+            raise AdpdmError(f"batch {B} cannot be split into chunks of {self.min_batch}..{self.chunk} items (the "
+                             f"{self.input_spec.limited_by} engines' batch range): use a multiple-friendly batch size")
         sizes = [B // n + (1 if i < B % n else 0) for i in range(n)]  # near-equal: no tiny tail chunk
         outs, lo = [], 0
         for size in sizes:

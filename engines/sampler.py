@@ -151,6 +151,10 @@ def sample(
             raise AdpdmError("classifier-free guidance needs the unconditional inputs (uncond)")
         if set(uncond) != set(cond):
             raise AdpdmError(f"uncond has inputs {sorted(uncond)}, cond {sorted(cond)}: give the same ones")
+        for k, v in cond.items():
+            if tuple(torch.as_tensor(uncond[k]).shape) != tuple(torch.as_tensor(v).shape):
+                raise AdpdmError(f"{k}: the unconditional inputs have shape {tuple(torch.as_tensor(uncond[k]).shape)}, "
+                                 f"the conditional ones {tuple(torch.as_tensor(v).shape)}: they must match")
         cond = {k: interleave(torch.as_tensor(uncond[k]), torch.as_tensor(v)) for k, v in cond.items()}
     scheduler.set_timesteps(check_steps(scheduler, num_steps))
     gen = torch.Generator(device="cpu").manual_seed(int(seed) + 1)

@@ -36,6 +36,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from engines.errors import AdpdmError
 from engines.file_io import check_output_folder
+from engines.group_backend import ORT_TARGET_ORDER
 from engines.json_files import JsonFields, read_json
 from engines.manifest import load_manifest
 from engines.manifest_schema import Manifest
@@ -283,7 +284,7 @@ def write_repository(
             raise AdpdmError(f"--max-batch {max_batch} is above the engines' largest batch ({top})")
         mb = int(top if max_batch is None else max_batch)
     else:
-        graph_target = next((p for p in ("ort", "trt", "fp") if p in m.targets()), None)
+        graph_target = next((p for p in ORT_TARGET_ORDER if p in m.targets()), None)
         if graph_target is None:
             raise AdpdmError(f"the build has no ONNX group graphs (targets: {m.targets()})")
         mb = int(16 if max_batch is None else max_batch)

@@ -79,7 +79,8 @@ def test_calibration_with_prompts_sees_both_halves(loaded):
     result = adpdm.calibrate(loaded, adpdm.UniformGroupsConfig(groups=2), data=data,
                              prompts=["a handwritten seven", "the digit zero"], negative_prompt="a photo of a cat")
     settings = result.config["calibration"]
-    assert settings["guidance_scale"] == 5.0 and settings["calib_samples"] == 6  # 3 seeds x 2 halves
+    assert settings["guidance_scale"] == 5.0 and settings["calib_samples"] == 3
+    assert settings["calib_items"] == 6  # 3 seeds x 2 halves
     assert settings["cond_keys"] == ["encoder_hidden_states"]
     unguided = adpdm.calibrate(loaded, adpdm.UniformGroupsConfig(groups=2), data=adpdm.DataFreeConfig(samples=3, steps=4),
                                prompts=["a handwritten seven", "the digit zero"])
@@ -97,7 +98,7 @@ def test_prompt_flags_through_the_cli(pipe, tmp_path, capsys):
                       "--calib-steps", 2, "--prompts", prompts, "--guidance-scale", 3, "--no-progress")
     assert rc == 0, err
     settings = json.loads((out / "calibration.json").read_text())["config"]["calibration"]
-    assert settings["guidance_scale"] == 3.0 and settings["calib_samples"] == 4
+    assert settings["guidance_scale"] == 3.0 and (settings["calib_samples"], settings["calib_items"]) == (2, 4)
 
 
 @pytest.mark.parametrize("args, message", [

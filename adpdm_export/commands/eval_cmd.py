@@ -67,6 +67,9 @@ def eval_calibration(
             f"{calib_dir} was calibrated for model {result.model_sha256[:12]}, {source} is {loaded.sha256[:12]}: "
             "recalibrate or pass the right --model"
         )
+    if float(settings.get("guidance_scale", 1.0)) > 1.0:
+        raise AdpdmError("adpdm eval does not measure guided text-to-image calibrations yet (prompt fidelity and "
+                         "guided held-out sampling are issue 14's next part)")
     n_steps = steps or int(settings.get("calib_steps", 100))
     seed = heldout_seed(int(settings.get("seed", 0)))
     unet = loaded.unet.to(dev)
