@@ -20,7 +20,8 @@ VARIANT_LABELS = {
     "ort-fp32": "onnxruntime FP32",
     "ort-static-qdq": "onnxruntime quantize_static QDQ",
     "modelopt-qdq": "ModelOpt QDQ on onnxruntime",
-    "ours": "ours: group graphs via the runner",
+    "ours": "ours: the runner (one onnxruntime session for all groups)",
+    "ours-per-group": "ours: the runner with one session per group (ort_options sessions='per-group')",
     "ours-plain-session": "(diag.) our group graph, plain session at onnxruntime defaults",
     "ours-noprepack": "(diag.) ours, runner with pre-packing off",
 }
@@ -117,6 +118,7 @@ class ModelBench:
         self.fp_session = None
         self.plain = None  # our group-0 graph in a plain session (diagnostic)
         self.runner_noprepack = None  # the runner with pre-packing off (diagnostic)
+        self.runner_per_group = None  # the runner with one session per group (the default before issue 16)
         self.peer_sessions: dict[str, Any] = {}
 
     def ok(self, variant: str, setup_s: float, **extra) -> None:
@@ -250,14 +252,19 @@ def setup_model(name: str, args, work: Path, timed: bool = True) -> ModelBench:
                                                          args.ort_spinning)),
             ("ours-noprepack", lambda: TimestepDispatchRunner(mb.builds[args.groups], backend="ort", threads=args.threads,
                                                               target="ort", verify="size",
-                                                              ort_options={"session_config": NOPREPACK})),
+                                                              ort_options={"session_config": NOPREPACK,
+                                                                           "sessions": "per-group"})),
+            ("ours-per-group", lambda: TimestepDispatchRunner(mb.builds[args.groups], backend="ort", threads=args.threads,
+                                                              target="ort", verify="size",
+                                                              ort_options={"sessions": "per-group"})),
         ):
             if variant not in args.variants:
                 continue
             try:
                 t0 = time.perf_counter()
                 obj = make()
-                setattr(mb, "plain" if variant == "ours-plain-session" else "runner_noprepack", obj)
+                setattr(mb, {"ours-plain-session": "plain", "ours-noprepack": "runner_noprepack",
+                             "ours-per-group": "runner_per_group"}[variant], obj)
                 mb.ok(variant, time.perf_counter() - t0, **({"graph": "unet.g0.ort.onnx for every call",
                                                               "optimization": "all (onnxruntime default)"}
                                                              if variant == "ours-plain-session" else
