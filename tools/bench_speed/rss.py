@@ -59,13 +59,18 @@ def rss_child(args) -> None:
     batch = args.rss_batches[0]
     x = torch.randn((batch, C, H, W), generator=torch.Generator().manual_seed(0))
     tt = [torch.full((batch,), t, dtype=torch.int64) for t in firsts]
+    cond = {}
+    spec = runner.cond_specs.get("encoder_hidden_states")
+    if spec:  # text-conditioned layouts (sd15*): random embeddings
+        cond["encoder_hidden_states"] = torch.randn((batch, spec.get("sequence_length", 77), spec["dim"]),
+                                                    generator=torch.Generator().manual_seed(1))
     for t in tt:
-        runner(x, t)
+        runner(x, t, **cond)
     r_run = status_mib("VmRSS")
     times = []
     for i in range(args.rss_reps):
         t1 = time.perf_counter()
-        runner(x, tt[i % len(tt)])
+        runner(x, tt[i % len(tt)], **cond)
         times.append((time.perf_counter() - t1) * 1e3)
     print(json.dumps({
         "config": args.rss_config, "G": runner.num_groups, "batch": batch, "rss_base_mib": round(r0, 1),
