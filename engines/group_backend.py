@@ -5,7 +5,9 @@ backend's `InputSpec`, splits a batch by group and calls `GroupBackend.run`. Eve
 that differs between onnxruntime sessions (engines/ort_group_sessions.py) and TensorRT
 engines (engines/trt_backend.py) stays behind this protocol, and `open_group_backend`
 picks and opens one, so the runner holds no backend branches. A backend need not hold
-one model per group (one session fed each group's constants would fit the same protocol).
+one model per group: for CPU-target builds the default is ONE onnxruntime session fed each
+group's constants (engines/ort_one_session.py); `ort_options={"sessions": "per-group"}` opens one
+session per group graph, and the rules for falling back to that are in `_open_one_session`.
 """
 
 from __future__ import annotations

@@ -203,3 +203,23 @@ def test_group_constants_file_holds_no_pickles(u2d_build):
     with np.load(u2d_build / GROUP_CONSTANTS_NAME, allow_pickle=False) as z:
         names = list(z["names"])
         assert len(z.files) == 1 + GROUPS * len(names)
+
+
+@pytest.mark.parametrize("mode", ["per-group", "one"])
+def test_sample_cli_ort_sessions_option(u2d_build, tmp_path, mode, capsys):
+    """`adpdm sample BUILD --ort-sessions MODE`: same images either way (same seed)."""
+    from adpdm_export.cli import main
+
+    out = tmp_path / f"{mode}.png"
+    try:
+        rc = main(["sample", str(u2d_build), "--n", "2", "--steps", "3", "--threads", "1", "--ort-sessions", mode,
+                   "--out", str(out)])
+    except SystemExit as e:  # typer's standalone mode exits
+        rc = e.code
+    assert rc in (0, None) and out.is_file()
+    ref = tmp_path / "auto.png"
+    try:
+        main(["sample", str(u2d_build), "--n", "2", "--steps", "3", "--threads", "1", "--out", str(ref)])
+    except SystemExit:
+        pass
+    assert out.read_bytes() == ref.read_bytes()
