@@ -210,6 +210,9 @@ class CalibrationPlan:
 def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, targets, batch_sizes, resolution,
                   opt_level, cond, uncond, cache_dir, force, progress, say, log, loaded, t_start) -> BuildSummary:
     from adpdm_export.qdq_export import REPORT_NAME, WEIGHTS_NAME, export_qdq_for, graph_name
+    from engines.ort_one_session import GROUP_CONSTANTS_NAME, SHARED_GRAPH_NAME, SHARED_WEIGHTS_NAME
+
+    SHARED_SESSION_FILES = (SHARED_GRAPH_NAME, SHARED_WEIGHTS_NAME, GROUP_CONSTANTS_NAME)
     from adpdm_export.qdq_manifest import write_qdq_manifest
     from adpdm_export.qdq_report import read_report
     from calibration.result import JSON_NAME, TENSORS_NAME, CalibrationResult
@@ -253,11 +256,13 @@ def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, targets, batc
                              say=lambda msg: say(f"export: {msg}"))
         exported["exp"] = exp
         files = [g for gs in exp.graphs.values() for g in gs] + [exp.weights, out / REPORT_NAME]
+        if (exp.one_session or {}).get("status") == "ok":
+            files += [out / exp.one_session[k] for k in ("graph", "weights", "constants")]
         return files
 
     if force or ledger.current("export", key) is None:
         ledger.claim("export", [graph_name(k, p) for p in targets for k in range(int(result.num_groups))]
-                     + [WEIGHTS_NAME, REPORT_NAME])
+                     + [WEIGHTS_NAME, REPORT_NAME] + list(SHARED_SESSION_FILES))
         unfinished()
     exp_rec = ledger.run("export", key, run_export, force=force)
     report = read_report(out / REPORT_NAME)
@@ -305,5 +310,5 @@ def _export_from_report(out: Path, report: dict[str, Any]):
         num_groups=int(report["num_groups"]), opset=int(report["opset"]), w_bits=int(report["w_bits"]),
         a_bits=int(report["a_bits"]), graphs={p: [out / g for g in gs] for p, gs in report["graphs"].items()},
         timestep_ranges=report["timestep_ranges"], activation_scales={}, folded_weights=int(report["folded_weights"]),
-        deduped_qdq=int(report["deduped_qdq_pairs"]),
+        deduped_qdq=int(report["deduped_qdq_pairs"]), one_session=report.get("one_session"),
     )

@@ -119,6 +119,9 @@ class QdqExport:
     fusion: dict[str, dict] = field(default_factory=dict)  # target -> FusionCounts.to_dict()
     timings: dict[str, float] = field(default_factory=dict)
     report_path: Optional[Path] = None
+    # the CPU target as ONE session (engines/ort_one_session.py): files, onnxruntime version, parity
+    # against the per-group sessions; {"status": "skipped", "reason": ...} where it does not apply
+    one_session: Optional[dict] = None
 
     def report(self) -> dict[str, Any]:
         """The content of qdq_report.json, with its on-disk key names (`adpdm_export.qdq_report`)."""
@@ -144,6 +147,7 @@ class QdqExport:
             "checks": [asdict(c) for c in self.checks],
             "fusion": self.fusion,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "one_session": self.one_session,
         })
 
     def summary_lines(self) -> list[str]:
@@ -349,6 +353,7 @@ def export_qdq(
     allow_lint: Sequence[str] = (),
     say: Optional[Callable[[str], None]] = None,
     owned: Optional[Collection[str]] = None,
+    one_session: bool = True,
 ) -> QdqExport:
     """Export `unet` quantized as `result` describes to one QDQ graph per group and target.
 
@@ -364,6 +369,9 @@ def export_qdq(
         shape of the long numeric stages).
     owned: the files in `out_dir` this export may remove as stale group graphs (build-engine
         passes what its ledger and manifest list); None: any `unet.g{k}[.ort].onnx`.
+    one_session: with the CPU target, also write its groups as ONE shared graph + per-group constants
+        (`unet.shared.ort.onnx`, `unet.shared.ort.data`, `unet.shared.groups.npz`;
+        engines/ort_one_session.py), checked against the per-group sessions.
     Writes graphs, `unet.weights.data` and `qdq_report.json` into `out_dir`; the manifest is
     the caller's (`write_manifest`), written last. Staging folders of killed exports are removed.
     """
@@ -478,17 +486,65 @@ def export_qdq(
                 exp.fusion["trt"] = fusion_counts(files["trt"][0]).to_dict()
             timings["fusion_s"] = time.perf_counter() - t1
 
+        extra_names: list[str] = []
+        if one_session and "ort" in files:
+            t1 = time.perf_counter()
+            say("the CPU-target groups as one onnxruntime session (shared graph, group constants as inputs)")
+            exp.one_session = derive_shared_session(files["ort"], stage, result, sample_shape, conditioning or {})
+            if exp.one_session.get("status") == "ok":
+                extra_names = [exp.one_session[k] for k in ("graph", "weights", "constants")]
+            else:
+                say(f"warning: no shared graph, the runner will open one session per group: {exp.one_session['reason']}")
+            timings["one_session_s"] = time.perf_counter() - t1
+
         exp.timings = timings
         report = exp.report()
         report["weights_bytes"] = (stage / WEIGHTS_NAME).stat().st_size
         (stage / REPORT_NAME).write_text(json.dumps(report, indent=1, allow_nan=True, default=str))
-        _move_into_place(stage, out_dir, [WEIGHTS_NAME] + [f.name for fs in files.values() for f in fs] + [REPORT_NAME],
-                         owned=owned)
+        _move_into_place(stage, out_dir, [WEIGHTS_NAME] + [f.name for fs in files.values() for f in fs] + extra_names
+                         + [REPORT_NAME], owned=owned)
         exp.report_path = out_dir / REPORT_NAME
         return exp
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         os.close(stage_fd)
+
+
+def derive_shared_session(ort_graphs: Sequence[Path], stage: Path, result, sample_shape, conditioning) -> dict:
+    """The CPU-target group graphs (in `stage`) as one shared graph + group constants, written into
+    `stage`, and its parity against one session per group (each at the runner's level "all") on the
+    parity inputs of every group plus one batch mixing all groups' timesteps split per group.
+    Accepted when every output is equal or within PARITY_TOL relative L2; else removed and reported
+    as skipped (the runner then opens one session per group)."""
+    from adpdm_export.qdq_parity import _parity_inputs
+    from engines import ort_one_session as O
+
+    try:
+        f = O.derive_one_session(ort_graphs, stage)
+    except O.NotApplicable as e:
+        return {"status": "skipped", "reason": str(e)}
+    feeds = []
+    for k in range(len(ort_graphs)):
+        _, inputs = _parity_inputs(result, k, sample_shape, conditioning)
+        feeds.append({n: v.numpy() for n, v in inputs.items()})
+    try:
+        checks = O.parity_vs_group_sessions(ort_graphs, f.graph, f.constants, feeds)
+    except Exception as e:  # the shared graph does not load or run: the runner uses per-group sessions
+        for p in (f.graph, f.weights, f.constants):
+            p.unlink(missing_ok=True)
+        return {"status": "skipped", "reason": f"the shared graph did not run: {str(e).strip().splitlines()[0][:300]}"}
+    worst = max(c["rel_l2"] for c in checks)
+    info = {"status": "ok", "graph": f.graph.name, "weights": f.weights.name, "constants": f.constants.name,
+            "num_inputs": len(f.inputs), "constant_bytes_per_group": f.constant_bytes, "onnxruntime": f.onnxruntime,
+            "machine": f.machine, "optimization": O.DERIVE_LEVEL,
+            "parity": {"exact": all(c["exact"] for c in checks), "max_abs": max(c["max_abs"] for c in checks),
+                       "rel_l2": worst, "groups": checks}}
+    if worst > PARITY_TOL:
+        for p in (f.graph, f.weights, f.constants):
+            p.unlink(missing_ok=True)
+        return {"status": "skipped", "reason": f"one session differs from the group sessions (rel L2 {worst:.2e})",
+                "parity": info["parity"]}
+    return info
 
 
 def _move_into_place(stage: Path, out_dir: Path, names: Sequence[str], owned: Optional[Collection[str]] = None) -> None:

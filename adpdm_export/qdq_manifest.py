@@ -40,6 +40,14 @@ def qdq_manifest(
         if fp_weights:
             weights["fp"] = fp_weights
     cfg = dict(getattr(loaded.unet, "config", {}) or {})
+    one = getattr(exp, "one_session", None) or {}
+    one_session = None
+    if one.get("status") == "ok" and "ort" in graphs:
+        from engines.manifest_schema import OrtOneSessionInfo
+
+        one_session = OrtOneSessionInfo(graph=one["graph"], weights=one["weights"], constants=one["constants"],
+                                        num_inputs=int(one["num_inputs"]), onnxruntime=one["onnxruntime"],
+                                        machine=one["machine"], optimization=one.get("optimization", "extended"))
     return Manifest(
         model=ModelInfo(
             source=str(source or loaded.source),
@@ -64,6 +72,7 @@ def qdq_manifest(
         groups=make_groups(table, graphs),
         weights=weights,
         backend="ort",
+        ort_one_session=one_session,
     )
 
 

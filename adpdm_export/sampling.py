@@ -66,17 +66,21 @@ def is_build_folder(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / MANIFEST_NAME).is_file()
 
 
-def open_source(model_or_build: str, backend: str = "auto", threads: int | None = None) -> Source:
+def open_source(model_or_build: str, backend: str = "auto", threads: int | None = None,
+                ort_sessions: str = "auto") -> Source:
     """A build folder runs through the timestep-dispatching runner; a model through torch or onnxruntime.
 
     backend: for a model `torch` (also what `auto` means) or `ort`; for a build `auto`, `ort` or `trt`.
+    ort_sessions: for a build on onnxruntime, "auto" (one session for all groups where the build has a
+    shared graph), "one" or "per-group" (engines/ort_one_session.py).
     """
     if is_build_folder(model_or_build):
         from engines.runner import TimestepDispatchRunner
 
         if backend not in BUILD_BACKENDS:
             raise AdpdmError(f"unknown backend {backend!r} for a build folder; choose one of {', '.join(BUILD_BACKENDS)}")
-        runner = TimestepDispatchRunner(model_or_build, backend=backend, threads=threads)
+        runner = TimestepDispatchRunner(model_or_build, backend=backend, threads=threads,
+                                        ort_options={"sessions": ort_sessions})
         m = runner.manifest
         return Source(runner, dict(m.scheduler), runner.sample_shape, dict(m.model.conditioning),
                       f"build {model_or_build} ({runner.backend}, {m.calibration.method}, {m.num_groups} groups)")

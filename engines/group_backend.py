@@ -5,11 +5,14 @@ backend's `InputSpec`, splits a batch by group and calls `GroupBackend.run`. Eve
 that differs between onnxruntime sessions (engines/ort_group_sessions.py) and TensorRT
 engines (engines/trt_backend.py) stays behind this protocol, and `open_group_backend`
 picks and opens one, so the runner holds no backend branches. A backend need not hold
-one model per group (one session fed each group's constants would fit the same protocol).
+one model per group: for CPU-target builds the default is ONE onnxruntime session fed each
+group's constants (engines/ort_one_session.py); `ort_options={"sessions": "per-group"}` opens one
+session per group graph, and the rules for falling back to that are in `_open_one_session`.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Protocol, Sequence
 
@@ -19,6 +22,7 @@ from engines.errors import AdpdmError
 from engines.manifest_schema import Manifest
 from engines.platform import BACKEND_CHOICES, pick_backend
 
+LOGGER = logging.getLogger("adpdm.runtime")
 ORT_TARGET_ORDER = ("ort", "trt", "fp")  # which group graphs onnxruntime runs, best first
 
 
@@ -98,15 +102,47 @@ def open_group_backend(
     if target is None:
         raise AdpdmError(f"the build has no ONNX graphs onnxruntime can run (targets: {manifest.targets()})")
     opts = dict(ort_options or {})
+    sessions_mode = opts.pop("sessions", "auto")
     if target == "ort":
         # the CPU target's INT8 weights are fused and pre-packed at any level, so level "all" (NCHWc
         # layouts) costs no memory here and runs ~15% faster on small UNets (docs/benchmarks.md)
         opts.setdefault("optimization", "all")
-    sessions = OrtGroupSessions(manifest.graph_paths(target), providers, threads, **opts)
     expected = {"sample", "timestep", *manifest.model.conditioning}
+    one = _open_one_session(manifest, sessions_mode, target, providers, threads, opts)
+    if one is not None:
+        if set(one.input_names) != expected:
+            raise AdpdmError(
+                f"the shared graph takes inputs {one.input_names} but the manifest describes "
+                f"{sorted(expected)}: the build is inconsistent, rebuild it"
+            )
+        return one
+    sessions = OrtGroupSessions(manifest.graph_paths(target), providers, threads, **opts)
     if set(sessions.input_names) != expected:
         raise AdpdmError(
             f"the group graphs take inputs {sessions.input_names} but the manifest describes "
             f"{sorted(expected)}: the build is inconsistent, rebuild it"
         )
     return OrtGroupBackend(sessions, target)
+
+
+def _open_one_session(manifest: Manifest, mode: str, target: str, providers, threads, opts) -> Optional[GroupBackend]:
+    """The one-session backend (engines/ort_one_session.py) where `mode` and the build allow it, else None.
+
+    mode "auto" (default): one session when the build has a shared graph for the CPU target and the
+    providers are CPU only, else per-group sessions with a one-line note (logger "adpdm.runtime").
+    "one": one session or an AdpdmError saying why not. "per-group": one session per group graph.
+    """
+    from engines.ort_one_session import SESSION_MODES, fallback_reason, open_one_session
+
+    if mode not in SESSION_MODES:
+        raise AdpdmError(f"ort_options['sessions'] must be one of {SESSION_MODES}, got {mode!r}")
+    if mode == "per-group":
+        return None
+    why = fallback_reason(manifest, target, providers)
+    if why is not None:
+        if mode == "one":
+            raise AdpdmError(f"cannot run all groups in one onnxruntime session: {why}")
+        if manifest.num_groups > 1 and target == "ort":
+            LOGGER.warning(f"note: one onnxruntime session per group ({why})")
+        return None
+    return open_one_session(manifest, threads, say=LOGGER.warning, **opts)

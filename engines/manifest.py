@@ -30,6 +30,7 @@ from engines.manifest_schema import (
     GroupEntry,
     Manifest,
     ModelInfo,
+    OrtOneSessionInfo,
     TensorrtInfo,
     TrtOptimizationProfile,
     tool_version,
@@ -211,6 +212,7 @@ def _parse_manifest(d: Mapping[str, Any], where: str = "manifest") -> Manifest:
         format_version=version,
         tool_version=r.get("tool_version", str),
         created=r.get("created", str, True, ""),
+        ort_one_session=None if d.get("ort_one_session") is None else OrtOneSessionInfo.from_dict(d["ort_one_session"]),
     )
     validate_manifest(m)
     return m

@@ -139,6 +139,38 @@ class TensorrtInfo:
 
 
 @dataclass
+class OrtOneSessionInfo:
+    """The CPU target's groups as ONE onnxruntime session (engines/ort_one_session.py): the shared
+    graph (optimized once, group constants as inputs), its own weights file (the weights onnxruntime
+    rewrote; the rest stay in the group graphs' weights file), the per-group constants, and the
+    onnxruntime version and CPU architecture that optimized the graph. Optional: manifests without it
+    (older builds) run per-group sessions."""
+
+    graph: str
+    weights: str
+    constants: str
+    num_inputs: int  # group constants fed as graph inputs
+    onnxruntime: str
+    machine: str
+    optimization: str = "extended"
+
+    @staticmethod
+    def from_dict(d: Any) -> "OrtOneSessionInfo":
+        if not isinstance(d, Mapping):
+            raise AdpdmError(f"manifest: ort_one_session must be an object, got {type(d).__name__}")
+        out = {}
+        for k in ("graph", "weights", "constants", "onnxruntime", "machine", "optimization"):
+            v = d.get(k, "extended" if k == "optimization" else None)
+            if not isinstance(v, str):
+                raise AdpdmError(f"manifest: ort_one_session.{k} must be a string, got {type(v).__name__}")
+            out[k] = v
+        n = d.get("num_inputs")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise AdpdmError("manifest: ort_one_session.num_inputs must be an integer >= 0")
+        return OrtOneSessionInfo(num_inputs=n, **out)
+
+
+@dataclass
 class Manifest:
     model: ModelInfo
     scheduler: dict[str, Any]
@@ -149,6 +181,7 @@ class Manifest:
     backend: str = "ort"
     tensorrt: Optional[TensorrtInfo] = None
     files: list[FileEntry] = field(default_factory=list)
+    ort_one_session: Optional[OrtOneSessionInfo] = None  # absent in manifests before issue 16
     format_version: int = FORMAT_VERSION
     tool_version: str = field(default_factory=tool_version)
     created: str = ""
@@ -182,6 +215,9 @@ class Manifest:
         names += list(self.weights.values())
         if self.tensorrt and self.tensorrt.timing_cache:
             names.append(self.tensorrt.timing_cache)
+        if self.ort_one_session:
+            o = self.ort_one_session
+            names += [o.graph, o.weights, o.constants]
         return list(dict.fromkeys(names))
 
     def path(self, name: str) -> Path:
@@ -210,6 +246,8 @@ class Manifest:
         out["created"] = d.pop("created")
         out["backend"] = d.pop("backend")
         out.update(d)
+        if out.get("ort_one_session") is None:  # absent rather than null: older readers see the same keys
+            out.pop("ort_one_session", None)
         if out.get("tensorrt") is not None:  # field names -> the historical keys, in place
             out["tensorrt"] = {TENSORRT_KEYS.get(k, k): v for k, v in out["tensorrt"].items()}
         return _jsonable(out)
@@ -303,6 +341,12 @@ def validate_manifest(m: Manifest) -> None:
                 raise AdpdmError(f"manifest: tensorrt.profile.{dim} needs 1 <= min <= opt <= max, got {[lo, opt, hi]}")
         if t.timing_cache is not None:
             check_relpath(t.timing_cache, "timing cache")
+    if m.ort_one_session is not None:
+        o = m.ort_one_session
+        if "ort" not in m.targets():
+            raise AdpdmError("manifest: ort_one_session needs the CPU-target ('ort') graphs")
+        for what, name in (("graph", o.graph), ("weights", o.weights), ("constants", o.constants)):
+            check_relpath(name, f"ort_one_session.{what}")
     listed = {f.path for f in m.files}
     for f in m.files:
         check_relpath(f.path, "file")

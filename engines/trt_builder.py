@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from engines.errors import AdpdmError
+from engines.trt_shared_scales import GROUP_SCALES_INPUT
 from engines.file_io import atomic_write_bytes
 from engines.manifest_schema import ENGINE_NAME, TIMING_CACHE_NAME, TrtOptimizationProfile
 from engines.platform import gpu_identity, require_tensorrt
@@ -64,6 +65,8 @@ def optimization_profile_shapes(
             if not seq:
                 raise AdpdmError("encoder_hidden_states needs a sequence length to build a TensorRT optimization profile")
             shapes[name] = tuple((b[i], int(seq), int(spec["dim"])) for i in range(3))
+        elif name == GROUP_SCALES_INPUT:
+            continue  # the shared-scale engine's per-group scales: a static shape, no profile entry
         else:
             raise AdpdmError(f"the graph has an input {name!r} this builder does not know")
     return shapes  # type: ignore[return-value]
@@ -80,6 +83,31 @@ def _parse(trt, builder, logger, graph: Path):
     return network, parser
 
 
+def build_shared_scale_engine(
+    graphs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    optimization_profile: TrtOptimizationProfile,
+    channels: int,
+    conditioning: Mapping[str, Mapping[str, Any]] | None = None,
+    opt_level: int = DEFAULT_OPT_LEVEL,
+    timing_cache: Optional[str] = TIMING_CACHE_NAME,
+    workspace_bytes: Optional[int] = None,
+    verbose: bool = False,
+) -> TrtBuildResult:
+    """ONE engine for all groups (`unet.shared.plan`, issue 16): the TensorRT-target group graphs rewritten to
+    unit-scale Q/DQ with the per-group activation scales as the runtime input `adpdm_group_scales`
+    (engines/trt_shared_scales.py, design in docs/runtime.md), so the weights are on the GPU once.
+    `graphs` are the group graphs in group order, in `out_dir` (the shared graph references their weights
+    file); writes `unet.shared.trt.onnx`, `unet.shared.trt.scales.npz` and the engine. Same builder settings
+    as `build_group_engines` (strongly typed, one optimization profile, the shared timing cache)."""
+    from engines.trt_shared_scales import SHARED_ENGINE_NAME, shared_scale_graph
+
+    files = shared_scale_graph(graphs, out_dir)
+    res = build_group_engines([files.graph], out_dir, optimization_profile, channels, conditioning, opt_level,
+                              timing_cache, workspace_bytes, verbose=verbose, engine_names=[SHARED_ENGINE_NAME])
+    return res
+
+
 def build_group_engines(
     graphs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -91,6 +119,7 @@ def build_group_engines(
     workspace_bytes: Optional[int] = None,
     on_group: Optional[Callable[[int, int, float], None]] = None,
     verbose: bool = False,
+    engine_names: Optional[Sequence[str]] = None,
 ) -> TrtBuildResult:
     """Build `unet.g{k}.plan` in `out_dir` for every group graph; returns engines + platform facts.
 
@@ -135,7 +164,7 @@ def build_group_engines(
                 f"TensorRT could not build an engine from {graph.name} (see the TensorRT log above); "
                 "check the graph with `adpdm lint`"
             )
-        path = out / ENGINE_NAME.format(k=k)
+        path = out / (engine_names[k] if engine_names else ENGINE_NAME.format(k=k))
         atomic_write_bytes(path, bytes(memoryview(serialized)))
         engines.append(path)
         seconds.append(time.perf_counter() - t0)

@@ -141,8 +141,9 @@ def test_manifest_records_every_file(build_dir):
     from engines.manifest import load_manifest
 
     m = load_manifest(build_dir)
+    shared = ["unet.shared.ort.onnx", "unet.shared.ort.data", "unet.shared.groups.npz"]  # one session (issue 16)
     assert sorted(f.path for f in m.files) == sorted(
-        [WEIGHTS_NAME, REPORT_NAME] + [f"unet.g{k}{s}.onnx" for k in range(2) for s in ("", ".ort")]
+        [WEIGHTS_NAME, REPORT_NAME] + [f"unet.g{k}{s}.onnx" for k in range(2) for s in ("", ".ort")] + shared
     )
     assert m.weights == {"trt": WEIGHTS_NAME, "ort": WEIGHTS_NAME}
     assert m.calibration.weight_bits == 8 and m.calibration.num_groups == 2

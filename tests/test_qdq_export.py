@@ -32,8 +32,9 @@ def test_files_and_one_shared_weights_file(u2d_export):
     _, result, exp = u2d_export
     out = exp.out_dir
     names = sorted(p.name for p in out.iterdir())
-    want = sorted([WEIGHTS_NAME, REPORT_NAME] + [f"unet.g{k}.onnx" for k in range(2)] + [f"unet.g{k}.ort.onnx" for k in range(2)])
-    assert names == want  # nothing staged left behind, no second data file
+    want = sorted([WEIGHTS_NAME, REPORT_NAME] + [f"unet.g{k}.onnx" for k in range(2)] + [f"unet.g{k}.ort.onnx" for k in range(2)]
+                  + ["unet.shared.ort.onnx", "unet.shared.ort.data", "unet.shared.groups.npz"])  # one session (issue 16)
+    assert names == want  # nothing staged left behind; the group graphs' weights are in one file
     for f in exp.graphs["trt"] + exp.graphs["ort"]:
         m = onnx.load(str(f), load_external_data=False)
         locs = {e.value for t in m.graph.initializer if t.data_location == TensorProto.EXTERNAL

@@ -317,6 +317,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rtol", type=float, default=2e-2, help="polygraphy relative tolerance")
     p.add_argument("--error-stat", default="mean", choices=("elemwise", "max", "mean", "median"),
                    help="polygraphy error statistic checked against the tolerances")
+    p.add_argument("--shared-scales", action="store_true",
+                   help="also build ONE engine for all groups (unit-scale Q/DQ, per-group scales as a runtime input; "
+                        "engines/trt_shared_scales.py) and check it per group against the same graph in onnxruntime "
+                        "and the group engines' outputs; reports plan bytes (one copy of the weights vs G)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rebuild every stage")
     p.add_argument("--verbose", action="store_true", help="polygraphy's own log lines too")
@@ -435,6 +439,12 @@ def run(args: argparse.Namespace, trt, polygraphy, t_start: float) -> int:
     }
     seconds["compare"] = time.perf_counter() - t0
 
+    # 3b. (--shared-scales) one engine for all groups, group scales fed per call (issue 16)
+    shared = check_shared_scale_engine(args, manifest, out, func, compare_batch, n_items, groups, say) \
+        if args.shared_scales else None
+    if shared is not None:
+        seconds["shared_scales"] = shared.pop("seconds")
+
     # 4. latency through the project's TensorRT runtime, CUDA events
     t0 = time.perf_counter()
     int8 = TrtGroupEngines(manifest)
@@ -474,7 +484,8 @@ def run(args: argparse.Namespace, trt, polygraphy, t_start: float) -> int:
         "stages": [{"name": s.name, "reused": bool(s.reused), "seconds": s.seconds} for s in summary.stages],
         "groups": groups,
         "fp16": fp16,
-        "passed": all(r["accuracy"]["passed"] for r in [*groups, fp16]),
+        "shared_scales": shared,
+        "passed": all(r["accuracy"]["passed"] for r in [*groups, fp16, *((shared or {}).get("groups") or [])]),
         "seconds": seconds,
     }
     json_path = Path(args.json) if args.json else out / "trt_check.json"
@@ -485,6 +496,41 @@ def run(args: argparse.Namespace, trt, polygraphy, t_start: float) -> int:
     if args.fast and seconds["total"] > TIME_BUDGET_S:
         console.print(f"[yellow]warning: --fast took {seconds['total']:.0f} s, over the {TIME_BUDGET_S:.0f} s budget[/]")
     return 0 if report["passed"] else 1
+
+
+def check_shared_scale_engine(args, manifest, out: Path, func, compare_batch: int, n_items: int, groups, say) -> dict:
+    """Build `unet.shared.plan` (engines.trt_builder.build_shared_scale_engine) and compare it, group by group at the
+    group's timesteps, with the shared graph in onnxruntime (CPU, optimizations off; same inputs, so the engine's own
+    arithmetic). The shared graph against the group graphs is checked on CPU (tests/test_trt_shared_scales.py)."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    from engines.ort_backend import OUTPUT_NAME, make_session
+    from engines.trt_builder import build_shared_scale_engine
+    from engines.trt_shared_scales import GROUP_SCALES_INPUT, SHARED_ENGINE_NAME, load_group_scales
+
+    t0 = time.perf_counter()
+    info = manifest.tensorrt
+    res = build_shared_scale_engine(manifest.graph_paths("trt"), out, info.optimization_profile,
+                                    manifest.model.in_channels, manifest.model.conditioning, args.opt_level)
+    engine_path = res.engines[0]
+    graph = out / "unet.shared.trt.onnx"
+    _, table = load_group_scales(out / "unet.shared.trt.scales.npz")
+    rows = []
+    for g in manifest.groups:
+        ts = group_timesteps(g.timestep_ranges, n_items)
+        feeds = make_feeds(manifest, ts, compare_batch, seed=args.seed + g.id)
+        with_scales = [{**f, GROUP_SCALES_INPUT: table[g.id]} for f in feeds]
+        runners = [TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))), name=f"trt-shared-g{g.id}"),
+                   OnnxrtRunner(make_session(graph, providers=["CPUExecutionProvider"], optimize=False),
+                                name=f"onnxrt-shared-g{g.id}")]
+        passed, errors = compare(runners, with_scales, func, {"vs_onnxruntime": (0, 1)}, OUTPUT_NAME)
+        rows.append({"group": g.id, "accuracy": {"passed": passed, "errors": errors}})
+        say(f"shared-scale engine: group {g.id} {'pass' if passed else 'FAIL'}")
+    group_bytes = sum(p.stat().st_size for p in manifest.engine_paths())
+    return {"engine": SHARED_ENGINE_NAME, "plan_bytes": engine_path.stat().st_size, "group_plans_bytes": group_bytes,
+            "groups": rows, "seconds": time.perf_counter() - t0}
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,11 @@ def sample_images(
     ),
     scheduler: str = typer.Option("ddim", "--scheduler", help=f"One of: {', '.join(SCHEDULERS)}."),
     threads: int = typer.Option(0, "--threads", help="onnxruntime intra-op threads (0: its default)."),
+    ort_sessions: str = typer.Option(
+        "auto", "--ort-sessions",
+        help="Build on onnxruntime: auto (one session for all groups where the build has a shared graph) | one | "
+             "per-group (one session per group graph).",
+    ),
     scale: int = typer.Option(4, "--scale", help="Upscale factor of the PNG (nearest neighbour)."),
 ) -> None:
     """Sample N images from a model or a build and write them as a PNG grid."""
@@ -37,7 +42,7 @@ def sample_images(
     if out.is_dir():
         raise AdpdmError(f"--out {out} is a folder: name the .png file to write")
     check_output_folder(out.parent, f"--out {out}: its folder")  # below a file or unwritable: before sampling
-    src = open_source(model, backend, threads=threads or None)
+    src = open_source(model, backend, threads=threads or None, ort_sessions=ort_sessions)
     console.print(f"sampling {n} images x {steps} steps from {src.description}")
     with stage_progress() as on_progress:
         result = generate(

@@ -23,6 +23,7 @@ from .common import ROOT, log, reason
 from .dispatch import run_dispatch
 from .latency import run_latency
 from .models import VARIANT_LABELS, ModelBench, setup_model
+from .parity import run_parity
 from .report import render_markdown
 from .rss import RSS_CONFIGS, rss_child, run_rss
 from .targets import evaluate_targets
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     ap.add_argument("--calib-time-steps", type=int, default=100)
     ap.add_argument("--calib-time-option", action="append", default=[],
                     help="KEY=VALUE ADP-DM option of the calibration timing (e.g. search_iters=20); default: none")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: latency, dispatch, rss, build, calib "
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: latency, dispatch, parity, rss, build, calib "
                     "(a skipped part keeps the previous JSON's section)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep exported graphs here (default: a temporary folder)")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
@@ -82,7 +83,7 @@ def parse_args(argv=None):
         args.null_reps = min(args.null_reps, 100)
         args.rss_reps = min(args.rss_reps, 4)
         if args.rss_configs == ",".join(RSS_CONFIGS):  # the shared-INT8 experiment only matters for the big model
-            args.rss_configs = "default,prepacking-off"
+            args.rss_configs = "default,per-group"
     args.variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in args.variants if v not in VARIANT_LABELS]
     if bad:
@@ -120,7 +121,8 @@ def main(argv=None) -> int:
     data: dict[str, Any] = {"schema": 1, "quick": bool(args.quick), "command": command,
                             "date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": machine_info(args.threads),
                             "env": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}}
-    section_of = {"latency": "latency", "dispatch": "dispatch", "rss": "rss", "calib": "calibration", "build": "build_engine"}
+    section_of = {"latency": "latency", "dispatch": "dispatch", "rss": "rss", "calib": "calibration", "build": "build_engine",
+                  "parity": "one_session_parity"}
 
     def carry(part: str) -> None:
         sec = section_of[part]
@@ -142,6 +144,7 @@ def main(argv=None) -> int:
         lat_models = [mbs[m] for m in args.models if m in mbs]
         for part, fn in (("latency", lambda: run_latency(lat_models, args)),
                          ("dispatch", lambda: run_dispatch(lat_models, args)),
+                         ("parity", lambda: run_parity(list(mbs.values()), args)),
                          ("rss", lambda: run_rss(mbs[args.rss_model], args)),
                          ("calib", lambda: run_calibration_time(args)),
                          ("build", lambda: run_build(args))):
@@ -159,7 +162,7 @@ def main(argv=None) -> int:
             data[section_of[part]] = sec
             log(f"part {part}: {sec['part_s']} s")
         for mb in mbs.values():
-            for r in (mb.runner, mb.runner_noprepack):
+            for r in (mb.runner, mb.runner_noprepack, mb.runner_per_group):
                 if r is not None:
                     r.close()
     data["targets"] = evaluate_targets(data)

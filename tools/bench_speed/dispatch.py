@@ -20,6 +20,54 @@ class _NullSession:
         return [self._out]
 
 
+class _NullOneSession:
+    """Stands in for the one-session backend's session: returns a precomputed OrtValue."""
+
+    def __init__(self, out):
+        self._out = out
+
+    def run_with_ort_values(self, names, feeds):
+        return [self._out]
+
+
+def _one_session_row(mb: ModelBench, runner, batch: int, args) -> dict:
+    """The one-session runner (engines/ort_one_session.py) vs a bare `run_with_ort_values` of its session with the
+    same group constants, and the runner's own cost with the session swapped for a null one."""
+    import onnxruntime as ort
+
+    be = runner.group_backend
+    x, ts = make_inputs(mb, batch)
+    t = ts[0]
+    k = int(runner.group_of(t)[0])
+    feeds = dict(be._constants[k])
+    feeds["sample"] = ort.OrtValue.ortvalue_from_numpy(x.numpy())
+    feeds["timestep"] = ort.OrtValue.ortvalue_from_numpy(t.numpy())
+    sess, out_name = be.session, be.output_name
+    fns = {"runner": lambda i, r=runner, x=x, t=t: r(x, t),
+           "bare": lambda i, s=sess, o=out_name, f=feeds: s.run_with_ort_values([o], f)}
+    times = interleaved(fns, args.rounds, args.iters, args.warmup, {})
+    out = sess.run_with_ort_values([out_name], feeds)[0]
+    be.session = _NullOneSession(out)
+    try:
+        null_t = interleaved({"runner-null": lambda i, r=runner, x=x, t=t: r(x, t)}, 1, args.null_reps, 5, {})["runner-null"]
+    finally:
+        be.session = sess
+    return _row(mb, batch, k, t, times, null_t, "one session")
+
+
+def _row(mb, batch, k, t, times, null_t, backend) -> dict:
+    r, b, nm = median(times["runner"]), median(times["bare"]), median(null_t)
+    row = {"model": mb.name, "batch": batch, "group": k, "timestep": int(t[0]), "status": "ok", "backend": backend,
+           "runner_ms": [round(v, 4) for v in times["runner"]], "bare_ms": [round(v, 4) for v in times["bare"]],
+           "runner_null_ms": [round(v, 5) for v in null_t],
+           "runner_median_ms": round(r, 4), "bare_median_ms": round(b, 4),
+           "difference_ms": round(r - b, 4), "difference_pct": round(100 * (r - b) / b, 3),
+           "overhead_ms": round(nm, 5), "overhead_pct": round(100 * nm / b, 4)}
+    log(f"dispatch {mb.name} b{batch} ({backend}): runner {r:.3f} ms, bare {b:.3f} ms, runner-only cost "
+        f"{nm * 1e3:.1f} us ({row['overhead_pct']:.3f}% of a step)")
+    return row
+
+
 def run_dispatch(mbs: list[ModelBench], args) -> dict:
     """Runner vs a bare run of the same group session, interleaved; and the runner with a null session."""
     from engines.ort_backend import OrtNoisePredictor
@@ -30,6 +78,9 @@ def run_dispatch(mbs: list[ModelBench], args) -> dict:
             rows.append({"model": mb.name, "status": "failed", "reason": mb.info.get("ours", {}).get("reason")})
             continue
         runner = mb.runner
+        if not hasattr(runner.group_backend, "sessions"):  # the one-session backend (the default)
+            rows += [_one_session_row(mb, runner, batch, args) for batch in args.batches]
+            continue
         gs = runner.group_backend.sessions  # the runner's own OrtGroupSessions (bench-only access)
         for batch in args.batches:
             x, ts = make_inputs(mb, batch)
@@ -53,14 +104,6 @@ def run_dispatch(mbs: list[ModelBench], args) -> dict:
                     gs._predictors.pop(k, None)
                 else:
                     gs._predictors[k] = real
-            r, b, nm = median(times["runner"]), median(times["bare"]), median(null_t)
-            row = {"model": mb.name, "batch": batch, "group": k, "timestep": int(t[0]), "status": "ok",
-                   "runner_ms": [round(v, 4) for v in times["runner"]], "bare_ms": [round(v, 4) for v in times["bare"]],
-                   "runner_null_ms": [round(v, 5) for v in null_t],
-                   "runner_median_ms": round(r, 4), "bare_median_ms": round(b, 4),
-                   "difference_ms": round(r - b, 4), "difference_pct": round(100 * (r - b) / b, 3),
-                   "overhead_ms": round(nm, 5), "overhead_pct": round(100 * nm / b, 4)}
-            log(f"dispatch {mb.name} b{batch}: runner {r:.3f} ms, bare {b:.3f} ms, runner-only cost {nm * 1e3:.1f} us "
-                f"({row['overhead_pct']:.3f}% of a step)")
+            row = _row(mb, batch, k, t, times, null_t, "per-group sessions")
             rows.append(row)
     return {"rows": rows, "null_reps": args.null_reps}

@@ -36,6 +36,8 @@ def make_callables(mb: ModelBench, batch: int, args) -> dict[str, Callable[[int]
         if mb.plain is not None:
             f = [session_feeds(mb.plain, x, t) for t in ts]
             fns["ours-plain-session"] = lambda i, f=f: mb.plain.run(None, f[i % n])
+        if mb.runner_per_group is not None:
+            fns["ours-per-group"] = lambda i: mb.runner_per_group(x, ts[i % n])
         if mb.runner_noprepack is not None:
             fns["ours-noprepack"] = lambda i: mb.runner_noprepack(x, ts[i % n])
     return {k: v for k, v in fns.items() if k in args.variants}

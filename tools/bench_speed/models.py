@@ -20,7 +20,8 @@ VARIANT_LABELS = {
     "ort-fp32": "onnxruntime FP32",
     "ort-static-qdq": "onnxruntime quantize_static QDQ",
     "modelopt-qdq": "ModelOpt QDQ on onnxruntime",
-    "ours": "ours: group graphs via the runner",
+    "ours": "ours: the runner (one onnxruntime session for all groups)",
+    "ours-per-group": "ours: the runner with one session per group (ort_options sessions='per-group')",
     "ours-plain-session": "(diag.) our group graph, plain session at onnxruntime defaults",
     "ours-noprepack": "(diag.) ours, runner with pre-packing off",
 }
@@ -30,6 +31,20 @@ NOPREPACK = {"session.disable_prepacking": "1"}
 LAYOUTS: dict[str, dict[str, Any]] = {
     # google/ddpm-cifar10-32 (35.7M parameters): tools/measure_ort_rss.py's layout
     "ddpm-cifar10": DDPM_CIFAR10,
+    # Stable Diffusion 1.5's UNet2DConditionModel config (860M parameters), 32x32 latents (issue 16)
+    "sd15": dict(
+        conditional=True, sample_size=32, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2, cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ),
+    # the same SD-1.5 structure at 1/5 of the width (35M parameters): what fits a 2-core machine's time
+    "sd15-w64": dict(
+        conditional=True, sample_size=32, in_channels=4, out_channels=4, block_out_channels=(64, 128, 256, 256),
+        layers_per_block=2, cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ),
     # tests/tiny_models.tiny_unet2d: quick-mode calibration timing only
     "tiny": dict(
         sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
@@ -51,13 +66,21 @@ def load_bench_model(name: str):
     if name not in LAYOUTS:
         raise SystemExit(f"unknown model {name!r}: reference or one of {', '.join(LAYOUTS)}")
     torch.manual_seed(0)
-    cfg = LAYOUTS[name]
-    unet = UNet2DModel(**cfg).eval()
+    cfg = dict(LAYOUTS[name])
+    conditional = cfg.pop("conditional", False)
+    if conditional:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel(**cfg).eval()
+        cond = {"encoder_hidden_states": {"dim": int(cfg["cross_attention_dim"])}}  # any text length
+    else:
+        unet = UNet2DModel(**cfg).eval()
+        cond = {}
     unet.requires_grad_(False)
     size = int(cfg["sample_size"])
     return LoadedModel(unet=unet, scheduler_config=dict(DEFAULT_SCHEDULER_CONFIG), source=f"{name} (random weights)",
-                       kind="UNet2DModel", sample_size=(size, size), in_channels=int(cfg["in_channels"]),
-                       out_channels=int(cfg["out_channels"]))
+                       kind=type(unet).__name__, sample_size=(size, size), in_channels=int(cfg["in_channels"]),
+                       out_channels=int(cfg["out_channels"]), conditioning=cond)
 
 
 def params_m(unet) -> float:
@@ -117,6 +140,7 @@ class ModelBench:
         self.fp_session = None
         self.plain = None  # our group-0 graph in a plain session (diagnostic)
         self.runner_noprepack = None  # the runner with pre-packing off (diagnostic)
+        self.runner_per_group = None  # the runner with one session per group (the default before issue 16)
         self.peer_sessions: dict[str, Any] = {}
 
     def ok(self, variant: str, setup_s: float, **extra) -> None:
@@ -250,14 +274,19 @@ def setup_model(name: str, args, work: Path, timed: bool = True) -> ModelBench:
                                                          args.ort_spinning)),
             ("ours-noprepack", lambda: TimestepDispatchRunner(mb.builds[args.groups], backend="ort", threads=args.threads,
                                                               target="ort", verify="size",
-                                                              ort_options={"session_config": NOPREPACK})),
+                                                              ort_options={"session_config": NOPREPACK,
+                                                                           "sessions": "per-group"})),
+            ("ours-per-group", lambda: TimestepDispatchRunner(mb.builds[args.groups], backend="ort", threads=args.threads,
+                                                              target="ort", verify="size",
+                                                              ort_options={"sessions": "per-group"})),
         ):
             if variant not in args.variants:
                 continue
             try:
                 t0 = time.perf_counter()
                 obj = make()
-                setattr(mb, "plain" if variant == "ours-plain-session" else "runner_noprepack", obj)
+                setattr(mb, {"ours-plain-session": "plain", "ours-noprepack": "runner_noprepack",
+                             "ours-per-group": "runner_per_group"}[variant], obj)
                 mb.ok(variant, time.perf_counter() - t0, **({"graph": "unet.g0.ort.onnx for every call",
                                                               "optimization": "all (onnxruntime default)"}
                                                              if variant == "ours-plain-session" else

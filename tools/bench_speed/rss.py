@@ -9,30 +9,27 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from .common import ROOT, log, reason
+from .common import ROOT, log
 from .models import NOPREPACK, ModelBench, build_ours, calib_trajectories
-from .one_session import OneSession, load_sample_shape, prepare_one_session
 
+PER_GROUP = {"sessions": "per-group"}
 RSS_CONFIGS = {
-    # name -> (session_config, share the INT8 weights behind DequantizeLinear too)
+    # name -> (runner ort_options, share the INT8 weights behind DequantizeLinear too)
     "default": ({}, False),
-    "prepacking-off": (NOPREPACK, False),
-    "prepacking-off+shared-int8": (NOPREPACK, True),
-    "one-session": ({}, False),
+    "per-group": (PER_GROUP, False),
+    "prepacking-off": ({**PER_GROUP, "session_config": NOPREPACK}, False),
+    "prepacking-off+shared-int8": ({**PER_GROUP, "session_config": NOPREPACK}, True),
 }
 RSS_NOTES = {
-    "default": "the runner as shipped (OrtGroupSessions defaults: level extended, shared float weights and arena)",
-    "prepacking-off": "session.disable_prepacking=1 (runner ort_options)",
+    "default": "the runner as shipped: ONE onnxruntime session for all groups (engines/ort_one_session.py: the shared "
+               "graph optimized once at export, group constants fed as inputs, weights pre-packed once)",
+    "per-group": "the runner with ort_options={'sessions': 'per-group'}: one session per group graph (OrtGroupSessions: "
+                 "level all, shared float weights and arena), the default before issue 16",
+    "prepacking-off": "per-group sessions with session.disable_prepacking=1 (runner ort_options)",
     "prepacking-off+shared-int8": "experiment: prepacking off AND the INT8 weights behind DequantizeLinear handed to "
                                   "every session from the one memory map (engines/ort_group_sessions.py excludes "
                                   "them today; patched in the child process only)",
-    "one-session": "experiment: ONE session for all groups: each group graph optimized by onnxruntime (level extended, "
-                   "QDQ fused to QLinearConv) and saved, the initializers that differ between groups (activation "
-                   "scales, requantized biases) made graph inputs and fed per group; weights pre-packed once. "
-                   "Bypasses the runner (a bare session with per-group feeds); outputs checked against one plain "
-                   "session per group (max abs difference in rss.one_session)",
 }
 
 
@@ -47,33 +44,33 @@ def rss_child(args) -> None:
     from tools.measure_ort_rss import pss_mib, status_mib
 
     torch.set_num_threads(args.threads)
-    session_config, share_int8 = RSS_CONFIGS[args.rss_config]
+    ort_options, share_int8 = RSS_CONFIGS[args.rss_config]
     if share_int8:
         ogs._dequantize_only = lambda graph: set()  # bench-only experiment, see RSS_NOTES
     r0, p0 = status_mib("VmRSS"), pss_mib()
     t0 = time.perf_counter()
-    if args.rss_config == "one-session":
-        runner = OneSession(Path(args.rss_child), args.threads)
-        table = runner.table
-        C, H, W = load_sample_shape(Path(args.rss_child))
-    else:
-        runner = TimestepDispatchRunner(args.rss_child, backend="ort", threads=args.threads, target="ort",
-                                        verify="size", ort_options={"session_config": dict(session_config)})
-        table = runner.manifest.timestep_to_group
-        C, H, W = runner.sample_shape
+    runner = TimestepDispatchRunner(args.rss_child, backend="ort", threads=args.threads, target="ort",
+                                    verify="size", ort_options=dict(ort_options))
+    table = runner.manifest.timestep_to_group
+    C, H, W = runner.sample_shape
     load_s = time.perf_counter() - t0
     r_load = status_mib("VmRSS")
     firsts = [table.index(k) for k in range(runner.num_groups)]
     batch = args.rss_batches[0]
     x = torch.randn((batch, C, H, W), generator=torch.Generator().manual_seed(0))
     tt = [torch.full((batch,), t, dtype=torch.int64) for t in firsts]
+    cond = {}
+    spec = runner.cond_specs.get("encoder_hidden_states")
+    if spec:  # text-conditioned layouts (sd15*): random embeddings
+        cond["encoder_hidden_states"] = torch.randn((batch, spec.get("sequence_length", 77), spec["dim"]),
+                                                    generator=torch.Generator().manual_seed(1))
     for t in tt:
-        runner(x, t)
+        runner(x, t, **cond)
     r_run = status_mib("VmRSS")
     times = []
     for i in range(args.rss_reps):
         t1 = time.perf_counter()
-        runner(x, tt[i % len(tt)])
+        runner(x, tt[i % len(tt)], **cond)
         times.append((time.perf_counter() - t1) * 1e3)
     print(json.dumps({
         "config": args.rss_config, "G": runner.num_groups, "batch": batch, "rss_base_mib": round(r0, 1),
@@ -81,8 +78,9 @@ def rss_child(args) -> None:
         "steady_mib": round(status_mib("VmRSS") - r0, 1), "pss_steady_mib": round(pss_mib() - p0, 1),
         "peak_mib": round(status_mib("VmHWM") - r0, 1), "load_s": round(load_s, 2),
         "latency_ms": [round(v, 3) for v in times], "latency_ms_median": round(statistics.median(times), 3),
+        "backend_class": type(runner.group_backend).__name__,
         "shared_bytes_per_session": (int(runner.group_backend.sessions.shared_bytes)
-                                     if hasattr(runner, "group_backend") else None),
+                                     if hasattr(runner.group_backend, "sessions") else None),
     }), flush=True)
 
 
@@ -94,14 +92,6 @@ def run_rss(mb: ModelBench, args) -> dict:
         traj = calib_trajectories(mb.loaded, args.calib_samples, args.calib_steps)
         mb.builds[1], _ = build_ours(mb.loaded, traj, 1, mb.work / "build-g1")
     runs = []
-    one_session = {}
-    if "one-session" in args.rss_configs:
-        for G in (1, args.groups):
-            try:
-                one_session[G] = prepare_one_session(mb.builds[G])
-            except Exception as e:  # an experiment that fails is reported, the rest goes on
-                one_session[G] = {"status": "failed", "reason": reason(e)}
-                log(f"one-session experiment for G={G} failed: {reason(e)}")
     for batch in args.rss_batches:
         for config in args.rss_configs:
             for G in (1, args.groups):
@@ -137,4 +127,4 @@ def run_rss(mb: ModelBench, args) -> dict:
     return {"status": "ok", "model": mb.name, "groups": args.groups, "batches": args.rss_batches, "reps": args.rss_reps,
             "weights_file_mib": round(weights.stat().st_size / 2**20, 2) if weights.is_file() else None,
             "baseline": "RSS of the child after importing torch, numpy, onnxruntime and engines.runner",
-            "runs": runs, "summary": summary, "one_session": one_session}
+            "runs": runs, "summary": summary}
