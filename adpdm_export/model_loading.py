@@ -189,6 +189,13 @@ def _from_hub(repo_id: str) -> Path:
     return Path(path)
 
 
+def absolute_source(source: str) -> str:
+    """Local folders as absolute paths (so `adpdm eval` and `sample --prompt` find them from any
+    directory); names (`reference`, hub ids) as given."""
+    p = Path(source).expanduser()
+    return str(p.resolve()) if source != REFERENCE_NAME and p.exists() else source
+
+
 def load_model(source: str | os.PathLike) -> LoadedModel:
     """Load the UNet named by `source` (see module doc) on the CPU in eval mode."""
     src = str(source)

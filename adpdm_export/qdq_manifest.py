@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
+from adpdm_export.model_loading import absolute_source
 from adpdm_export.qdq_graph_passes import REPORT_NAME
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ def qdq_manifest(
                                         machine=one["machine"], optimization=one.get("optimization", "extended"))
     return Manifest(
         model=ModelInfo(
-            source=str(source or loaded.source),
+            source=str(source or absolute_source(loaded.source)),
             sha256=loaded.sha256,
             type=loaded.kind,
             sample_size=tuple(int(x) for x in loaded.sample_size),

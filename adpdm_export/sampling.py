@@ -92,6 +92,41 @@ def open_source(model_or_build: str, backend: str = "auto", threads: int | None 
                   loaded.conditioning, f"{loaded.kind} {model_or_build} ({backend})")
 
 
+@dataclass
+class TextToImage:
+    """What sampling with a prompt needs besides the UNet: the pipeline's text encoder and VAE."""
+
+    text_encoder: Any
+    decoder: Any  # text_prompts.LatentDecoder, or None for a pixel-space pipeline
+
+
+def text_to_image_parts(model_or_build: str) -> TextToImage:
+    """The text encoder and VAE of a pipeline folder, or of the pipeline a build was made from
+    (its manifest's model source); one AdpdmError line where there are none."""
+    from adpdm_export.text_prompts import load_latent_decoder, load_text_encoder
+
+    folder = Path(model_or_build)
+    if is_build_folder(model_or_build):
+        from engines.manifest import load_manifest
+
+        m = load_manifest(model_or_build, verify=False)
+        folder = Path(m.model.source)
+        if not (folder / "model_index.json").is_file():
+            raise AdpdmError(f"--prompt needs the text encoder of the pipeline this build was made from, {folder}, "
+                             "which is not a pipeline folder here (moved, or the build is not of a text pipeline)")
+        width = m.model.conditioning.get("encoder_hidden_states", {}).get("dim")
+    else:
+        if not (folder / "model_index.json").is_file():
+            raise AdpdmError(f"--prompt needs a text-to-image pipeline folder (tokenizer/, text_encoder/, unet/), "
+                             f"not {model_or_build}")
+        from engines.json_files import read_json
+
+        width = read_json(folder / "unet" / "config.json", "UNet config").get("cross_attention_dim")
+    if width is None:
+        raise AdpdmError(f"{folder}: the UNet has no cross-attention; --prompt applies to text-to-image pipelines")
+    return TextToImage(load_text_encoder(folder, width), load_latent_decoder(folder))
+
+
 def check_request(n: int, steps: int, seed: int, scheduler: str) -> None:
     """A sampling request's own checks, before any model is loaded (the CLI's and the API's)."""
     check_scheduler(scheduler)
@@ -120,10 +155,14 @@ def generate(
     cond: Optional[dict[str, torch.Tensor]] = None,
     scheduler: str = "ddim",
     on_step: Optional[Callable[[int, int], None]] = None,
+    guidance_scale: float = 1.0,
+    uncond: Optional[dict[str, torch.Tensor]] = None,
 ) -> Generated:
-    """`n` images from seeded noise: the same seed gives the same noise on every backend."""
+    """`n` images from seeded noise: the same seed gives the same noise on every backend.
+    guidance_scale > 1 with `uncond`: classifier-free guidance (engines.sampler.sample)."""
     check_request(n, steps, seed, scheduler)
     sched = make_scheduler(scheduler_config, scheduler)  # the sampler checks steps against its timesteps
     noise = initial_noise(n, sample_shape, seed)
-    out = sample(predictor, sched, noise, steps, cond=cond, seed=seed, on_step=on_step)
+    out = sample(predictor, sched, noise, steps, cond=cond, seed=seed, on_step=on_step, guidance_scale=guidance_scale,
+                 uncond=uncond)
     return Generated(images=out.images, seed=seed, steps=steps, scheduler=scheduler)

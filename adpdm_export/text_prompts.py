@@ -92,6 +92,37 @@ def load_text_encoder(pipeline: Path, cross_attention_dim: Any) -> TextEncoder:
     return TextEncoder(tokenizer=tokenizer, model=model, folder=pipeline)
 
 
+@dataclass
+class LatentDecoder:
+    """A pipeline's VAE decoder: latents (B, C, h, w) -> images in [-1, 1] (B, 3|1, H, W)."""
+
+    vae: Any
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        scale = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
+        parts = [self.vae.decode(latents[i:i + batch_size].float() / scale).sample
+                 for i in range(0, latents.shape[0], batch_size)]
+        return torch.cat(parts).clamp(-1, 1)
+
+
+def load_latent_decoder(pipeline: Path) -> LatentDecoder | None:
+    """The VAE of a pipeline folder (None when it has none: a pixel-space pipeline)."""
+    folder = pipeline / "vae"
+    if not folder.is_dir():
+        return None
+    _check_safetensors(folder, "VAE")
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(str(folder), use_safetensors=True).eval()
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdpdmError(f"could not load the VAE from {folder}: {msg[:200]}") from None
+    vae.requires_grad_(False)
+    return LatentDecoder(vae)
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt a line (blank lines skipped); an empty or unreadable file is one line."""
     path = Path(path)

@@ -157,3 +157,45 @@ def test_guidance_and_negative_prompt_are_in_the_build_key(pipe, tmp_path):
     assert not build(data=guided, cond=cond, uncond=neg)  # same: reused
     assert build(data=guided, cond=cond, uncond=other_neg)  # another negative prompt
     assert build(data=adpdm.DataFreeConfig(samples=2, steps=2, guidance_scale=4.0), cond=cond, uncond=other_neg)
+
+
+def _grid(path):
+    from PIL import Image
+    import numpy as np
+
+    return np.asarray(Image.open(path))
+
+
+def test_sample_with_a_prompt_from_the_pipeline_and_from_its_build(pipe, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the build records the pipeline's absolute path
+    common = ["--n", 2, "--steps", 3, "--scale", 1]
+    rc, err = run_cli(capsys, "sample", pipe, "--prompt", "a handwritten seven", "--out", tmp_path / "fp.png", *common)
+    assert rc == 0, err
+    assert _grid(tmp_path / "fp.png").shape == (32 + 2, 2 * 32 + 3)  # VAE-decoded 32x32 images, 1 px gaps
+    rc, err = run_cli(capsys, "sample", pipe, "--prompt", "a handwritten seven", "--guidance-scale", 1,
+                      "--out", tmp_path / "fp1.png", *common)
+    assert rc == 0 and (_grid(tmp_path / "fp.png") != _grid(tmp_path / "fp1.png")).any()  # guidance matters
+    build = tmp_path / "build"
+    adpdm.build_engine(str(pipe), build, adpdm.MinMaxConfig(), data=adpdm.DataFreeConfig(samples=2, steps=2),
+                       backend="ort", targets=("ort",))
+    assert Path(adpdm.Runner(build).manifest.model.source).is_absolute()
+    rc, err = run_cli(capsys, "sample", build, "--prompt", "a handwritten seven", "--out", tmp_path / "q.png", *common)
+    assert rc == 0, err
+    assert _grid(tmp_path / "q.png").shape == _grid(tmp_path / "fp.png").shape
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--guidance-scale", "3"], "go with --prompt"),
+    (["--prompt", "a cat", "--guidance-scale", "0.5"], "guidance scale must be a finite number >= 1"),
+])
+def test_bad_sample_prompt_flags(pipe, tmp_path, capsys, args, message):
+    rc, err = run_cli(capsys, "sample", pipe, "--n", 1, "--steps", 2, "--out", tmp_path / "x.png", *args)
+    assert rc == 2 and message in err and not (tmp_path / "x.png").exists()
+
+
+def test_prompt_to_an_unconditional_model_is_one_line(tmp_path, capsys):
+    from tiny_models import save_unet_folder, tiny_unet2d
+
+    folder = save_unet_folder(tiny_unet2d(), tmp_path / "unet")
+    rc, err = run_cli(capsys, "sample", folder, "--prompt", "a cat", "--n", 1, "--out", tmp_path / "x.png")
+    assert rc == 2 and "needs a text-to-image pipeline folder" in err

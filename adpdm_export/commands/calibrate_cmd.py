@@ -92,12 +92,6 @@ def calibration_conditions(loaded, n: int, class_labels: Optional[str], prompt_e
     return cond, (pc.uncond if pc.guidance_scale > 1.0 else None), pc.guidance_scale
 
 
-def _absolute_source(source: str) -> str:
-    """Local folders as absolute paths (so `adpdm eval` works from any directory); names as given."""
-    p = Path(source).expanduser()
-    return str(p.resolve()) if source != "reference" and p.exists() else source
-
-
 def calibrate(
     model: str = typer.Argument(..., help="'reference', a diffusers UNet or pipeline folder, or a hub repo id."),
     out: Path = typer.Option(..., "--out", help="Folder for calibration.json + calibration.safetensors."),
@@ -142,7 +136,7 @@ def calibrate(
         raise AdpdmError(f"--batch-size must be >= 1, got {batch_size}")
     resolve_device(device)
     check_output_folder(out)
-    from adpdm_export.model_loading import load_model
+    from adpdm_export.model_loading import absolute_source, load_model
     from adpdm_export.progress import console, stage_progress, stderr_line
     from calibration.pipeline import calibrate as run_calibration
     from calibration.trajectories import default_cache_dir
@@ -158,7 +152,7 @@ def calibrate(
             loaded.unet, loaded.scheduler_config, config, quant, data=data, seed=seed, cond=cond, uncond=uncond,
             device=device,
             cache_dir=None if cache is None else str(cache), batch_size=batch_size, progress=on_progress,
-            log=stderr_line, extra_settings={"model_source": _absolute_source(loaded.source), "model_kind": loaded.kind},
+            log=stderr_line, extra_settings={"model_source": absolute_source(loaded.source), "model_kind": loaded.kind},
         )
     result.save(out)
     t = result.timings
