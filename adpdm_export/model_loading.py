@@ -129,6 +129,16 @@ def _check_unet_config(config: Any, where: Path) -> dict[str, Any]:
     return config
 
 
+def load_pretrained(cls: Any, folder: Path, what: str, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(folder)` from safetensors; corrupted or mismatched files are one line
+    naming the folder and the cause (diffusers' and transformers' errors run to pages)."""
+    try:
+        return cls.from_pretrained(str(folder), use_safetensors=True, **kwargs)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdpdmError(f"could not load {what} from {folder}: {msg[:300]}") from None
+
+
 def _load_unet_folder(folder: Path, source: str) -> tuple[torch.nn.Module, str, dict[str, Any]]:
     config = _check_unet_config(read_json(folder / "config.json", "UNet config"), folder / "config.json")
     kind = config.get("_class_name")
@@ -147,12 +157,7 @@ def _load_unet_folder(folder: Path, source: str) -> tuple[torch.nn.Module, str, 
         raise AdpdmError(f"{folder} has config.json but no .safetensors weights")
     import diffusers
 
-    cls = getattr(diffusers, kind)
-    try:
-        unet = cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
-    except Exception as e:  # corrupted or mismatched weights: name the folder and the cause
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdpdmError(f"could not load {kind} weights from {folder}: {msg[:300]}") from None
+    unet = load_pretrained(getattr(diffusers, kind), folder, f"{kind} weights", low_cpu_mem_usage=False)
     if any(p.dtype != torch.float32 for p in unet.parameters()):
         unet = unet.to(torch.float32)
     unet = unet.eval()

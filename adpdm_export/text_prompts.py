@@ -79,11 +79,9 @@ def load_text_encoder(pipeline: Path, cross_attention_dim: Any) -> TextEncoder:
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     except Exception as e:
         raise AdpdmError(f"could not load the tokenizer from {tok_dir}: {str(e).strip()[:200] or type(e).__name__}") from None
-    try:
-        model = CLIPTextModel.from_pretrained(str(enc_dir), use_safetensors=True).eval()
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdpdmError(f"could not load the text encoder from {enc_dir}: {msg[:200]}") from None
+    from adpdm_export.model_loading import load_pretrained
+
+    model = load_pretrained(CLIPTextModel, enc_dir, "the text encoder").eval()
     model.requires_grad_(False)
     width = cross_attention_dim[0] if isinstance(cross_attention_dim, (list, tuple)) else cross_attention_dim
     if int(model.config.hidden_size) != int(width):
@@ -114,11 +112,9 @@ def load_latent_decoder(pipeline: Path) -> LatentDecoder | None:
     _check_safetensors(folder, "VAE")
     from diffusers import AutoencoderKL
 
-    try:
-        vae = AutoencoderKL.from_pretrained(str(folder), use_safetensors=True).eval()
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdpdmError(f"could not load the VAE from {folder}: {msg[:200]}") from None
+    from adpdm_export.model_loading import load_pretrained
+
+    vae = load_pretrained(AutoencoderKL, folder, "the VAE").eval()
     vae.requires_grad_(False)
     return LatentDecoder(vae)
 
