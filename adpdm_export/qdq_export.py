@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import math
 import os
 import re
 import shutil
@@ -45,8 +44,8 @@ import torch
 
 from adpdm_export import qdq_graph_passes as P
 from adpdm_export.build_stages import STAGING_PREFIX, STAGING_RE
-from adpdm_export.ort_target import MIN_FUSED_RATIO, FusionCounts, fusion_counts, make_ort_target
-from adpdm_export.qdq_lint import Violation, lint_model, raise_on_violations
+from adpdm_export.ort_target import MIN_FUSED_RATIO, fusion_counts, make_ort_target
+from adpdm_export.qdq_lint import lint_model, raise_on_violations
 from adpdm_export.qdq_manifest import write_qdq_manifest
 from adpdm_export.qdq_parity import PARITY_TOL, GraphCheck, check_group_graph
 from adpdm_export.qdq_report import report_to_disk

@@ -17,7 +17,7 @@ Written against the TensorRT 10 Python API; imported lazily (loads without Tenso
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 

@@ -10,7 +10,7 @@ from calibration.configs import (ADPDMConfig, DataFreeConfig, MinMaxConfig, Perc
                                  UniformGroupsConfig, method_config)
 from calibration.pipeline import METHODS, calibrate, register_method, resolve_device
 from calibration.qconfig import QuantConfig
-from calibration.quant_unet import activation_quantizers, quantize_model
+from calibration.quant_unet import quantize_model
 from calibration.trajectories import generate_trajectories, heldout_seed
 from engines.errors import AdpdmError
 from tiny_models import tiny_unet2d

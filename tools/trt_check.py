@@ -339,8 +339,9 @@ def run(args: argparse.Namespace, trt, polygraphy, t_start: float) -> int:
     import torch
     from rich.console import Console
 
-    from adpdm_export.build_pipeline import build_engine
+    from adpdm_export.build_pipeline import CalibrationPlan, build_engine
     from calibration.configs import DataFreeConfig, method_config
+    from calibration.qconfig import QuantConfig
     from adpdm_export.model_loading import load_model
     from adpdm_export.sampling import fp_graph_for
     from engines.file_io import sha256_file
@@ -369,11 +370,12 @@ def run(args: argparse.Namespace, trt, polygraphy, t_start: float) -> int:
     # 1. the build: calibrate -> export -> INT8 engines (resumed when nothing changed)
     t0 = time.perf_counter()
     loaded = load_model(args.model)
+    plan = CalibrationPlan(method_config(args.method, {"groups": args.groups}), QuantConfig(),
+                           DataFreeConfig(samples=args.calib_samples, steps=args.calib_steps), args.seed,
+                           args.calib_device)
     summary = build_engine(
-        loaded, out, method_config(args.method, {"groups": args.groups}),
-        data=DataFreeConfig(samples=args.calib_samples, steps=args.calib_steps), seed=args.seed,
-        device=args.calib_device, backend="trt", targets=("trt",), batch_sizes=batch_sizes,
-        opt_level=args.opt_level, force=args.force, say=say,
+        loaded, out, plan.method, plan.quant, plan.data, seed=plan.seed, device=plan.device, backend="trt",
+        targets=("trt",), batch_sizes=batch_sizes, opt_level=args.opt_level, force=args.force, say=say,
     )
     manifest = load_manifest(out)
     seconds["build"] = time.perf_counter() - t0
@@ -473,7 +475,7 @@ def run(args: argparse.Namespace, trt, polygraphy, t_start: float) -> int:
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
         },
         "settings": {
-            "fast": bool(args.fast), "calibration": settings.key_parts(), "batch_sizes": batch_sizes,
+            "fast": bool(args.fast), "calibration": plan.key(), "batch_sizes": batch_sizes,
             "opt_level": args.opt_level, "iters": args.iters, "warmup": args.warmup,
             "compare": {"atol": args.atol, "rtol": args.rtol, "stat": args.error_stat,
                         "batch": compare_batch, "batches": args.compare_batches,
