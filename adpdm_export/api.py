@@ -54,6 +54,8 @@ def calibrate(
     cache_dir: Optional[str | os.PathLike] = None,
     progress: Optional[Progress] = None,
     log: Optional[Callable[[str], None]] = None,
+    budget_minutes: Optional[float] = None,
+    on_estimate: Optional[Callable[[Any], None]] = None,
 ) -> CalibrationResult:
     """Calibrate `model` (default: ADP-DM with 4 groups, W8A8, data-free).
 
@@ -65,7 +67,8 @@ def calibrate(
     model's null ones). Text-to-image pipelines: data=None means guidance 7.5, and `prompts`
     (default: a shipped set of generic captions) and `negative_prompt` (default "") are encoded
     by the pipeline's own text encoder, as `adpdm calibrate` does. cache_dir: where sampled
-    trajectories are cached (default: none).
+    trajectories are cached (default: none). budget_minutes / on_estimate (data-free): the cost
+    estimate of a timed probe, and settings scaled down to fit the budget (calibration.cost_estimate).
     """
     from adpdm_export.text_prompts import DEFAULT_GUIDANCE_SCALE, prompt_conditions
     from calibration.configs import method_config
@@ -97,6 +100,7 @@ def calibrate(
             loaded.unet, loaded.scheduler_config, method, quant, data=data, seed=seed, cond=cond, uncond=uncond,
             device=device, batch_size=batch_size, cache_dir=None if cache_dir is None else str(cache_dir),
             progress=progress, log=log, extra_settings={"model_source": loaded.source, "model_kind": loaded.kind},
+            budget_minutes=budget_minutes, on_estimate=on_estimate,
         )
     finally:
         loaded.unet.to("cpu")  # back where load_model put it, also after a failure on CUDA

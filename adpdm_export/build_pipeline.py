@@ -84,15 +84,16 @@ def _versions(*modules: str) -> dict[str, Optional[str]]:
     return out
 
 
-def _calibrate_stage(loaded: LoadedModel, method: MethodConfig, quant: QuantConfig, data: DataFreeConfig, seed: int,
-                     device: str, out: Path, cond, uncond, cache_dir, progress, log):
+def _calibrate_stage(loaded: LoadedModel, plan: "CalibrationPlan", out: Path, cond, uncond, cache_dir, progress,
+                     log, say):
     from calibration.pipeline import calibrate
 
     try:
         result = calibrate(
-            loaded.unet, loaded.scheduler_config, method, quant, data=data, seed=seed, cond=cond, uncond=uncond,
-            device=device, cache_dir=cache_dir, progress=progress, log=log,
+            loaded.unet, loaded.scheduler_config, plan.method, plan.quant, data=plan.data, seed=plan.seed, cond=cond,
+            uncond=uncond, device=plan.device, cache_dir=cache_dir, progress=progress, log=log,
             extra_settings={"model_source": loaded.source, "model_kind": loaded.kind},
+            budget_minutes=plan.budget_minutes, on_estimate=lambda estimate: say(estimate.summary()),
         )
     finally:
         loaded.unet.to("cpu")  # the export and the next stages run on the CPU, also after a failure on CUDA
@@ -121,15 +122,19 @@ def build_engine(
     progress: Optional[Progress] = None,
     say: Callable[[str], None] = lambda msg: None,
     log: Optional[Callable[[str], None]] = None,
+    calib_budget_minutes: Optional[float] = None,
 ) -> BuildSummary:
     """Build (or resume) the folder `out` for `model` (a name/path for `load_model`, or a LoadedModel).
 
     method / quant / data: the calibration (default ADP-DM with 4 groups, W8A8, 64 data-free
     samples x 100 steps); seed, device, cond and uncond (the unconditional inputs of guidance,
     data.guidance_scale > 1) as for `calibration.pipeline.calibrate`. targets:
-    the graph targets to export (default `default_targets`). Returns what each stage did.
+    the graph targets to export (default `default_targets`). calib_budget_minutes: scale the
+    calibration settings down to fit (calibration.cost_estimate; the estimate is said before the
+    calibration runs either way). Returns what each stage did.
     """
     from adpdm_export.qdq_export import parse_targets
+    from calibration.cost_estimate import check_budget_minutes
     from calibration.pipeline import resolve_device
     from engines.platform import pick_backend
 
@@ -158,7 +163,8 @@ def build_engine(
     if loaded is not None:
         data.check_for(loaded.num_train_timesteps)
         check_resolution(resolution, chosen, dict(getattr(loaded.unet, "config", {}) or {}))
-    plan = CalibrationPlan(method, quant, data, int(seed), str(device))
+    budget = None if calib_budget_minutes is None else check_budget_minutes(calib_budget_minutes)
+    plan = CalibrationPlan(method, quant, data, int(seed), str(device), budget)
     # empty, missing or one of our builds (else one line, before any work); one build per folder
     with claimed_build_folder(out) as out:
         return _build_locked(model, out, plan, chosen, targets, batch_sizes, resolution, opt_level, cond, uncond,
@@ -201,10 +207,14 @@ class CalibrationPlan:
     data: DataFreeConfig
     seed: int
     device: str
+    budget_minutes: Optional[float] = None  # scales method/data down to fit (calibration.cost_estimate)
 
     def key(self) -> dict[str, Any]:
-        return {"method": self.method.to_dict(), "quant": self.quant.to_dict(), "data": self.data.to_dict(),
-                "seed": self.seed, "device": self.device}
+        key = {"method": self.method.to_dict(), "quant": self.quant.to_dict(), "data": self.data.to_dict(),
+               "seed": self.seed, "device": self.device}
+        if self.budget_minutes is not None:  # the settings asked for and the budget: a resume reuses the fit
+            key["budget_minutes"] = self.budget_minutes
+        return key
 
 
 def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, targets, batch_sizes, resolution,
@@ -238,9 +248,8 @@ def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, targets, batc
         ledger.claim("calibrate", [f"{CALIBRATION_DIR}/{JSON_NAME}", f"{CALIBRATION_DIR}/{TENSORS_NAME}"])
         unfinished()
         say("calibrate: running")
-    calib = ledger.run("calibrate", key, lambda: _calibrate_stage(loaded, plan.method, plan.quant, plan.data, plan.seed,
-                                                                  plan.device, out, cond, uncond, cache_dir, progress,
-                                                                  log),
+    calib = ledger.run("calibrate", key, lambda: _calibrate_stage(loaded, plan, out, cond, uncond, cache_dir, progress,
+                                                                  log, say),
                        force=force)
     result = CalibrationResult.load(out / CALIBRATION_DIR, expected_model_sha256=loaded.sha256)
     say(f"calibrate: {'reused' if calib.reused else 'done'} ({result.method}, {result.num_groups} group(s))")

@@ -37,6 +37,7 @@ def build_engine(
     a_bits: opt.ABits = 8,
     calib_samples: opt.CalibSamples = 64,
     calib_steps: opt.CalibSteps = 100,
+    calib_budget_minutes: opt.CalibBudgetMinutes = None,
     seed: opt.Seed = 0,
     device: opt.Device = "cpu",
     stat: opt.Stat = None,
@@ -62,6 +63,7 @@ def build_engine(
     from adpdm_export.model_loading import load_model
     from adpdm_export.progress import console, stage_progress, stderr_line
     from calibration.configs import DataFreeConfig
+    from calibration.cost_estimate import check_budget_minutes
     from calibration.pipeline import resolve_device
     from calibration.qconfig import QuantConfig
     from calibration.trajectories import default_cache_dir
@@ -72,6 +74,8 @@ def build_engine(
     quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, quantize_residual=quantize_residual,
                         quantize_attention_bmm=quantize_attention_bmm)
     data = DataFreeConfig(samples=calib_samples, steps=calib_steps)
+    if calib_budget_minutes is not None:
+        check_budget_minutes(calib_budget_minutes)
     resolve_device(device)
     sizes = _parse_batch_sizes(batch_sizes)
     if not 0 <= opt_level <= 5:
@@ -92,7 +96,7 @@ def build_engine(
                 loaded, out, config, quant, data, seed=seed, device=device, backend=chosen, targets=targets,
                 batch_sizes=sizes, resolution=resolution, opt_level=opt_level, cond=cond, uncond=uncond,
                 cache_dir=str(cache_dir or default_cache_dir()), force=force, progress=on_progress,
-                say=lambda msg: console.print(f"  {msg}"), log=stderr_line,
+                say=lambda msg: console.print(f"  {msg}"), log=stderr_line, calib_budget_minutes=calib_budget_minutes,
             )
     print_summary(summary)
 

@@ -101,6 +101,7 @@ def calibrate(
     a_bits: opt.ABits = 8,
     calib_samples: opt.CalibSamples = 64,
     calib_steps: opt.CalibSteps = 100,
+    calib_budget_minutes: opt.CalibBudgetMinutes = None,
     seed: opt.Seed = 0,
     device: opt.Device = "cpu",
     target: str = typer.Option("trt", "--target", "--profile", help="Graph target: trt (Q/DQ on inputs) or ort (also on Conv/MatMul outputs). --profile: old name."),
@@ -121,6 +122,7 @@ def calibrate(
 ) -> None:
     """Calibrate MODEL's UNet for INT8 (data-free) and write the calibration to --out."""
     from calibration.configs import DataFreeConfig
+    from calibration.cost_estimate import check_budget_minutes
     from calibration.pipeline import resolve_device
     from calibration.qconfig import QuantConfig
     import dataclasses
@@ -134,6 +136,8 @@ def calibrate(
     data = DataFreeConfig(samples=calib_samples, steps=calib_steps)
     if batch_size < 1:
         raise AdpdmError(f"--batch-size must be >= 1, got {batch_size}")
+    if calib_budget_minutes is not None:
+        check_budget_minutes(calib_budget_minutes)
     resolve_device(device)
     check_output_folder(out)
     from adpdm_export.model_loading import absolute_source, load_model
@@ -153,6 +157,7 @@ def calibrate(
             device=device,
             cache_dir=None if cache is None else str(cache), batch_size=batch_size, progress=on_progress,
             log=stderr_line, extra_settings={"model_source": absolute_source(loaded.source), "model_kind": loaded.kind},
+            budget_minutes=calib_budget_minutes, on_estimate=lambda estimate: console.print(estimate.summary()),
         )
     result.save(out)
     t = result.timings

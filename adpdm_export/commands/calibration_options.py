@@ -39,6 +39,11 @@ GuidanceScale = Annotated[
     typer.Option("--guidance-scale", help="Text pipelines: classifier-free guidance of the calibration trajectories "
                                           "(>= 1; default 7.5; 1 = none)."),
 ]
+CalibBudgetMinutes = Annotated[
+    Optional[float],
+    typer.Option("--calib-budget-minutes", help="Scale the calibration settings down, in the order of docs/method.md, "
+                                                "until the estimate (always printed) fits this many minutes."),
+]
 QuantizeResidual = Annotated[bool, typer.Option("--quantize-residual", help="Also quantize residual-add inputs.")]
 QuantizeAttentionBmm = Annotated[
     bool, typer.Option("--quantize-attention-bmm", help="Also quantize attention BMM inputs.")
