@@ -141,34 +141,42 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 def probe_seconds(qmodel: nn.Module, example: Callable[[int], tuple[torch.Tensor, torch.Tensor, Mapping[str, Any]]],
-                  batch: int = 16, train_batch: int = 16) -> ProbeSeconds:
-    """Seconds per item of an FP forward and a fake-quantized forward (at `batch` items) and of a
-    fake-quantized forward+backward (at `train_batch`, the search's batch) of the wrapped model:
-    one timed batch of each after one untimed warm-up (the backward: the faster of two). Per-item time falls with the batch on a
-    CPU (the reference model: 2.7 ms at 4 items, 1.5 ms at 16, 1.3 ms at 64), so the probe runs
-    at the batches calibration uses, capped at 16 to keep it short on big models. `example(b)`
-    gives (x, t, cond) for b items on the model's device. Unset activation scales cost the same."""
+                  batch: int = 16, train_batch: int = 16, batch_seconds: float = 2.0) -> ProbeSeconds:
+    """Seconds per item of an FP forward and a fake-quantized forward (at up to `batch` items) and
+    of a fake-quantized forward+backward (at up to `train_batch`, the search's batch).
+
+    A one-item FP forward (untimed warm-up) sizes the timed batches so that each takes about
+    `batch_seconds` at most: per-item time falls with the batch on a CPU (the reference model:
+    2.7 ms at 4 items, 1.5 ms at 16, 1.3 ms at 64), so small models are timed near the batches
+    calibration uses, and big ones (an SD-class UNet on a CPU) still probe in seconds, at a small
+    batch whose per-item time errs high. The backward is timed twice when that is cheap (the
+    first one allocates its buffers). `example(b)` gives (x, t, cond) for b items on the model's
+    device; unset activation scales cost the same as calibrated ones."""
     t_all = time.perf_counter()
-    b, tb = max(1, int(batch)), max(1, int(train_batch))
-    x, t, cond = example(max(b, tb))
+    x, t, cond = example(max(1, int(batch), int(train_batch)))
 
     def part(n: int):
         return x[:n], t[:n], {k: v[:n] for k, v in cond.items()}
 
-    xb, tt, cb = part(b)
     with fp_mode(qmodel):
-        _timed(lambda: forward_eps(qmodel, xb, tt, **cb))
+        x1, t1, c1 = part(1)
+        one = _timed(lambda: forward_eps(qmodel, x1, t1, **c1))
+        fits = max(1, int(batch_seconds / max(one, 1e-6)))
+        b, tb = max(1, min(int(batch), fits)), max(1, min(int(train_batch), fits // 3 or 1))
+        xb, tt, cb = part(b)
         fp = _timed(lambda: forward_eps(qmodel, xb, tt, **cb))
     with quant_mode(qmodel):
         quant = _timed(lambda: forward_eps(qmodel, xb, tt, **cb))
         xg, tg, cg = part(tb)
         train = float("inf")
-        for _ in range(2):  # the first backward also allocates its buffers: keep the faster of two
+        for rep in range(2):
             xr = xg.clone().requires_grad_(True)
             t0 = time.perf_counter()
             with torch.enable_grad():
                 forward_eps(qmodel, xr, tg, **cg).float().square().mean().backward()
             train = min(train, time.perf_counter() - t0)
+            if train > batch_seconds / 2:
+                break
     return ProbeSeconds(fp=fp / b, quant=quant / b, train=train / tb, probe_s=time.perf_counter() - t_all)
 
 
