@@ -135,7 +135,63 @@ def _schema_inputs(node: onnx.NodeProto, opset: int) -> list[set[str]]:
     return out
 
 
-_TYPE_STR = {TensorProto.FLOAT16: "tensor(float16)", TensorProto.BFLOAT16: "tensor(bfloat16)"}
+_TYPE_STR = {TensorProto.FLOAT16: "tensor(float16)", TensorProto.BFLOAT16: "tensor(bfloat16)",
+             TensorProto.FLOAT: "tensor(float)"}
+
+
+def precision_violations(model: onnx.ModelProto, types: dict[str, int], expect: str | None = None) -> list[tuple[str, str]]:
+    """(node, problem) for every place a high-precision graph leaves its type outside the FP32 islands
+    (the linter's `high-precision` rule): float graph inputs / outputs not FP32, and nodes outside
+    `fp32_islands` (Casts, shape reads and constant-only nodes that only FP32 islands read aside) with a
+    float input or output of another type than the graph's high precision (`expect`, or the type most
+    such tensors have). `types`: element type per tensor name. An FP32 graph passes trivially."""
+    g = model.graph
+    out: list[tuple[str, str]] = []
+    for vi in list(g.input) + list(g.output):
+        t = vi.type.tensor_type.elem_type
+        if t in FLOAT_ELEMS and t != TensorProto.FLOAT:
+            out.append((vi.name, f"graph input/output is {precision_of_type(t)}: the runner feeds and reads float32"))
+    islands = fp32_islands(model)
+    opset = P.opset_version(model)
+    ix = P.GraphIndex(model)
+    nodes = list(g.node)
+    pos = {id(n): k for k, n in enumerate(nodes)}
+    dynamic = {i.name for i in g.input}
+    checked: dict[int, bool] = {}
+    for k, n in enumerate(nodes):
+        if any(i in dynamic for i in n.input if i):
+            dynamic.update(o for o in n.output if o)
+            checked[k] = k not in islands
+    for k in range(len(nodes) - 1, -1, -1):  # constant-only nodes count where a checked node reads them
+        if k not in checked:
+            readers = [pos[id(c)] for o in nodes[k].output for c in ix.consumers.get(o, [])]
+            checked[k] = nodes[k].op_type != "Constant" and any(checked.get(r, False) for r in readers)
+    seen: dict[int, int] = {}
+    per_node: list[tuple[int, list[tuple[int, int | None]]]] = []
+    for k, n in enumerate(nodes):
+        if not checked[k] or n.op_type == "Cast" or n.op_type in SHAPE_OPS:
+            continue
+        allowed = _schema_inputs(n, opset)
+        io = [(types.get(i), j) for j, i in enumerate(n.input) if i] + [(types.get(o), None) for o in n.output if o]
+        io = [(t, j) for t, j in io if t in FLOAT_ELEMS]
+        for t, j in io:
+            seen[t] = seen.get(t, 0) + 1
+        per_node.append((k, io, allowed))
+    if not seen:
+        return out
+    want = ELEM_TYPE[expect] if expect else max(seen, key=seen.get)
+    for k, io, allowed in per_node:
+        n = nodes[k]
+        for t, j in io:
+            if t == want:
+                continue
+            if j is not None and j < len(allowed) and _TYPE_STR.get(want) not in allowed[j]:
+                continue  # the op's schema has no `want` there (Resize scales): FP32 by definition
+            where = f"input {n.input[j]!r}" if j is not None else "an output"
+            out.append((n.name or n.op_type, f"{n.op_type} has {where} in {precision_of_type(t)} outside the FP32 islands "
+                                             f"(graph precision {precision_of_type(want)})"))
+            break
+    return out
 
 
 @dataclass
@@ -338,6 +394,7 @@ __all__ = [
     "convert",
     "fp32_islands",
     "parse_high_precision",
+    "precision_violations",
     "precision_of_type",
     "stream_inputs",
     "tiny",

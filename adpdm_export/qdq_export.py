@@ -471,7 +471,7 @@ def export_qdq(
             t1 = time.perf_counter()
             say("linting the TensorRT-target graphs")
             for f in files["trt"]:
-                v = lint_model(f)
+                v = lint_model(f, high_precision=precision)
                 exp.lint[f.name] = [str(x) for x in v]
                 raise_on_violations([x for x in v if x.rule not in set(allow_lint)], f.name)
             timings["lint_s"] = time.perf_counter() - t1
