@@ -112,25 +112,29 @@ def export(
     out_dir: str | os.PathLike,
     *,
     targets: Optional[Sequence[str]] = None,
+    high_precision: Optional[str] = None,
     check: bool = True,
     say: Optional[Callable[[str], None]] = None,
 ) -> Manifest:
     """One QDQ ONNX graph per timestep group (+ one shared weights file and manifest.json) in `out_dir`.
 
     targets: "trt" (Q/DQ on Conv/Linear inputs, for TensorRT) and/or "ort" (onnxruntime CPU);
-    default both at W8, "ort" below. check: parity of every graph against PyTorch. `out_dir` must
+    default both at W8, "ort" below. high_precision: the TensorRT target's float type outside the INT8
+    layers, "fp16" (default) | "bf16" | "fp32"; the CPU target is always FP32. check: parity of every graph against PyTorch. `out_dir` must
     be missing, empty or an earlier build (never a folder of other files). Returns the manifest
     of the build, ready for `Runner(out_dir)` or `build_engines(out_dir)`.
     """
     from adpdm_export.build_stages import claimed_build_folder
+    from adpdm_export.high_precision import parse_high_precision
     from adpdm_export.qdq_export import check_supported, export_qdq_for, parse_targets
 
     if not isinstance(result, CalibrationResult):
         raise AdpdmError(f"result must be a CalibrationResult, got {type(result).__name__}")
     chosen = default_targets(result.w_bits, "ort") if targets is None else parse_targets(targets)
     check_supported(result, chosen)
+    precision = parse_high_precision(high_precision, chosen)
     with claimed_build_folder(out_dir):  # missing, empty or one of our builds; one writer at a time
-        export_qdq_for(_loaded(model), result, out_dir, target=chosen, check=check, say=say)
+        export_qdq_for(_loaded(model), result, out_dir, target=chosen, check=check, say=say, high_precision=precision)
     return load_manifest(out_dir)
 
 

@@ -31,6 +31,7 @@ def build_engine(
     resolution: Annotated[Optional[tuple[int, int]], typer.Option("--resolution", help="H W for the TensorRT optimization profile (default: the model's sample size).")] = None,
     opt_level: Annotated[int, typer.Option("--opt-level", help="TensorRT builder optimization level (0..5).")] = 3,
     force: Annotated[bool, typer.Option("--force", help="Rerun every stage even when its outputs are current.")] = False,
+    high_precision: Annotated[Optional[str], typer.Option("--high-precision", help="TensorRT target outside the INT8 layers: fp16 (default) | bf16 | fp32; the onnxruntime target is FP32.")] = None,
     method: opt.Method = "adpdm",
     groups: opt.Groups = None,
     w_bits: opt.WBits = 8,
@@ -82,6 +83,9 @@ def build_engine(
         raise AdpdmError(f"--opt-level must be in 0..5, got {opt_level}")
     chosen = pick_backend(backend)
     targets = default_targets(quant.w_bits, chosen)
+    from adpdm_export.high_precision import parse_high_precision
+
+    parse_high_precision(high_precision, targets)  # one line before any work
     check_resolution(resolution, chosen)
     # --out: empty, missing or one of our builds, and no other build in it; checked before loading the model
     with claimed_build_folder(out):
@@ -94,6 +98,7 @@ def build_engine(
         with stage_progress(progress) as on_progress:
             summary = run_build(
                 loaded, out, config, quant, data, seed=seed, device=device, backend=chosen, targets=targets,
+                high_precision=high_precision,
                 batch_sizes=sizes, resolution=resolution, opt_level=opt_level, cond=cond, uncond=uncond,
                 cache_dir=str(cache_dir or default_cache_dir()), force=force, progress=on_progress,
                 say=lambda msg: console.print(f"  {msg}"), log=stderr_line, calib_budget_minutes=calib_budget_minutes,
