@@ -25,7 +25,7 @@ from engines.errors import AdpdmError
 from engines.pretrained import check_safetensors, load_pretrained
 
 DEFAULT_GUIDANCE_SCALE = 7.5  # diffusers' StableDiffusionPipeline default
-PIPELINE_PARTS = ("model_index.json", "tokenizer", "text_encoder", "vae")  # what a server or repository needs
+PIPELINE_PARTS = ("model_index.json", "tokenizer", "text_encoder", "vae")  # what prompts -> images need
 TEXT_INPUT = "encoder_hidden_states"
 
 
@@ -60,15 +60,38 @@ class TextEncoder:
         return out[0].to(torch.float32), truncated
 
 
-def load_text_encoder(pipeline: Path, cross_attention_dim: Any) -> TextEncoder:
-    """The tokenizer and text encoder of a pipeline folder, checked against the UNet's cross-attention width."""
+def _width(cross_attention_dim: Any) -> int:
+    return int(cross_attention_dim[0] if isinstance(cross_attention_dim, (list, tuple)) else cross_attention_dim)
+
+
+def check_text_pipeline_folder(pipeline: Path, cross_attention_dim: Any) -> Optional[dict[str, Any]]:
+    """A pipeline folder's text parts, checked without loading any weights: tokenizer/ and
+    text_encoder/ present, safetensors only (also in vae/), the encoder's width equal to the UNet's
+    cross-attention; returns the VAE's config (None: no vae/, a pixel-space pipeline)."""
+    from engines.json_files import read_json
+
     pipeline = Path(pipeline)
-    tok_dir, enc_dir = pipeline / "tokenizer", pipeline / "text_encoder"
+    tok_dir, enc_dir, vae_dir = pipeline / "tokenizer", pipeline / "text_encoder", pipeline / "vae"
     missing = [d.name + "/" for d in (tok_dir, enc_dir) if not d.is_dir()]
     if missing:
         raise AdpdmError(f"pipeline folder {pipeline} lacks {' and '.join(missing)} (a text-to-image pipeline needs "
                          "tokenizer/ and text_encoder/)")
     check_safetensors(enc_dir, "text encoder")
+    hidden = read_json(enc_dir / "config.json", "text encoder config").get("hidden_size")
+    if hidden is None or int(hidden) != _width(cross_attention_dim):
+        raise AdpdmError(f"the text encoder in {enc_dir} gives {hidden}-wide embeddings, the UNet's "
+                         f"cross-attention takes {_width(cross_attention_dim)}: they are not one pipeline")
+    if not vae_dir.is_dir():
+        return None
+    check_safetensors(vae_dir, "VAE")
+    return read_json(vae_dir / "config.json", "VAE config")
+
+
+def load_text_encoder(pipeline: Path, cross_attention_dim: Any) -> TextEncoder:
+    """The tokenizer and text encoder of a pipeline folder, checked against the UNet's cross-attention width."""
+    pipeline = Path(pipeline)
+    check_text_pipeline_folder(pipeline, cross_attention_dim)
+    tok_dir, enc_dir = pipeline / "tokenizer", pipeline / "text_encoder"
     try:
         from transformers import AutoTokenizer, CLIPTextModel
     except ImportError:  # pragma: no cover - a dependency
@@ -79,10 +102,6 @@ def load_text_encoder(pipeline: Path, cross_attention_dim: Any) -> TextEncoder:
         raise AdpdmError(f"could not load the tokenizer from {tok_dir}: {str(e).strip()[:200] or type(e).__name__}") from None
     model = load_pretrained(CLIPTextModel, enc_dir, "the text encoder").eval()
     model.requires_grad_(False)
-    width = cross_attention_dim[0] if isinstance(cross_attention_dim, (list, tuple)) else cross_attention_dim
-    if int(model.config.hidden_size) != int(width):
-        raise AdpdmError(f"the text encoder in {enc_dir} gives {model.config.hidden_size}-wide embeddings, the UNet's "
-                         f"cross-attention takes {width}: they are not one pipeline")
     return TextEncoder(tokenizer=tokenizer, model=model, folder=pipeline)
 
 
@@ -115,7 +134,7 @@ def load_latent_decoder(pipeline: Path) -> Optional[LatentDecoder]:
     folder = Path(pipeline) / "vae"
     if not folder.is_dir():
         return None
-    check_safetensors(folder, "VAE")
+    check_safetensors(folder, "VAE")  # also in check_text_pipeline_folder; this loader is public on its own
     from diffusers import AutoencoderKL
 
     vae = load_pretrained(AutoencoderKL, folder, "the VAE").eval()
@@ -164,6 +183,22 @@ def pipeline_of_build(manifest: Any) -> Path:
         raise AdpdmError(f"prompts need the text encoder of the pipeline this build was made from, {folder}, "
                          "which is not a pipeline folder here (moved, or the build is not of a text pipeline)")
     return folder
+
+
+def copy_text_parts(pipeline: Path, dst: Path) -> None:
+    """Copy what prompts -> images need (`PIPELINE_PARTS`, no UNet, no pickle files) into `dst`
+    (the Triton repository's generate model carries its own copy; docs/serving.md says why)."""
+    import shutil
+
+    from engines.pretrained import PICKLE_SUFFIXES
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in PIPELINE_PARTS:
+        src = Path(pipeline) / name
+        if src.is_file():
+            shutil.copyfile(src, dst / name)
+        elif src.is_dir():
+            shutil.copytree(src, dst / name, ignore=lambda d, names: [n for n in names if Path(n).suffix in PICKLE_SUFFIXES])
 
 
 def load_build_pipeline(manifest: Any, folder: str | Path | None = None) -> TextPipeline:
@@ -215,7 +250,7 @@ def prompt_request(inputs: Mapping[str, Any]) -> Optional[PromptRequest]:
     """The prompt part of a `generate` request (inputs `prompt`, `negative_prompt`, `guidance_scale`,
     as arrays of one element), checked; None when it has no prompt. Shared by `adpdm serve` and the
     Triton repository's `generate` model, so both refuse the same requests with the same line."""
-    given = {k: inputs.get(k) for k in ("prompt", "negative_prompt", "guidance_scale") if inputs.get(k) is not None}
+    given = {k: inputs[k] for k in ("prompt", "negative_prompt", "guidance_scale") if k in inputs and inputs[k] is not None}
     if "prompt" not in given:
         if given:
             raise AdpdmError(f"{' and '.join(sorted(given))} go(es) with a prompt")
