@@ -14,7 +14,6 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 from engines.errors import AdpdmError
 from engines.serving import AdpdmServer, GenerateModel, ServeLimits, generate_images

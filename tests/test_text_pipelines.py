@@ -187,6 +187,7 @@ def test_sample_with_a_prompt_from_the_pipeline_and_from_its_build(pipe, tmp_pat
 @pytest.mark.parametrize("args, message", [
     (["--guidance-scale", "3"], "go with --prompt"),
     (["--prompt", "a cat", "--guidance-scale", "0.5"], "guidance scale must be a number from 1"),
+    (["--prompt", " "], "the prompt is empty"),  # the servers' rule too (engines.text_pipeline.PromptRequest)
 ])
 def test_bad_sample_prompt_flags(pipe, tmp_path, capsys, args, message):
     rc, err = run_cli(capsys, "sample", pipe, "--n", 1, "--steps", 2, "--out", tmp_path / "x.png", *args)
