@@ -20,11 +20,11 @@ from calibration.fingerprint import model_sha256
 from engines.conditioning import default_condition
 from engines.errors import AdpdmError
 from engines.json_files import read_json
+from engines.pretrained import PICKLE_SUFFIXES, load_pretrained
 
 SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 REFERENCE_NAME = "reference"
 REFERENCE_DIR = Path(__file__).parent / "assets" / "reference"
-_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # diffusers' DDPMScheduler defaults: used when a bare UNet folder ships no scheduler config.
 DEFAULT_SCHEDULER_CONFIG = {
@@ -51,7 +51,7 @@ class LoadedModel:
     out_channels: int
     conditioning: dict[str, Any] = field(default_factory=dict)
     scheduler_config_found: bool = True
-    text_encoder: Any = None  # adpdm_export.text_prompts.TextEncoder of a text-to-image pipeline folder
+    text_encoder: Any = None  # engines.text_pipeline.TextEncoder of a text-to-image pipeline folder
     _sha256: str | None = None
 
     @property
@@ -129,16 +129,6 @@ def _check_unet_config(config: Any, where: Path) -> dict[str, Any]:
     return config
 
 
-def load_pretrained(cls: Any, folder: Path, what: str, **kwargs: Any) -> Any:
-    """`cls.from_pretrained(folder)` from safetensors; corrupted or mismatched files are one line
-    naming the folder and the cause (diffusers' and transformers' errors run to pages)."""
-    try:
-        return cls.from_pretrained(str(folder), use_safetensors=True, **kwargs)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdpdmError(f"could not load {what} from {folder}: {msg[:300]}") from None
-
-
 def _load_unet_folder(folder: Path, source: str) -> tuple[torch.nn.Module, str, dict[str, Any]]:
     config = _check_unet_config(read_json(folder / "config.json", "UNet config"), folder / "config.json")
     kind = config.get("_class_name")
@@ -148,7 +138,7 @@ def _load_unet_folder(folder: Path, source: str) -> tuple[torch.nn.Module, str, 
         )
     weights = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors")
     if not weights:
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise AdpdmError(
                 f"{folder} has only pickle weights ({', '.join(pickles)}); this tool never unpickles files. "
@@ -226,7 +216,7 @@ def load_model(source: str | os.PathLike) -> LoadedModel:
         unet, kind, config = _load_unet_folder(folder / "unet", src)
         sched = _scheduler_config_near(folder / "unet")
         if kind == "UNet2DConditionModel" and ("text_encoder" in index or (folder / "text_encoder").exists()):
-            from adpdm_export.text_prompts import load_text_encoder
+            from engines.text_pipeline import load_text_encoder
 
             text_encoder = load_text_encoder(folder, config.get("cross_attention_dim"))
     elif (folder / "config.json").is_file():

@@ -1,123 +1,27 @@
-"""Prompts to UNet conditioning: a text-to-image pipeline's own tokenizer and text encoder.
+"""Calibration's prompt policy for text-to-image pipelines: prompt files, the default prompt set,
+and the one function that assembles data-free calibration's conditions (`calibration_conditions`,
+for `adpdm calibrate` / `build-engine` and `adpdm.calibrate` / `adpdm.build_engine` alike).
 
-Stable-Diffusion-layout pipeline folders hold `tokenizer/` (CLIPTokenizer) and `text_encoder/`
-(CLIPTextModel) beside `unet/`. Calibration must see what the UNet sees when serving: the
-encoder's last hidden state for real prompts and, for classifier-free guidance, for the
-negative prompt (the empty string by default), never an all-zero stand-in. Weights are read
-from safetensors only; truncation to the tokenizer's limit is reported, as diffusers does.
+Calibration must see what the UNet sees when serving: the pipeline's own text encoder's
+embeddings of real prompts and, for classifier-free guidance, of the negative prompt (the empty
+string by default), never an all-zero stand-in. The runtime parts (tokenizer + text encoder, VAE)
+are `engines/text_pipeline.py`, which the server runs too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
 from engines.errors import AdpdmError
+from engines.text_pipeline import DEFAULT_GUIDANCE_SCALE, TEXT_INPUT
 
-DEFAULT_GUIDANCE_SCALE = 7.5  # diffusers' StableDiffusionPipeline default
 DEFAULT_PROMPTS_FILE = Path(__file__).parent / "assets" / "default_prompts.txt"
-_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-
-
-@dataclass
-class TextEncoder:
-    """The pipeline's tokenizer and text encoder, in eval mode on the CPU."""
-
-    tokenizer: Any
-    model: Any
-    folder: Path
-
-    @property
-    def max_length(self) -> int:
-        return int(self.tokenizer.model_max_length)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
-
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
-        """(K, max_length, hidden) float32 embeddings of `prompts`, and the indices of the prompts
-        that were longer than the tokenizer's limit (truncated, as diffusers does)."""
-        prompts = [str(p) for p in prompts]
-        if not prompts:
-            raise AdpdmError("no prompts to encode")
-        full = self.tokenizer(prompts, padding="longest", truncation=False).input_ids
-        truncated = [i for i, ids in enumerate(full) if len(ids) > self.max_length]
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                                return_tensors="pt")
-        out = self.model(tokens.input_ids)
-        return out[0].to(torch.float32), truncated
-
-
-def _check_safetensors(folder: Path, what: str) -> None:
-    if any(folder.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    if pickles:
-        raise AdpdmError(f"{what} {folder} has only pickle weights ({', '.join(pickles)}); this tool never unpickles "
-                         "files: convert them to safetensors (save_pretrained(dir, safe_serialization=True))")
-    raise AdpdmError(f"{what} {folder} has no .safetensors weights")
-
-
-def load_text_encoder(pipeline: Path, cross_attention_dim: Any) -> TextEncoder:
-    """The tokenizer and text encoder of a pipeline folder, checked against the UNet's cross-attention width."""
-    tok_dir, enc_dir = pipeline / "tokenizer", pipeline / "text_encoder"
-    missing = [d.name + "/" for d in (tok_dir, enc_dir) if not d.is_dir()]
-    if missing:
-        raise AdpdmError(f"pipeline folder {pipeline} lacks {' and '.join(missing)} (a text-to-image pipeline needs "
-                         "tokenizer/ and text_encoder/)")
-    _check_safetensors(enc_dir, "text encoder")
-    try:
-        from transformers import AutoTokenizer, CLIPTextModel
-    except ImportError:  # pragma: no cover - a dependency
-        raise AdpdmError("text-to-image pipelines need `transformers`: pip install transformers") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    except Exception as e:
-        raise AdpdmError(f"could not load the tokenizer from {tok_dir}: {str(e).strip()[:200] or type(e).__name__}") from None
-    from adpdm_export.model_loading import load_pretrained
-
-    model = load_pretrained(CLIPTextModel, enc_dir, "the text encoder").eval()
-    model.requires_grad_(False)
-    width = cross_attention_dim[0] if isinstance(cross_attention_dim, (list, tuple)) else cross_attention_dim
-    if int(model.config.hidden_size) != int(width):
-        raise AdpdmError(f"the text encoder in {enc_dir} gives {model.config.hidden_size}-wide embeddings, the UNet's "
-                         f"cross-attention takes {width}: they are not one pipeline")
-    return TextEncoder(tokenizer=tokenizer, model=model, folder=pipeline)
-
-
-@dataclass
-class LatentDecoder:
-    """A pipeline's VAE decoder: latents (B, C, h, w) -> images in [-1, 1] (B, 3|1, H, W)."""
-
-    vae: Any
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        scale = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
-        parts = [self.vae.decode(latents[i:i + batch_size].float() / scale).sample
-                 for i in range(0, latents.shape[0], batch_size)]
-        return torch.cat(parts).clamp(-1, 1)
-
-
-def load_latent_decoder(pipeline: Path) -> LatentDecoder | None:
-    """The VAE of a pipeline folder (None when it has none: a pixel-space pipeline)."""
-    folder = pipeline / "vae"
-    if not folder.is_dir():
-        return None
-    _check_safetensors(folder, "VAE")
-    from diffusers import AutoencoderKL
-
-    from adpdm_export.model_loading import load_pretrained
-
-    vae = load_pretrained(AutoencoderKL, folder, "the VAE").eval()
-    vae.requires_grad_(False)
-    return LatentDecoder(vae)
-
+__all__ = ["DEFAULT_GUIDANCE_SCALE", "CalibrationConditions", "calibration_conditions", "default_prompts",
+           "read_prompts"]
 
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt a line (blank lines skipped); an empty or unreadable file is one line."""
@@ -135,40 +39,64 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 @dataclass
-class PromptConditions:
-    """What calibration conditions a text pipeline on: the prompts' embeddings (cycled over the
-    samples), the negative prompt's (the unconditional half of guidance) and the guidance scale."""
+class CalibrationConditions:
+    """What data-free calibration samples with: the conditions (per sample, or K prompts cycled over
+    the samples), the unconditional inputs of guidance (None without guidance), the guidance scale,
+    and notes for the user (truncated prompts)."""
 
     cond: dict[str, torch.Tensor]
-    uncond: dict[str, torch.Tensor]
+    uncond: Optional[dict[str, torch.Tensor]]
     guidance_scale: float
-    num_prompts: int
-    truncated: list[int]
+    notes: list[str]
 
 
-def prompt_conditions(loaded: Any, prompts: Sequence[str] | None = None, negative_prompt: str | None = None,
-                      guidance_scale: float | None = None) -> PromptConditions | None:
-    """The conditions of a text-to-image pipeline (None for other models when nothing was asked).
+def calibration_conditions(loaded: Any, samples: int, *, cond: Optional[Mapping[str, Any]] = None,
+                           uncond: Optional[Mapping[str, Any]] = None, prompts: Optional[Sequence[str]] = None,
+                           negative_prompt: Optional[str] = None,
+                           guidance_scale: Optional[float] = None) -> CalibrationConditions:
+    """The conditions of data-free calibration of `loaded` (a LoadedModel) over `samples` seeds.
 
-    prompts: default `default_prompts()`; negative_prompt: default "" (never zeros);
-    guidance_scale: default DEFAULT_GUIDANCE_SCALE. Asking for prompts or guidance from a model
-    without a text encoder is one AdpdmError line.
+    cond: the user's own conditions (class labels, prompt embeddings); inputs it lacks are the
+    model's null/default ones. A text-to-image pipeline (a text encoder): `prompts` (default
+    `default_prompts()`, unless cond holds prompt embeddings) and the negative prompt (default "",
+    never zeros; the unconditional half unless `uncond` is given) are encoded by the pipeline's own
+    text encoder; guidance_scale defaults to DEFAULT_GUIDANCE_SCALE. Other models: prompts are one
+    AdpdmError line, and so is a guidance scale > 1 without `uncond`.
     """
     from engines.sampler import check_guidance
 
+    user = dict(cond or {})
+    out = {**loaded.default_condition(samples), **user}
+    uncond = None if uncond is None else dict(uncond)
     if loaded.text_encoder is None:
-        asked = [flag for flag, v in (("--prompts", prompts), ("--negative-prompt", negative_prompt),
-                                      ("--guidance-scale", guidance_scale)) if v is not None]
+        asked = [name for name, v in (("prompts", prompts), ("a negative prompt", negative_prompt)) if v is not None]
+        if guidance_scale is not None and check_guidance(guidance_scale) > 1.0 and uncond is None:
+            asked.append("a guidance scale")
         if asked:
-            raise AdpdmError(f"{', '.join(asked)} need(s) a text-to-image pipeline folder (tokenizer/ and text_encoder/ "
-                             "beside unet/); for a bare conditional UNet give --prompt-embeds")
-        return None
+            raise AdpdmError(f"{' and '.join(asked)} need(s) a text-to-image pipeline folder (tokenizer/ and "
+                             "text_encoder/ beside unet/); for a bare conditional UNet give prompt embeddings "
+                             "(--prompt-embeds) and, for guidance, the unconditional inputs")
+        return CalibrationConditions(out, uncond, 1.0 if guidance_scale is None else check_guidance(guidance_scale), [])
+    encoder = loaded.text_encoder
     scale = check_guidance(DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale)
-    prompts = list(prompts) if prompts is not None else default_prompts()
-    embeds, truncated = loaded.text_encoder.encode(prompts)
-    negative, _ = loaded.text_encoder.encode(["" if negative_prompt is None else negative_prompt])
-    return PromptConditions({"encoder_hidden_states": embeds}, {"encoder_hidden_states": negative}, scale,
-                            len(prompts), truncated)
+    notes = []
+    if TEXT_INPUT in user:
+        if prompts is not None:
+            raise AdpdmError("give prompts or prompt embeddings (--prompt-embeds, cond['encoder_hidden_states']), "
+                             "not both")
+    else:
+        texts = list(prompts) if prompts is not None else default_prompts()
+        out[TEXT_INPUT], truncated = encoder.encode(texts)
+        if truncated:
+            notes.append(f"{len(truncated)} prompt(s) longer than the tokenizer's {encoder.max_length} tokens were "
+                         f"truncated (prompt {', '.join(str(i + 1) for i in truncated[:8])})")
+    if uncond is None and scale > 1.0:
+        negative, truncated = encoder.encode(["" if negative_prompt is None else negative_prompt])
+        uncond = {TEXT_INPUT: negative}
+        if truncated:
+            notes.append(f"the negative prompt is longer than the tokenizer's {encoder.max_length} tokens and was "
+                         "truncated")
+    return CalibrationConditions(out, uncond if scale > 1.0 else None, scale, notes)
 
 
 def default_prompts() -> list[str]:

@@ -60,7 +60,7 @@ def build_engine(
     from adpdm_export.build_stages import claimed_build_folder
     import dataclasses
 
-    from adpdm_export.commands.calibrate_cmd import calibration_conditions
+    from adpdm_export.commands.calibrate_cmd import conditions_from_flags
     from adpdm_export.model_loading import load_model
     from adpdm_export.progress import console, stage_progress, stderr_line
     from calibration.configs import DataFreeConfig
@@ -91,9 +91,10 @@ def build_engine(
     with claimed_build_folder(out):
         loaded = load_model(model)
         data.check_for(loaded.num_train_timesteps)
-        cond, uncond, guidance = calibration_conditions(loaded, calib_samples, class_labels, prompt_embeds, prompts,
-                                                        negative_prompt, guidance_scale)
-        data = dataclasses.replace(data, guidance_scale=guidance)
+        conds = conditions_from_flags(loaded, calib_samples, class_labels, prompt_embeds, prompts, negative_prompt,
+                                      guidance_scale)
+        cond, uncond = conds.cond, conds.uncond
+        data = dataclasses.replace(data, guidance_scale=conds.guidance_scale)
         console.print(f"[bold]build-engine[/bold] {model} -> {out} (backend {chosen}, {method}, W{w_bits}A{a_bits})")
         with stage_progress(progress) as on_progress:
             summary = run_build(
