@@ -29,4 +29,5 @@ def test_every_snippet_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "search_iters must be >= 0, got -5" in out
     assert "2 user" in out and "['activations', 'trajectories', 'weights']" in out
+    assert "3580 True" in out  # the cost estimate's pass count and a probed time
     assert (tmp_path / "build" / "manifest.json").is_file() and (tmp_path / "build-all" / "manifest.json").is_file()
