@@ -23,7 +23,10 @@ documented FP32 islands (`fp32_islands`, measured in docs/export.md):
 Constant-only subgraphs (weight DequantizeLinear, shape arithmetic) take the type of their readers.
 Scales below the high type's smallest normal number cannot be stored: weight channels with such a
 scale are requantized onto the smallest normal scale (their values are below 127 * that scale
-anyway); an activation scale that small is refused (`check_scale`).
+anyway); an activation scale that small is lifted to that number (`normal_scale`; the simulation the
+parity check compares with is lifted the same way): it belongs to a tensor that is zero or nearly so
+on every calibration input (e.g. a cross-attention K/V input calibrated on all-zero null embeddings),
+whose values the high precision could not represent anyway. The report counts them.
 """
 
 from __future__ import annotations
@@ -76,12 +79,11 @@ def tiny(precision: str) -> float:
     return float(ml_dtypes.finfo(NP_TYPE[precision]).tiny) if precision == "bf16" else float(np.finfo(NP_TYPE[precision]).tiny)
 
 
-def check_scale(name: str, value: float, precision: str) -> None:
-    """Refuse an activation scale the high precision cannot hold as a normal number."""
-    if precision != "fp32" and not (abs(float(value)) >= tiny(precision)):
-        raise AdpdmError(
-            f"activation scale {name} = {float(value):.3g} is below {precision}'s smallest normal number "
-            f"{tiny(precision):.3g}: export with --high-precision bf16 or fp32")
+def normal_scale(value: float, precision: str) -> float:
+    """An activation scale the high precision can hold: values below its smallest normal number are
+    lifted to it (module doc); FP32 scales pass unchanged."""
+    value = float(value)
+    return value if precision == "fp32" else max(value, tiny(precision))
 
 
 def to_precision(value: np.ndarray, precision: str) -> np.ndarray:
@@ -201,10 +203,12 @@ class Conversion:
     islands: dict[str, int] = field(default_factory=dict)  # reason -> node count
     casts: int = 0
     requantized_channels: int = 0
+    lifted_activation_scales: int = 0  # (scale, group) values below the smallest normal number (normal_scale)
 
     def to_dict(self) -> dict:
         return {"precision": self.precision, "low_precision_nodes": self.low_nodes, "fp32_islands": dict(self.islands),
-                "casts_inserted": self.casts, "requantized_weight_channels": self.requantized_channels}
+                "casts_inserted": self.casts, "requantized_weight_channels": self.requantized_channels,
+                "lifted_activation_scales": self.lifted_activation_scales}
 
 
 def convert(model: onnx.ModelProto, precision: str) -> tuple[onnx.ModelProto, Conversion]:
@@ -390,7 +394,7 @@ __all__ = [
     "ELEM_TYPE",
     "KEEP_FP32_OPS",
     "PRECISIONS",
-    "check_scale",
+    "normal_scale",
     "convert",
     "fp32_islands",
     "parse_high_precision",

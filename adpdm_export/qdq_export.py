@@ -417,9 +417,9 @@ def export_qdq(
                 say(f"converting the TensorRT target to {precision} outside the INT8 layers")
             templates["trt"], conversion = HP.convert(trt_template, precision)
             scale_maps["trt"] = scale_to_q
-            for s_name, q in scale_to_q.items():
-                for v in result.activation_scales[q].tolist():
-                    HP.check_scale(s_name, v, precision)
+            conversion.lifted_activation_scales = sum(
+                HP.normal_scale(v, precision) != v for q in set(scale_to_q.values())
+                for v in result.activation_scales[q].tolist())
         if "ort" in targets:
             def out_scale(qname: str) -> float:
                 s = result.activation_scales.get(qname)
@@ -442,7 +442,8 @@ def export_qdq(
             say(f"writing {g_count} {prof} group graphs")
             models = []
             for k in range(g_count):
-                values = {s: float(result.activation_scales[q][k]) for s, q in scale_maps[prof].items()}
+                prec = precision if prof == "trt" else "fp32"
+                values = {s: HP.normal_scale(result.activation_scales[q][k], prec) for s, q in scale_maps[prof].items()}
                 m = stamp(P.set_activation_scales(tmpl, values), stamp_values(
                     k, g_count, table, sample_shape[1:], sample_shape[0]))
                 models.append(m)

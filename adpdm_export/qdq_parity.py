@@ -53,12 +53,19 @@ def _tie_rel(precision: str) -> float:
 
 
 def sim_in_precision(qmodel: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """The quantization wrapper computing in `precision` (a copy; the scales rounded to it, as in the graph)."""
+    """The quantization wrapper computing in `precision` (a copy; the scales lifted to its normal range and
+    rounded to it, as in the graph)."""
     import copy
+
+    from adpdm_export.high_precision import tiny
+    from calibration.quant_unet import activation_quantizers
 
     if precision == "fp32":
         return qmodel
-    return copy.deepcopy(qmodel).to(SIM_DTYPE[precision])
+    sim = copy.deepcopy(qmodel)
+    for q in activation_quantizers(sim).values():  # lifted as the graph's (high_precision.normal_scale)
+        q.set_scale(q.effective_scale().detach().clamp_min(tiny(precision)))
+    return sim.to(SIM_DTYPE[precision])
 
 
 def _sim_call(qmodel: torch.nn.Module, sample, timestep, cond):

@@ -83,12 +83,34 @@ class StageMemory:
             self.mark(stage)
 
     def say(self, line: str) -> None:
+        """build_engine's lines: "<stage>: running|done|reused ..." and the export's own steps."""
         print(f"  {line}", file=sys.stderr, flush=True)
-        head = " ".join(line.split()[:2])
-        if line.startswith(("calibrate: running", "export: running", "engines: running")):
-            self.mark(line.split(":")[0])
-        elif not line.startswith(("calibrate:", "export:", "engines:", "calibration estimate")):
-            self.mark("export/" + head)
+        if line.startswith("calibration estimate"):
+            return
+        stage, _, rest = line.partition(": ")
+        word = rest.split(" ")[0] if rest else ""
+        if stage in ("calibrate", "export", "engines") and word == "running":
+            self.mark(stage)
+        elif stage in ("calibrate", "export", "engines") and word in ("done", "reused"):
+            self.mark(f"after {stage}")
+        else:  # an export step ("tracing the quantized UNet ...", "parity: unet.g0.onnx vs ...")
+            self.mark("export/" + " ".join(line.split()[:2]).rstrip(":"))
+
+
+def load_model_for(name: str, sample_size, width_div: int):
+    """tools/bench_speed's model, optionally with another sample size or narrower blocks (random weights)."""
+    from tools.bench_speed import models
+
+    if sample_size is None and width_div == 1:
+        return models.load_bench_model(name)
+    layout = dict(models.LAYOUTS[name])
+    if sample_size is not None:
+        layout["sample_size"] = int(sample_size)
+    if width_div != 1:
+        layout["block_out_channels"] = tuple(c // width_div for c in layout["block_out_channels"])
+    key = f"{name}-s{layout['sample_size']}-w{width_div}"
+    models.LAYOUTS[key] = layout
+    return models.load_bench_model(key)
 
 
 def main(argv=None) -> None:
@@ -102,6 +124,8 @@ def main(argv=None) -> None:
     p.add_argument("--targets", default="ort,trt")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--sample-size", type=int, default=None, help="override the layout's sample size (activations)")
+    p.add_argument("--width-div", type=int, default=1, help="divide the layout's block widths (weights)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -109,7 +133,7 @@ def main(argv=None) -> None:
 
     from adpdm_export.build_pipeline import build_engine
     from calibration.configs import DataFreeConfig, method_config
-    from tools.bench_speed.models import load_bench_model, params_m
+    from tools.bench_speed.models import params_m
 
     torch.set_num_threads(args.threads)
     values = dict(kv.split("=", 1) for kv in args.option)
@@ -119,7 +143,7 @@ def main(argv=None) -> None:
     data = DataFreeConfig(samples=args.samples, steps=args.steps)
     t0 = time.perf_counter()
     with StageMemory() as mem, tempfile.TemporaryDirectory(prefix="stage-memory-") as tmp:
-        loaded = load_bench_model(args.model)
+        loaded = load_model_for(args.model, args.sample_size, args.width_div)
         mem.mark("build")
         summary = build_engine(loaded, Path(tmp) / "out", method, data=data, backend="ort",
                                targets=tuple(args.targets.split(",")), cache_dir=None, progress=mem.progress,
