@@ -114,17 +114,19 @@ def text_to_image_parts(model_or_build: str) -> TextToImage:
         if not (folder / "model_index.json").is_file():
             raise AdpdmError(f"--prompt needs the text encoder of the pipeline this build was made from, {folder}, "
                              "which is not a pipeline folder here (moved, or the build is not of a text pipeline)")
-        width = m.model.conditioning.get("encoder_hidden_states", {}).get("dim")
+        config = dict(m.model.config)
+        if "encoder_hidden_states" not in m.model.conditioning:
+            config.pop("cross_attention_dim", None)
     else:
         if not (folder / "model_index.json").is_file():
             raise AdpdmError(f"--prompt needs a text-to-image pipeline folder (tokenizer/, text_encoder/, unet/), "
                              f"not {model_or_build}")
         from engines.json_files import read_json
 
-        width = read_json(folder / "unet" / "config.json", "UNet config").get("cross_attention_dim")
-    if width is None:
+        config = read_json(folder / "unet" / "config.json", "UNet config")
+    if config.get("cross_attention_dim") is None:
         raise AdpdmError(f"{folder}: the UNet has no cross-attention; --prompt applies to text-to-image pipelines")
-    return TextToImage(load_text_encoder(folder, width), load_latent_decoder(folder))
+    return TextToImage(load_text_encoder(folder, config), load_latent_decoder(folder))
 
 
 def check_request(n: int, steps: int, seed: int, scheduler: str) -> None:

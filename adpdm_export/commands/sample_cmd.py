@@ -36,6 +36,7 @@ def sample_images(
     from adpdm_export.progress import console, stage_progress
     from adpdm_export.sampling import check_request, generate, open_source, text_to_image_parts
     from adpdm_export.text_prompts import DEFAULT_GUIDANCE_SCALE
+    from calibration.trajectories import expand_cond
     from engines.conditioning import default_condition
     from engines.errors import AdpdmError
     from engines.file_io import check_output_folder
@@ -57,13 +58,13 @@ def sample_images(
     src = open_source(model, backend, threads=threads or None, ort_sessions=ort_sessions)
     cond, uncond, guidance_note = default_condition(src.conditioning, n), None, ""
     if text is not None:
-        embeds, truncated = text.text_encoder.encode([prompt])
+        prompted, truncated = text.text_encoder.conditions([prompt])
         if truncated:
             console.print(f"note: the prompt is longer than {text.text_encoder.max_length} tokens and was truncated")
-        cond = {**cond, "encoder_hidden_states": embeds.expand(n, -1, -1)}
+        cond = {**cond, **expand_cond(prompted, n)}
         if guidance > 1.0:
-            negative = text.text_encoder.encode(["" if negative_prompt is None else negative_prompt])[0]
-            uncond = {**default_condition(src.conditioning, n), "encoder_hidden_states": negative.expand(n, -1, -1)}
+            uncond = {**default_condition(src.conditioning, n),
+                      **expand_cond(text.text_encoder.negative_conditions(negative_prompt), n)}
         guidance_note = f", prompt {prompt!r}, guidance {guidance:g}"
     console.print(f"sampling {n} images x {steps} steps from {src.description}{guidance_note}")
     with stage_progress() as on_progress:
