@@ -153,6 +153,7 @@ def _load_unet_folder(folder: Path, source: str) -> tuple[torch.nn.Module, str, 
         raise AdpdmError(
             f"{folder} holds a {kind or 'model without _class_name'}; supported: {', '.join(SUPPORTED_CLASSES)}"
         )
+    conditioning_of(kind, config)  # conditioning this tool cannot export: one line before diffusers reads the weights
     weights = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors")
     if not weights:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
