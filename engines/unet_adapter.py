@@ -93,8 +93,8 @@ class RunnerUNet(torch.nn.Module):
     ):
         added = kwargs.pop("added_cond_kwargs", None) or {}
         if added and not self.added_conds:
-            raise AdpdmError(f"added_cond_kwargs ({', '.join(sorted(added))}) is not supported by this build: its "
-                             "UNet takes no added conditions")
+            raise AdpdmError(f"added_cond_kwargs is not supported by this build: its UNet takes no added conditions "
+                             f"(got {', '.join(sorted(added))})")
         unknown = sorted(set(added) - set(self.added_conds))
         if unknown:
             raise AdpdmError(f"added_cond_kwargs {unknown} are not supported by a quantized adpdm build (it takes "
