@@ -273,6 +273,8 @@ def test_sample_with_a_prompt_from_the_sdxl_pipeline_and_its_build(pipe, build, 
     assert _grid(tmp_path / "q.png").shape == _grid(tmp_path / "fp.png").shape == (32 + 2, 2 * 32 + 3)
     rc, err = run_cli(capsys, "sample", build, "--out", tmp_path / "q2.png", *common[:-1], "the digit three")
     assert rc == 0 and (_grid(tmp_path / "q2.png") != _grid(tmp_path / "q.png")).any()  # the prompt matters
+    rc, err = run_cli(capsys, "sample", build, "--out", tmp_path / "null.png", *common[:-2])  # the spec's defaults
+    assert rc == 0, err
 
 
 def _drop_in_matches_adpdm_sample(pipe_folder, build, cls_name, tmp_path, capsys, **call):
