@@ -84,15 +84,16 @@ def _versions(*modules: str) -> dict[str, Optional[str]]:
     return out
 
 
-def _calibrate_stage(loaded: LoadedModel, method: MethodConfig, quant: QuantConfig, data: DataFreeConfig, seed: int,
-                     device: str, out: Path, cond, uncond, cache_dir, progress, log):
+def _calibrate_stage(loaded: LoadedModel, plan: "CalibrationPlan", out: Path, cond, uncond, cache_dir, progress,
+                     log, say):
     from calibration.pipeline import calibrate
 
     try:
         result = calibrate(
-            loaded.unet, loaded.scheduler_config, method, quant, data=data, seed=seed, cond=cond, uncond=uncond,
-            device=device, cache_dir=cache_dir, progress=progress, log=log,
+            loaded.unet, loaded.scheduler_config, plan.method, plan.quant, data=plan.data, seed=plan.seed, cond=cond,
+            uncond=uncond, device=plan.device, cache_dir=cache_dir, progress=progress, log=log,
             extra_settings={"model_source": loaded.source, "model_kind": loaded.kind},
+            budget_minutes=plan.budget_minutes, on_estimate=lambda estimate: say(estimate.summary()),
         )
     finally:
         loaded.unet.to("cpu")  # the export and the next stages run on the CPU, also after a failure on CUDA
@@ -111,6 +112,7 @@ def build_engine(
     device: str = "cpu",
     backend: str = "auto",
     targets: Optional[Sequence[str]] = None,
+    high_precision: Optional[str] = None,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     resolution: Optional[tuple[int, int]] = None,
     opt_level: int = 3,
@@ -121,15 +123,22 @@ def build_engine(
     progress: Optional[Progress] = None,
     say: Callable[[str], None] = lambda msg: None,
     log: Optional[Callable[[str], None]] = None,
+    calib_budget_minutes: Optional[float] = None,
 ) -> BuildSummary:
     """Build (or resume) the folder `out` for `model` (a name/path for `load_model`, or a LoadedModel).
 
     method / quant / data: the calibration (default ADP-DM with 4 groups, W8A8, 64 data-free
     samples x 100 steps); seed, device, cond and uncond (the unconditional inputs of guidance,
     data.guidance_scale > 1) as for `calibration.pipeline.calibrate`. targets:
-    the graph targets to export (default `default_targets`). Returns what each stage did.
+    the graph targets to export (default `default_targets`). high_precision: the TensorRT target's float
+    type outside the INT8 layers, fp16 (default) | bf16 | fp32 (adpdm_export/high_precision.py); part of
+    the export stage's key. calib_budget_minutes: scale the calibration settings down to fit
+    (calibration.cost_estimate; the estimate is said before the calibration runs either way).
+    Returns what each stage did.
     """
+    from adpdm_export.high_precision import parse_high_precision
     from adpdm_export.qdq_export import parse_targets
+    from calibration.cost_estimate import check_budget_minutes
     from calibration.pipeline import resolve_device
     from engines.platform import pick_backend
 
@@ -149,6 +158,7 @@ def build_engine(
         raise AdpdmError("--backend trt needs the TensorRT-target graphs: include 'trt' in the targets")
     if chosen == "ort" and "ort" not in targets:
         raise AdpdmError("--backend ort runs the onnxruntime-target graphs: include 'ort' in the targets")
+    precision = parse_high_precision(high_precision, targets)
     check_output_folder(out)
     check_resolution(resolution, chosen)
     if data.guidance_scale > 1.0 and not uncond:
@@ -158,11 +168,12 @@ def build_engine(
     if loaded is not None:
         data.check_for(loaded.num_train_timesteps)
         check_resolution(resolution, chosen, dict(getattr(loaded.unet, "config", {}) or {}))
-    plan = CalibrationPlan(method, quant, data, int(seed), str(device))
+    budget = None if calib_budget_minutes is None else check_budget_minutes(calib_budget_minutes)
+    plan = CalibrationPlan(method, quant, data, int(seed), str(device), budget)
     # empty, missing or one of our builds (else one line, before any work); one build per folder
     with claimed_build_folder(out) as out:
         return _build_locked(model, out, plan, chosen, targets, batch_sizes, resolution, opt_level, cond, uncond,
-                             cache_dir, force, progress, say, log, loaded, t_start)
+                             cache_dir, force, progress, say, log, loaded, t_start, precision)
 
 
 def default_targets(w_bits: int, backend: str) -> tuple[str, ...]:
@@ -201,14 +212,19 @@ class CalibrationPlan:
     data: DataFreeConfig
     seed: int
     device: str
+    budget_minutes: Optional[float] = None  # scales method/data down to fit (calibration.cost_estimate)
 
     def key(self) -> dict[str, Any]:
-        return {"method": self.method.to_dict(), "quant": self.quant.to_dict(), "data": self.data.to_dict(),
-                "seed": self.seed, "device": self.device}
+        key = {"method": self.method.to_dict(), "quant": self.quant.to_dict(), "data": self.data.to_dict(),
+               "seed": self.seed, "device": self.device}
+        if self.budget_minutes is not None:  # the settings asked for and the budget: a resume reuses the fit
+            key["budget_minutes"] = self.budget_minutes
+        return key
 
 
 def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, targets, batch_sizes, resolution,
-                  opt_level, cond, uncond, cache_dir, force, progress, say, log, loaded, t_start) -> BuildSummary:
+                  opt_level, cond, uncond, cache_dir, force, progress, say, log, loaded, t_start,
+                  precision: str = "fp32") -> BuildSummary:
     from adpdm_export.qdq_export import REPORT_NAME, WEIGHTS_NAME, export_qdq_for, graph_name
     from engines.ort_one_session import GROUP_CONSTANTS_NAME, SHARED_GRAPH_NAME, SHARED_WEIGHTS_NAME
 
@@ -238,22 +254,22 @@ def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, targets, batc
         ledger.claim("calibrate", [f"{CALIBRATION_DIR}/{JSON_NAME}", f"{CALIBRATION_DIR}/{TENSORS_NAME}"])
         unfinished()
         say("calibrate: running")
-    calib = ledger.run("calibrate", key, lambda: _calibrate_stage(loaded, plan.method, plan.quant, plan.data, plan.seed,
-                                                                  plan.device, out, cond, uncond, cache_dir, progress,
-                                                                  log),
+    calib = ledger.run("calibrate", key, lambda: _calibrate_stage(loaded, plan, out, cond, uncond, cache_dir, progress,
+                                                                  log, say),
                        force=force)
     result = CalibrationResult.load(out / CALIBRATION_DIR, expected_model_sha256=loaded.sha256)
     say(f"calibrate: {'reused' if calib.reused else 'done'} ({result.method}, {result.num_groups} group(s))")
 
     # 2. export
     # the stage key keeps the historical name "profiles" for the targets (the rename left its shape alone)
+    precision_key = {"high_precision": precision} if precision != "fp32" else {}  # fp32 builds keep their old key
     key = stage_key(stage="export", model=model_id, calibration=calib.outputs, profiles=list(targets),
-                    versions=_versions("torch", "diffusers", "onnx", "onnxruntime"))
+                    versions=_versions("torch", "diffusers", "onnx", "onnxruntime"), **precision_key)
     exported: dict[str, Any] = {}
 
     def run_export():
         exp = export_qdq_for(loaded, result, out, target=targets, manifest=False, owned=ledger.owned(),
-                             say=lambda msg: say(f"export: {msg}"))
+                             say=lambda msg: say(f"export: {msg}"), high_precision=precision)
         exported["exp"] = exp
         files = [g for gs in exp.graphs.values() for g in gs] + [exp.weights, out / REPORT_NAME]
         if (exp.one_session or {}).get("status") == "ok":
@@ -311,4 +327,5 @@ def _export_from_report(out: Path, report: dict[str, Any]):
         a_bits=int(report["a_bits"]), graphs={p: [out / g for g in gs] for p, gs in report["graphs"].items()},
         timestep_ranges=report["timestep_ranges"], activation_scales={}, folded_weights=int(report["folded_weights"]),
         deduped_qdq=int(report["deduped_qdq_pairs"]), one_session=report.get("one_session"),
+        graph_precision=dict(report.get("graph_precision") or {}),
     )

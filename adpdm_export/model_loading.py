@@ -21,11 +21,11 @@ from calibration.trajectories import expand_cond
 from engines.conditioning import SDXL_TIME_IDS, accept_added_cond_inputs, default_condition
 from engines.errors import AdpdmError
 from engines.json_files import read_json
+from engines.pretrained import PICKLE_SUFFIXES, load_pretrained
 
 SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 REFERENCE_NAME = "reference"
 REFERENCE_DIR = Path(__file__).parent / "assets" / "reference"
-_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # diffusers' DDPMScheduler defaults: used when a bare UNet folder ships no scheduler config.
 DEFAULT_SCHEDULER_CONFIG = {
@@ -52,7 +52,7 @@ class LoadedModel:
     out_channels: int
     conditioning: dict[str, Any] = field(default_factory=dict)
     scheduler_config_found: bool = True
-    text_encoder: Any = None  # adpdm_export.text_prompts.TextEncoder | SdxlTextEncoders of a text-to-image pipeline
+    text_encoder: Any = None  # engines.text_pipeline.TextEncoder | SdxlTextEncoders of a text-to-image pipeline
     _sha256: str | None = None
 
     @property
@@ -75,7 +75,7 @@ class LoadedModel:
         engines.conditioning.default_condition."""
         cond = default_condition(self.conditioning, batch)
         if self.text_encoder is not None:
-            cond.update(expand_cond(self.text_encoder.negative_conditions(None), batch))
+            cond.update(expand_cond(self.text_encoder.negative_conditions(None)[0], batch))
         return cond
 
 
@@ -127,6 +127,18 @@ def sample_size_of(config: dict[str, Any], where: str) -> tuple[int, int]:
     return (_positive_int(size, f"{where}: sample_size"),) * 2  # type: ignore[return-value]
 
 
+def unet_conditioning(kind: str, config: dict[str, Any], pipeline: Path | None) -> dict[str, Any]:
+    """`conditioning_of` with, for an SDXL-layout UNet, the time ids the pipeline passes when not
+    told otherwise as `time_ids.default` (engines.text_pipeline.sdxl_time_ids; a bare UNet: an SDXL
+    VAE's x8)."""
+    conditioning = conditioning_of(kind, config)
+    if "time_ids" in conditioning:
+        from engines.text_pipeline import sdxl_time_ids
+
+        conditioning["time_ids"]["default"] = list(sdxl_time_ids(pipeline, sample_size_of(config, str(pipeline))))
+    return conditioning
+
+
 def _check_unet_config(config: Any, where: Path) -> dict[str, Any]:
     """The fields this tool reads from a UNet config, checked before diffusers builds the model."""
     sample_size_of(config, str(where))
@@ -134,16 +146,6 @@ def _check_unet_config(config: Any, where: Path) -> dict[str, Any]:
         if key in config:
             _positive_int(config[key], f"{where}: {key}")
     return config
-
-
-def load_pretrained(cls: Any, folder: Path, what: str, **kwargs: Any) -> Any:
-    """`cls.from_pretrained(folder)` from safetensors; corrupted or mismatched files are one line
-    naming the folder and the cause (diffusers' and transformers' errors run to pages)."""
-    try:
-        return cls.from_pretrained(str(folder), use_safetensors=True, **kwargs)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdpdmError(f"could not load {what} from {folder}: {msg[:300]}") from None
 
 
 def _load_unet_folder(folder: Path, source: str) -> tuple[torch.nn.Module, str, dict[str, Any]]:
@@ -156,7 +158,7 @@ def _load_unet_folder(folder: Path, source: str) -> tuple[torch.nn.Module, str, 
     conditioning_of(kind, config)  # conditioning this tool cannot export: one line before diffusers reads the weights
     weights = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors")
     if not weights:
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise AdpdmError(
                 f"{folder} has only pickle weights ({', '.join(pickles)}); this tool never unpickles files. "
@@ -226,17 +228,14 @@ def load_model(source: str | os.PathLike) -> LoadedModel:
         if folder.is_file():
             raise AdpdmError(f"{src} is a file; give the folder of a diffusers UNet or pipeline")
     found_scheduler = True
-    text_encoder = None
+    text_pipeline = False
     if (folder / "model_index.json").is_file():
         index = read_json(folder / "model_index.json", "pipeline index")
         if not (folder / "unet" / "config.json").is_file():
             raise AdpdmError(f"pipeline folder {folder} has no unet/config.json (pipeline {index.get('_class_name')})")
         unet, kind, config = _load_unet_folder(folder / "unet", src)
         sched = _scheduler_config_near(folder / "unet")
-        if kind == "UNet2DConditionModel" and ("text_encoder" in index or (folder / "text_encoder").exists()):
-            from adpdm_export.text_prompts import load_text_encoder
-
-            text_encoder = load_text_encoder(folder, config)
+        text_pipeline = kind == "UNet2DConditionModel" and ("text_encoder" in index or (folder / "text_encoder").exists())
     elif (folder / "config.json").is_file():
         unet, kind, config = _load_unet_folder(folder, src)
         sched = _scheduler_config_near(folder)
@@ -251,14 +250,13 @@ def load_model(source: str | os.PathLike) -> LoadedModel:
         found_scheduler = False
         sched = dict(DEFAULT_SCHEDULER_CONFIG)
     size = sample_size_of(config, str(folder))
-    conditioning = conditioning_of(kind, config)
-    if text_encoder is not None:
-        conditioning["encoder_hidden_states"]["sequence_length"] = text_encoder.max_length
-    if "time_ids" in conditioning:  # what the pipeline passes when not told otherwise (a bare UNet: an SDXL VAE's x8)
-        from adpdm_export.text_prompts import sdxl_time_ids
+    conditioning = unet_conditioning(kind, config, folder if (folder / "model_index.json").is_file() else None)
+    text_encoder = None
+    if text_pipeline:
+        from engines.text_pipeline import load_text_encoder
 
-        pipeline = folder if (folder / "model_index.json").is_file() else None
-        conditioning["time_ids"]["default"] = list(sdxl_time_ids(pipeline, size))
+        text_encoder = load_text_encoder(folder, conditioning)
+        conditioning["encoder_hidden_states"]["sequence_length"] = text_encoder.max_length
     return LoadedModel(
         unet=unet,
         scheduler_config=sched,

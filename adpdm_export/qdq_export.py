@@ -42,12 +42,13 @@ import numpy as np
 import onnx
 import torch
 
+from adpdm_export import high_precision as HP
 from adpdm_export import qdq_graph_passes as P
 from adpdm_export.build_stages import STAGING_PREFIX, STAGING_RE
 from adpdm_export.ort_target import MIN_FUSED_RATIO, fusion_counts, make_ort_target
 from adpdm_export.qdq_lint import lint_model, raise_on_violations
 from adpdm_export.qdq_manifest import write_qdq_manifest
-from adpdm_export.qdq_parity import PARITY_TOL, GraphCheck, check_group_graph
+from adpdm_export.qdq_parity import PARITY_TOL, GraphCheck, check_group_graph, parity_tolerance, sim_in_precision
 from adpdm_export.qdq_report import report_to_disk
 from engines.errors import AdpdmError
 from engines.group_graph_stamp import stamp, stamp_values
@@ -121,6 +122,10 @@ class QdqExport:
     # the CPU target as ONE session (engines/ort_one_session.py): files, onnxruntime version, parity
     # against the per-group sessions; {"status": "skipped", "reason": ...} where it does not apply
     one_session: Optional[dict] = None
+    # target -> float type outside the INT8 layers (adpdm_export/high_precision.py); the CPU target is FP32
+    graph_precision: dict[str, str] = field(default_factory=dict)
+    precision: dict[str, dict] = field(default_factory=dict)  # target -> high_precision.Conversion.to_dict()
+    parity_skipped: dict[str, str] = field(default_factory=dict)  # target -> why its graphs were not run
 
     def report(self) -> dict[str, Any]:
         """The content of qdq_report.json, with its on-disk key names (`adpdm_export.qdq_report`)."""
@@ -147,6 +152,10 @@ class QdqExport:
             "fusion": self.fusion,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "one_session": self.one_session,
+            "graph_precision": self.graph_precision,
+            "precision": self.precision,
+            "parity_tolerance_by_target": {p: parity_tolerance(self.graph_precision.get(p, "fp32")) for p in self.targets},
+            "parity_skipped": self.parity_skipped,
         })
 
     def summary_lines(self) -> list[str]:
@@ -154,7 +163,9 @@ class QdqExport:
         lines = []
         for p in self.targets:
             cs = [c for c in self.checks if c.target == p]
-            parts = [f"{p}: {len(self.graphs.get(p, []))} group graph(s)"]
+            parts = [f"{p}: {len(self.graphs.get(p, []))} group graph(s) ({self.graph_precision.get(p, 'fp32')} outside INT8)"]
+            if p in self.parity_skipped:
+                parts.append(f"parity not run: {self.parity_skipped[p]}")
             if cs:
                 forced = max(max(c.forced_rel_l2 or 0.0, (c.forced or {}).get("forced_worst_input_rel_l2", 0.0)) for c in cs)
                 ties = sum(c.verdict == "ties" for c in cs)
@@ -353,6 +364,7 @@ def export_qdq(
     say: Optional[Callable[[str], None]] = None,
     owned: Optional[Collection[str]] = None,
     one_session: bool = True,
+    high_precision: Optional[str] = None,
 ) -> QdqExport:
     """Export `unet` quantized as `result` describes to one QDQ graph per group and target.
 
@@ -371,6 +383,8 @@ def export_qdq(
     one_session: with the CPU target, also write its groups as ONE shared graph + per-group constants
         (`unet.shared.ort.onnx`, `unet.shared.ort.data`, `unet.shared.groups.npz`;
         engines/ort_one_session.py), checked against the per-group sessions.
+    high_precision: the float type of the TensorRT target outside the INT8 layers: "fp16" (default with
+        the trt target), "bf16" or "fp32" (adpdm_export/high_precision.py); the CPU target is always FP32.
     Writes graphs, `unet.weights.data` and `qdq_report.json` into `out_dir`; the manifest is
     the caller's (`write_manifest`), written last. Staging folders of killed exports are removed.
     """
@@ -379,6 +393,7 @@ def export_qdq(
 
     targets = parse_targets(target)
     check_supported(result, targets)
+    precision = HP.parse_high_precision(high_precision, targets)
     if opset < OPSET:
         raise AdpdmError(f"opset {opset} is too old: TensorRT explicit quantization here needs opset >= {OPSET}")
     if result.config.get("quant", {}).get("quantize_residual"):
@@ -398,9 +413,15 @@ def export_qdq(
         scale_to_q = dict(info["scale_to_quantizer"])
         templates: dict[str, onnx.ModelProto] = {}
         scale_maps: dict[str, dict[str, str]] = {}
+        conversion = None
         if "trt" in targets:
-            templates["trt"] = trt_template
+            if precision != "fp32":
+                say(f"converting the TensorRT target to {precision} outside the INT8 layers")
+            templates["trt"], conversion = HP.convert(trt_template, precision)
             scale_maps["trt"] = scale_to_q
+            for s_name, q in scale_to_q.items():
+                for v in result.activation_scales[q].tolist():
+                    HP.check_scale(s_name, v, precision)
         if "ort" in targets:
             def out_scale(qname: str) -> float:
                 s = result.activation_scales.get(qname)
@@ -436,7 +457,7 @@ def export_qdq(
             weights=out_dir / WEIGHTS_NAME,
             targets=targets,
             num_groups=g_count,
-            opset=P.opset_version(trt_template),
+            opset=P.opset_version(templates.get("trt", trt_template)),
             w_bits=int(result.w_bits),
             a_bits=int(result.a_bits),
             graphs={p: [out_dir / f.name for f in fs] for p, fs in files.items()},
@@ -444,25 +465,36 @@ def export_qdq(
             activation_scales={p: sorted(m) for p, m in scale_maps.items()},
             folded_weights=len(info["folded"]),
             deduped_qdq=int(info["merged"]),
+            graph_precision={p: (precision if p == "trt" else "fp32") for p in files},
+            precision={"trt": conversion.to_dict()} if conversion is not None else {},
         )
 
         if lint and "trt" in files:
             t1 = time.perf_counter()
             say("linting the TensorRT-target graphs")
             for f in files["trt"]:
-                v = lint_model(f)
+                v = lint_model(f, high_precision=precision)
                 exp.lint[f.name] = [str(x) for x in v]
                 raise_on_violations([x for x in v if x.rule not in set(allow_lint)], f.name)
             timings["lint_s"] = time.perf_counter() - t1
 
         if check:
             t1 = time.perf_counter()
+            sims = {"fp32": qmodel}
             for prof, fs in files.items():
+                prec = exp.graph_precision[prof]
+                if prec == "bf16":  # no CPU runtime has BF16 Conv kernels
+                    exp.parity_skipped[prof] = ("onnxruntime has no BF16 Conv kernel on the CPU, so the bf16 graphs are checked "
+                                                "by the linter here and on the GPU by tools/trt_check.py")
+                    say(f"parity of the {prof} graphs skipped: {exp.parity_skipped[prof]}")
+                    continue
+                if prec not in sims:
+                    sims[prec] = sim_in_precision(qmodel, prec)
                 for k, f in enumerate(fs):
                     say(f"parity: {f.name} vs the {prof} simulation of group {k}")
                     c = check_group_graph(
-                        f, qmodel, unet, result, k, prof, sample_shape, conditioning or {},
-                        optimized=(prof == "ort"), parity_tol=parity_tol,
+                        f, sims[prec], unet, result, k, prof, sample_shape, conditioning or {},
+                        optimized=(prof == "ort"), parity_tol=parity_tolerance(prec, parity_tol), precision=prec,
                     )
                     exp.checks.append(c)
             timings["parity_s"] = time.perf_counter() - t1
@@ -473,7 +505,7 @@ def export_qdq(
                     f"{(c.divergence or {}).get('quantizer', '?')} ({(c.divergence or {}).get('reason', '')})"
                     for c in bad[:4]
                 )
-                raise AdpdmError(f"onnxruntime disagrees with the quantized PyTorch model beyond {parity_tol:g}: {lines}")
+                raise AdpdmError(f"onnxruntime disagrees with the quantized PyTorch model beyond the parity tolerance: {lines}")
 
         if fusion and "ort" in files:
             t1 = time.perf_counter()

@@ -453,16 +453,19 @@ def dedupe_activation_qdq(model: onnx.ModelProto, key_of: Callable[[str], object
 
 
 def set_activation_scales(model: onnx.ModelProto, scales: Mapping[str, float]) -> onnx.ModelProto:
-    """A copy of `model` with the named scalar scale initializers set to `scales` (float32)."""
+    """A copy of `model` with the named scalar scale initializers set to `scales`, each stored in the
+    initializer's own float type (float32, or float16 / bfloat16 in a high-precision graph)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     want = dict(scales)
     for t in out.graph.initializer:
         if t.name in want:
             v = np.float32(want.pop(t.name))
-            if not np.isfinite(v) or v <= 0:
-                raise AdpdmError(f"scale {t.name} must be finite and > 0, got {v}")
-            t.CopyFrom(numpy_helper.from_array(np.asarray(v, np.float32), t.name))
+            dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+            stored = np.asarray(v, np.float32).astype(dtype)
+            if not np.isfinite(v) or v <= 0 or not np.isfinite(np.float32(stored)) or np.float32(stored) <= 0:
+                raise AdpdmError(f"scale {t.name} must be finite and > 0 in {np.dtype(dtype).name}, got {v}")
+            t.CopyFrom(numpy_helper.from_array(stored, t.name))
     if want:
         raise AdpdmError(f"scales given for initializers the graph does not have: {sorted(want)[:3]}")
     return out

@@ -21,6 +21,10 @@ per broken rule and node. Rules:
                         weighted ops (it is then their input quantization)
   external-data         external data locations are relative, inside the graph's folder,
                         exist, and hold the bytes the tensor claims
+  high-precision        one float type outside the documented FP32 islands (the TensorRT target in
+                        FP16/BF16, adpdm_export/high_precision.py): every non-island node's float
+                        inputs and outputs, Q inputs, scales and DQ outputs in the graph's high
+                        precision (`expect`, or the type most tensors have); graph I/O float32
 
 `adpdm lint FILE.onnx...` runs it; the QDQ export runs it on every TensorRT-target graph.
 """
@@ -58,6 +62,7 @@ RULES = (
     "qdq-pairing",
     "weighted-output",
     "external-data",
+    "high-precision",
 )
 
 
@@ -200,8 +205,11 @@ def _weighted_source(g: _Graph, tensor: str) -> onnx.NodeProto | None:
     return None
 
 
-def lint_model(model: onnx.ModelProto | str | os.PathLike, folder: str | os.PathLike | None = None) -> list[Violation]:
-    """Check one QDQ graph against the TensorRT rules; [] when it passes."""
+def lint_model(model: onnx.ModelProto | str | os.PathLike, folder: str | os.PathLike | None = None,
+               high_precision: str | None = None) -> list[Violation]:
+    """Check one QDQ graph against the TensorRT rules; [] when it passes. high_precision: the float type
+    the graph must have outside its FP32 islands ("fp16", "bf16", "fp32"); None: the type most of its
+    tensors have."""
     if not isinstance(model, onnx.ModelProto):
         path = Path(model)
         if not path.is_file():
@@ -342,6 +350,11 @@ def lint_model(model: onnx.ModelProto | str | os.PathLike, folder: str | os.Path
                     label,
                     f"quantizes the output of weighted op {g.node_label(src)}; Q/DQ go on the inputs of Conv/MatMul/Gemm only",
                 )
+
+    from adpdm_export.high_precision import precision_violations
+
+    for node, msg in precision_violations(model, g.types, high_precision):
+        add("high-precision", node, msg)
     return out
 
 

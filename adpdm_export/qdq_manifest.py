@@ -74,6 +74,7 @@ def qdq_manifest(
         weights=weights,
         backend="ort",
         ort_one_session=one_session,
+        graph_precision={p: exp.graph_precision.get(p, "fp32") for p in exp.graphs},
     )
 
 

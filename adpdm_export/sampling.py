@@ -92,41 +92,24 @@ def open_source(model_or_build: str, backend: str = "auto", threads: int | None 
                   loaded.conditioning, f"{loaded.kind} {model_or_build} ({backend})")
 
 
-@dataclass
-class TextToImage:
-    """What sampling with a prompt needs besides the UNet: the pipeline's text encoder and VAE."""
+def text_to_image_parts(model_or_build: str):
+    """The text encoder and VAE (`engines.text_pipeline.TextPipeline`) of a pipeline folder, or of the
+    pipeline a build was made from (its manifest's model source); one AdpdmError line where there are none."""
+    from engines.text_pipeline import is_pipeline_folder, load_build_pipeline, load_text_pipeline
 
-    text_encoder: Any
-    decoder: Any  # text_prompts.LatentDecoder, or None for a pixel-space pipeline
-
-
-def text_to_image_parts(model_or_build: str) -> TextToImage:
-    """The text encoder and VAE of a pipeline folder, or of the pipeline a build was made from
-    (its manifest's model source); one AdpdmError line where there are none."""
-    from adpdm_export.text_prompts import load_latent_decoder, load_text_encoder
-
-    folder = Path(model_or_build)
     if is_build_folder(model_or_build):
         from engines.manifest import load_manifest
 
-        m = load_manifest(model_or_build, verify=False)
-        folder = Path(m.model.source)
-        if not (folder / "model_index.json").is_file():
-            raise AdpdmError(f"--prompt needs the text encoder of the pipeline this build was made from, {folder}, "
-                             "which is not a pipeline folder here (moved, or the build is not of a text pipeline)")
-        config = dict(m.model.config)
-        if "encoder_hidden_states" not in m.model.conditioning:
-            config.pop("cross_attention_dim", None)
-    else:
-        if not (folder / "model_index.json").is_file():
-            raise AdpdmError(f"--prompt needs a text-to-image pipeline folder (tokenizer/, text_encoder/, unet/), "
-                             f"not {model_or_build}")
-        from engines.json_files import read_json
+        return load_build_pipeline(load_manifest(model_or_build, verify=False))
+    folder = Path(model_or_build)
+    if not is_pipeline_folder(folder):
+        raise AdpdmError(f"--prompt needs a text-to-image pipeline folder (tokenizer/, text_encoder/, unet/), "
+                         f"not {model_or_build}")
+    from adpdm_export.model_loading import unet_conditioning
+    from engines.json_files import read_json
 
-        config = read_json(folder / "unet" / "config.json", "UNet config")
-    if config.get("cross_attention_dim") is None:
-        raise AdpdmError(f"{folder}: the UNet has no cross-attention; --prompt applies to text-to-image pipelines")
-    return TextToImage(load_text_encoder(folder, config), load_latent_decoder(folder))
+    config = read_json(folder / "unet" / "config.json", "UNet config")
+    return load_text_pipeline(folder, unet_conditioning(str(config.get("_class_name")), config, folder))
 
 
 def check_request(n: int, steps: int, seed: int, scheduler: str) -> None:

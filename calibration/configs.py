@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Mapping, Optional, Union
 
 from engines.errors import AdpdmError
+from engines.sampler import check_guidance
 
 STATS = ("minmax", "percentile")
 PARTITIONS = ("scale-dp", "search", "per-step")
@@ -208,7 +209,7 @@ class DataFreeConfig:
     def __post_init__(self) -> None:
         _int(self, "samples", 1)
         _int(self, "steps", 1)
-        _float(self, "guidance_scale", 1.0, 1e6)
+        _set(self, "guidance_scale", check_guidance(self.guidance_scale))  # the sampler's rule, one message
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

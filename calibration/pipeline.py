@@ -26,6 +26,7 @@ from calibration.baselines import (
     step_observer,
     calibrate_activations,
 )
+from calibration.cost_estimate import PROBE_BATCH_CAP, CostEstimate, check_budget_minutes, count_passes, fit_budget, probe_seconds
 from calibration.configs import (
     DEFAULT_PERCENTILE,
     ADPDMConfig,
@@ -40,10 +41,16 @@ from calibration.fingerprint import model_sha256
 from calibration.method_api import CalibrationContext, MethodOutput
 from calibration.progress import Progress, stage_steps
 from calibration.qconfig import QuantConfig
-from calibration.quant_unet import observe_mode, quantize_model, set_table
+from calibration.quant_unet import get_state, observe_mode, quantize_model, set_table
 from calibration.result import CalibrationResult, result_from_model
 from calibration.timestep_tables import calib_timesteps_by_group, per_step_table, single_group_table, uniform_table
-from calibration.trajectories import DEFAULT_BATCH_SIZE, TrajectorySet, generate_trajectories, unet_sample_shape
+from calibration.trajectories import (
+    DEFAULT_BATCH_SIZE,
+    TrajectorySet,
+    expand_cond,
+    generate_trajectories,
+    unet_sample_shape,
+)
 from calibration.user_data import UserData, trajectories_from_batches
 from calibration.weight_clipping import calibrate_weights
 from engines.errors import AdpdmError
@@ -129,6 +136,28 @@ def _stat_of(config: MethodConfig) -> str:
     return getattr(config, "stat", "percentile" if isinstance(config, PercentileConfig) else "minmax")
 
 
+def _estimate(qmodel, unet, method, data, seed, cond, batch_size, budget_minutes, target):
+    """The cost estimate from a timed probe, and the configs fitted to the budget (if any)."""
+    shape = unet_sample_shape(unet)
+    dev = next(unet.parameters()).device
+    t_count = int(get_state(qmodel).table.numel())
+
+    def example(b: int):
+        gen = torch.Generator().manual_seed(int(seed))
+        x = torch.randn((b, *shape), generator=gen).to(dev)
+        t = torch.randint(0, t_count, (b,), generator=gen).to(dev)
+        return x, t, {k: v.to(dev) for k, v in expand_cond(cond, b).items()}
+
+    train_batch = method.search_batch if isinstance(method, ADPDMConfig) else 1
+    probe = probe_seconds(qmodel, example, batch=min(int(batch_size), PROBE_BATCH_CAP),
+                          train_batch=min(train_batch, PROBE_BATCH_CAP))
+    if budget_minutes is None:
+        return method, data, CostEstimate(count_passes(method, data, seed=seed, batch_size=batch_size, target=target),
+                                          probe)
+    return fit_budget(method, data, float(budget_minutes) * 60.0, probe, seed=seed, batch_size=batch_size,
+                      target=target)
+
+
 def calibrate(
     unet: nn.Module,
     scheduler_config: Mapping[str, Any],
@@ -145,6 +174,8 @@ def calibrate(
     progress: Optional[Progress] = None,
     log: Optional[Callable[[str], None]] = None,
     extra_settings: Optional[dict[str, Any]] = None,
+    budget_minutes: Optional[float] = None,
+    on_estimate: Optional[Callable[[CostEstimate], None]] = None,
 ) -> CalibrationResult:
     """Calibrate `unet` (FP diffusers UNet; moved to `device`) with the method `method` configures.
 
@@ -156,6 +187,10 @@ def calibrate(
     (DataFreeConfig.guidance_scale > 1; e.g. the negative prompt's embeddings).
     progress(stage, done, total, loss): stages "trajectories",
     "weights", "activations" and ADP-DM's. log: text lines (ADP-DM's losses and summary).
+    budget_minutes / on_estimate (data-free only): a timed probe of the wrapped model turns the
+    pass counts into seconds (calibration.cost_estimate); the budget scales the settings down
+    level by level until the estimate fits (or fails in one line before any sampling), and
+    on_estimate gets the estimate the run goes ahead with. The settings record both.
     """
     t_start = time.perf_counter()
     if not isinstance(method, MethodConfig) or type(method) not in METHODS:
@@ -169,6 +204,10 @@ def calibrate(
     data = DataFreeConfig() if data is None else data
     dev = resolve_device(device)
     t_count = num_train_timesteps(scheduler_config)
+    if budget_minutes is not None:
+        if not isinstance(data, DataFreeConfig):
+            raise AdpdmError("a calibration budget scales the data-free sampling; it does not apply to given data")
+        budget_minutes = check_budget_minutes(budget_minutes)
     if isinstance(data, DataFreeConfig):
         data.check_for(t_count)
         if isinstance(method, ADPDMConfig) and method.calib_step is None:  # too few items for SRM: before sampling
@@ -178,6 +217,13 @@ def calibrate(
     timings: dict[str, float] = {}
 
     qmodel = quantize_model(unet, quant, table=single_group_table(t_count))
+    estimate = None
+    if isinstance(data, DataFreeConfig) and (budget_minutes is not None or on_estimate is not None):
+        method, data, estimate = _estimate(qmodel, unet, method, data, seed, cond, batch_size, budget_minutes,
+                                           quant.target)
+        timings["estimate_s"] = estimate.probe.probe_s if estimate.probe else 0.0
+        if on_estimate is not None:
+            on_estimate(estimate)
     t0 = time.perf_counter()
     step_stats = None
     if isinstance(data, DataFreeConfig):
@@ -250,6 +296,8 @@ def calibrate(
         "device": str(dev),
         "method_config": method.to_dict(),
         "data": source,
+        **({"estimate": estimate.to_dict()} if estimate is not None else {}),
+        **({"budget_minutes": float(budget_minutes)} if budget_minutes is not None else {}),
         **(extra_settings or {}),
     }
     return result_from_model(

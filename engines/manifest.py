@@ -213,6 +213,7 @@ def _parse_manifest(d: Mapping[str, Any], where: str = "manifest") -> Manifest:
         tool_version=r.get("tool_version", str),
         created=r.get("created", str, True, ""),
         ort_one_session=None if d.get("ort_one_session") is None else OrtOneSessionInfo.from_dict(d["ort_one_session"]),
+        graph_precision=r.str_map("graph_precision") if "graph_precision" in d else {},
     )
     validate_manifest(m)
     return m

@@ -56,6 +56,7 @@ SUPPORTED_FORMAT_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
 BACKENDS = ("ort", "trt")
 TARGETS = ("trt", "ort", "fp")  # graph targets: TensorRT Q/DQ placement, onnxruntime CPU, FP
+GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")  # the float type of a target's graphs outside the INT8 layers
 CONDITIONING_INPUTS = ("encoder_hidden_states", "class_labels", "text_embeds", "time_ids")
 # the integer fields of each conditioning input's spec (the first one required, but for class_labels)
 _SPEC_INTS = {"encoder_hidden_states": ("dim", "sequence_length"), "class_labels": ("num_classes",),
@@ -187,6 +188,9 @@ class Manifest:
     tensorrt: Optional[TensorrtInfo] = None
     files: list[FileEntry] = field(default_factory=list)
     ort_one_session: Optional[OrtOneSessionInfo] = None  # absent in manifests before issue 16
+    # graph target -> the float type outside the INT8 layers ("fp32", "fp16", "bf16"); the graphs' inputs
+    # and output are float32 in every precision. Absent in manifests before issue 15 (all FP32).
+    graph_precision: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     tool_version: str = field(default_factory=tool_version)
     created: str = ""
@@ -253,6 +257,8 @@ class Manifest:
         out.update(d)
         if out.get("ort_one_session") is None:  # absent rather than null: older readers see the same keys
             out.pop("ort_one_session", None)
+        if not out.get("graph_precision"):
+            out.pop("graph_precision", None)
         if out.get("tensorrt") is not None:  # field names -> the historical keys, in place
             out["tensorrt"] = {TENSORRT_KEYS.get(k, k): v for k, v in out["tensorrt"].items()}
         return _jsonable(out)
@@ -355,6 +361,10 @@ def validate_manifest(m: Manifest) -> None:
                 raise AdpdmError(f"manifest: tensorrt.profile.{dim} needs 1 <= min <= opt <= max, got {[lo, opt, hi]}")
         if t.timing_cache is not None:
             check_relpath(t.timing_cache, "timing cache")
+    for p, prec in m.graph_precision.items():
+        if p not in TARGETS or prec not in GRAPH_PRECISIONS:
+            raise AdpdmError(f"manifest: graph_precision must map graph targets {TARGETS} to one of {GRAPH_PRECISIONS}, "
+                             f"got {p!r}: {prec!r}")
     if m.ort_one_session is not None:
         o = m.ort_one_session
         if "ort" not in m.targets():

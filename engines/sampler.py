@@ -86,16 +86,21 @@ def predicted_x0(scheduler, x_t: torch.Tensor, model_output: torch.Tensor, times
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
+MAX_GUIDANCE_SCALE = 1e6  # far above any useful scale; bounds what a request or a config may ask
+
+
 def check_guidance(guidance_scale: Any) -> float:
-    """A classifier-free guidance scale: a finite number >= 1 (1: no guidance), or one AdpdmError line."""
+    """A classifier-free guidance scale: a number in [1, 1e6] (1: no guidance), or one AdpdmError line.
+    The one rule: `DataFreeConfig`, `adpdm sample`, the servers and this sampler all call it."""
     try:
         if isinstance(guidance_scale, bool):
             raise TypeError
         g = float(guidance_scale)
-    except (TypeError, ValueError):
-        raise AdpdmError(f"guidance scale must be a number >= 1, got {guidance_scale!r}") from None
-    if not g >= 1.0 or g == float("inf"):
-        raise AdpdmError(f"guidance scale must be a finite number >= 1 (1: no guidance), got {guidance_scale}")
+    except (TypeError, ValueError, OverflowError):
+        g = float("nan")
+    if not 1.0 <= g <= MAX_GUIDANCE_SCALE:
+        raise AdpdmError(f"guidance scale must be a number from 1 (no guidance) to {MAX_GUIDANCE_SCALE:g}, "
+                         f"got {guidance_scale!r}")
     return g
 
 

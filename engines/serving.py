@@ -10,7 +10,12 @@ Two Triton models:
   the whole sampling loop (the build manifest's scheduler config) runs in the server, no
   step crosses the network. ``images`` are in model space ([-1, 1], (n, C, H, W) float32);
   `engines.images.to_uint8` turns them into pixels. Same seed, same images as
-  `generate_images` in process.
+  `generate_images` in process. A build of a text-to-image pipeline (the manifest's model
+  source, or `pipeline=`) also takes ``prompt[, negative_prompt, guidance_scale]`` instead of
+  ``encoder_hidden_states``: the pipeline's text encoder, the guided loop (2n runner items per
+  step) and its VAE all run in the server (`engines.text_pipeline`, the same code as
+  `adpdm sample --prompt`); its images are the VAE's pixels, and ``notes`` says when a prompt was
+  truncated to the tokenizer's limit.
 
 Safe defaults: the user's HTTP and gRPC ports (127.0.0.1 unless told otherwise; a host name
 is resolved, `localhost` -> 127.0.0.1; anything but loopback needs allow_remote) are served by
@@ -42,7 +47,7 @@ import sysconfig
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -166,19 +171,25 @@ def generate_images(
     steps: int,
     scheduler: str = "ddim",
     cond: Optional[Mapping[str, Any]] = None,
+    guidance_scale: float = 1.0,
+    uncond: Optional[Mapping[str, Any]] = None,
+    decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """The `generate` model's computation, in process: (n, C, H, W) float32 in model space.
 
     The initial noise is `initial_noise(n, runner.sample_shape, seed)` and the scheduler is
     built from the build manifest's scheduler config, so the server and this function give
-    the same images for the same arguments.
+    the same images for the same arguments. guidance_scale > 1 with `uncond`: classifier-free
+    guidance; decode: latents -> images (a text pipeline's VAE).
     """
     from engines.sampler import initial_noise, sample
     from engines.scheduling import make_scheduler
 
     sched = make_scheduler(runner.manifest.scheduler, scheduler)
     noise = initial_noise(int(n), runner.sample_shape, int(seed))
-    return sample(runner, sched, noise, int(steps), cond=dict(cond or {}), seed=int(seed)).images
+    images = sample(runner, sched, noise, int(steps), cond=dict(cond or {}), seed=int(seed),
+                    guidance_scale=guidance_scale, uncond=uncond).images
+    return images if decode is None else decode(images)
 
 
 # --------------------------------------------------------------------------- model callables
@@ -256,22 +267,49 @@ class UnetModel:
         return out
 
 
-class GenerateModel:
-    """The ``generate`` model callable: the sampling loop in the server (one request at a time)."""
+@dataclass
+class GenerateRequest:
+    """One `generate` request, checked: what `generate_images` takes, and the prompt (None: none)."""
 
-    def __init__(self, runner, limits: ServeLimits):
+    seed: int
+    n: int
+    steps: int
+    scheduler: str
+    cond: dict[str, torch.Tensor]
+    prompt: Any = None  # engines.text_pipeline.PromptRequest
+
+
+class GenerateModel:
+    """The ``generate`` model callable: the sampling loop in the server (one request at a time).
+
+    text: the build's text pipeline (`engines.text_pipeline.TextPipeline`), or None: prompts are
+    refused in one line and `images` are what the UNet samples (latents of a latent pipeline).
+    """
+
+    def __init__(self, runner, limits: ServeLimits, text=None, no_text_reason: str = ""):
         from engines.scheduling import SCHEDULERS
 
-        self.runner, self.limits = runner, limits
+        self.runner, self.limits, self.text = runner, limits, text
         self.schedulers = tuple(SCHEDULERS)
         self.cond_names = tuple(runner.cond_names)
+        self.no_text_reason = no_text_reason or "this build's UNet takes no text (it is not of a text-to-image pipeline)"
 
-    def parse(self, req: Mapping[str, np.ndarray]) -> tuple[int, int, int, str, dict[str, torch.Tensor]]:
-        """One request checked: (seed, n, steps, scheduler, conditioning)."""
+    def parse(self, req: Mapping[str, np.ndarray]) -> GenerateRequest:
+        """One request checked (values, limits, the prompt's text and guidance), before anything runs."""
+        from engines.text_pipeline import TEXT_INPUT, prompt_request
+
         L = self.limits
+        prompt = prompt_request(req)
+        if prompt is not None and self.text is None:
+            raise AdpdmError(f"prompt given, but {self.no_text_reason}")
         for name in ("seed", "n", "steps", *self.cond_names):
+            if name == TEXT_INPUT and prompt is not None:
+                if name in req:
+                    raise AdpdmError(f"give prompt or {TEXT_INPUT}, not both")
+                continue
             if name not in req:
-                raise AdpdmError(f"missing input {name!r}")
+                raise AdpdmError(f"missing input {name!r}" + (" (or give a prompt)" if name == TEXT_INPUT and self.text
+                                                               else ""))
         seed = _scalar(req, "seed", 0, MAX_SEED)
         n = _scalar(req, "n", 1, L.max_n)
         steps = _scalar(req, "steps", 1, L.max_steps)
@@ -286,6 +324,8 @@ class GenerateModel:
                 raise AdpdmError(f"unknown scheduler {scheduler[:40]!r}: choose one of {', '.join(self.schedulers)}")
         cond: dict[str, torch.Tensor] = {}
         for name in self.cond_names:
+            if name not in req:
+                continue  # the prompt's embeddings, made in _one
             v = torch.from_numpy(np.ascontiguousarray(req[name]))
             if name == "class_labels":
                 v = v.reshape(-1)
@@ -301,18 +341,40 @@ class GenerateModel:
                     raise AdpdmError(f"encoder_hidden_states has {v.shape[1]} tokens, above {L.max_sequence_length}")
                 v = v.expand(n, -1, -1).contiguous() if v.shape[0] == 1 else v
             cond[name] = v
-        # Check the conditioning (and NaN) once before running `steps` steps.
+        # Check the conditioning (and NaN) and the batch the runner will see once, before `steps` steps:
+        # with guidance every step is one runner call of 2n items.
+        items = 2 * n if prompt is not None and prompt.guidance_scale > 1.0 else n
+        check = {k: v.repeat_interleave(items // n, 0) for k, v in cond.items()}
+        if prompt is not None:
+            dim = int(self.runner.cond_specs[TEXT_INPUT]["dim"])
+            check[TEXT_INPUT] = torch.zeros((items, self.text.text_encoder.max_length, dim))
         C, H, W = self.runner.sample_shape
-        self.runner.check_inputs(torch.zeros((n, C, H, W)), torch.zeros(n, dtype=torch.int64), **cond)
-        return seed, n, steps, scheduler, cond
+        self.runner.check_inputs(torch.zeros((items, C, H, W)), torch.zeros(items, dtype=torch.int64), **check)
+        return GenerateRequest(seed, n, steps, scheduler, cond, prompt)
 
     def validate(self, req: Mapping[str, np.ndarray]) -> None:
         self.parse(req)
 
+    def run(self, r: GenerateRequest) -> tuple[torch.Tensor, list[str]]:
+        """(images, notes) of a checked request: the prompt encoded, the guided loop, the VAE (text builds)."""
+        from engines.text_pipeline import guided_conditions
+
+        cond, uncond, scale, notes = r.cond, None, 1.0, []
+        if r.prompt is not None:
+            g = guided_conditions(self.text.text_encoder, r.prompt, r.n, r.cond)
+            cond, uncond, scale, notes = g.cond, g.uncond, g.guidance_scale, g.notes
+            for note in notes:
+                LOGGER.warning("generate: %s", note)
+        decode = None if self.text is None else self.text.decode
+        images = generate_images(self.runner, r.seed, r.n, r.steps, r.scheduler, cond, scale, uncond, decode)
+        return images, notes
+
     def _one(self, req: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        seed, n, steps, scheduler, cond = self.parse(req)
-        images = generate_images(self.runner, seed, n, steps, scheduler, cond)
-        return {"images": images.numpy().astype(np.float32)}
+        images, notes = self.run(self.parse(req))
+        out = {"images": images.numpy().astype(np.float32)}
+        if self.text is not None:
+            out["notes"] = np.array(["; ".join(notes).encode()], dtype=np.object_)
+        return out
 
     def __call__(self, requests: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         return [self._one(r) for r in requests]
@@ -332,6 +394,9 @@ class AdpdmServer:
         # or: AdpdmServer(build).serve_forever()                # blocks until SIGINT/SIGTERM
 
     runner: an existing `TimestepDispatchRunner` to serve (else one is made from `build`).
+    pipeline: where `generate` finds a text pipeline's text encoder and VAE: "auto" (the pipeline
+    folder the build was made from, the manifest's model source, where it is one), a folder (a
+    moved pipeline), or None (no prompts).
     host: address for HTTP, gRPC and metrics; anything but loopback needs allow_remote=True.
     Port 0 picks a free port.
     """
@@ -350,6 +415,7 @@ class AdpdmServer:
         limits: ServeLimits = ServeLimits(),
         allow_remote: bool = False,
         log_verbose: int = 0,
+        pipeline: Any = "auto",
     ):
         address = resolve_host(host)
         if not is_loopback(address) and not allow_remote:
@@ -374,6 +440,7 @@ class AdpdmServer:
             raise AdpdmError(
                 f"--max-batch {limits.max_batch} is above the largest batch the TensorRT engines take ({runner.max_batch})"
             )
+        self.text, self.no_text_reason = self._text_pipeline(pipeline)
         self.host = address
         self.ports = {
             "http": http_port or free_port(address),
@@ -386,6 +453,24 @@ class AdpdmServer:
         self.stats = BatchStats()
         self._triton = None
         self._lock = threading.Lock()
+
+    def _text_pipeline(self, pipeline: Any):
+        """(the build's TextPipeline or None, why there is none) for `pipeline` (see the class doc)."""
+        from engines.text_pipeline import TEXT_INPUT, load_build_pipeline, pipeline_of_build
+
+        m = self.runner.manifest
+        if pipeline is None or pipeline is False:
+            return None, "this server was started without a text pipeline"
+        if isinstance(pipeline, str) and pipeline == "auto":
+            if TEXT_INPUT not in m.model.conditioning:
+                return None, ""
+            try:
+                folder = pipeline_of_build(m)
+            except AdpdmError as e:
+                LOGGER.warning("generate serves no prompts: %s; pass the pipeline folder (--pipeline DIR)", e)
+                return None, f"this server has no text encoder ({m.model.source} is not a pipeline folder here)"
+            return load_build_pipeline(m, folder), ""
+        return load_build_pipeline(m, pipeline), ""
 
     @property
     def http_url(self) -> str:
@@ -423,15 +508,22 @@ class AdpdmServer:
             Tensor(name="steps", dtype=np.int64, shape=(1,)),
             Tensor(name="scheduler", dtype=bytes, shape=(1,), optional=True),
         ]
+        gen_out = [Tensor(name="images", dtype=np.float32, shape=(-1, C, H, W))]
+        if self.text is not None:  # a text pipeline: prompts, and the VAE's images
+            gen_in += [Tensor(name="prompt", dtype=bytes, shape=(1,), optional=True),
+                       Tensor(name="negative_prompt", dtype=bytes, shape=(1,), optional=True),
+                       Tensor(name="guidance_scale", dtype=np.float64, shape=(1,), optional=True)]
+            gen_out = [Tensor(name="images", dtype=np.float32, shape=(-1, *self.text.image_shape((C, H, W)))),
+                       Tensor(name="notes", dtype=bytes, shape=(1,))]
         if "class_labels" in specs:
             unet_in.append(Tensor(name="class_labels", dtype=np.int64, shape=(1,)))
             gen_in.append(Tensor(name="class_labels", dtype=np.int64, shape=(-1,)))
         if "encoder_hidden_states" in specs:
             D = int(specs["encoder_hidden_states"]["dim"])
             unet_in.append(Tensor(name="encoder_hidden_states", dtype=np.float32, shape=(-1, D)))
-            gen_in.append(Tensor(name="encoder_hidden_states", dtype=np.float32, shape=(-1, -1, D)))
+            gen_in.append(Tensor(name="encoder_hidden_states", dtype=np.float32, shape=(-1, -1, D),
+                                 optional=self.text is not None))
         unet_out = [Tensor(name="out_sample", dtype=np.float32, shape=(C, H, W))]
-        gen_out = [Tensor(name="images", dtype=np.float32, shape=(-1, C, H, W))]
         return unet_in, unet_out, gen_in, gen_out
 
     def request_guard(self, unet: "UnetModel", generate: "GenerateModel"):
@@ -451,6 +543,11 @@ class AdpdmServer:
             "n": InputSpec("INT64", 1),
             "steps": InputSpec("INT64", 1),
             "scheduler": InputSpec("BYTES", 1, optional=True),
+            # every build's front knows the prompt inputs, so a prompt sent to a build without a text
+            # encoder gets GenerateModel's one line ("prompt given, but ...") rather than "unknown input"
+            "prompt": InputSpec("BYTES", 1, optional=True),
+            "negative_prompt": InputSpec("BYTES", 1, optional=True),
+            "guidance_scale": InputSpec("FP64", 1, optional=True),
         }
         if "class_labels" in specs:
             unet_in["class_labels"] = InputSpec("INT64", B, max_batch=B)
@@ -458,7 +555,7 @@ class AdpdmServer:
         if "encoder_hidden_states" in specs:
             D = int(specs["encoder_hidden_states"]["dim"])
             unet_in["encoder_hidden_states"] = InputSpec("FP32", B * S * D, max_batch=B)
-            gen_in["encoder_hidden_states"] = InputSpec("FP32", N * S * D)
+            gen_in["encoder_hidden_states"] = InputSpec("FP32", N * S * D, optional=self.text is not None)
         return RequestGuard({
             UNET_MODEL: ModelSpec(unet_in, unet.validate),
             GENERATE_MODEL: ModelSpec(gen_in, generate.validate),
@@ -500,7 +597,7 @@ class AdpdmServer:
             os.environ.update(python_libdir_env())  # Triton and the backend stub inherit it
             unet_in, unet_out, gen_in, gen_out = self._tensors()
             unet = UnetModel(self.runner, self.limits, self.stats)
-            generate = GenerateModel(self.runner, self.limits)
+            generate = GenerateModel(self.runner, self.limits, self.text, self.no_text_reason)
             guard = self.request_guard(unet, generate)
             self._internal_ports = {"http": free_port("127.0.0.1"), "grpc": free_port("127.0.0.1")}
             fronts = []

@@ -4,6 +4,8 @@
     with AdpdmClient("http://127.0.0.1:8000") as c:        # or "grpc://127.0.0.1:8001"
         eps = c.predict(sample, timestep)                   # model "unet": (B, C, H, W) float32
         images = c.generate(seed=0, n=4, steps=50)          # model "generate": (n, C, H, W) in [-1, 1]
+        images = c.generate(seed=0, n=4, steps=50, prompt="a red fox", guidance_scale=7.5)  # text builds
+        c.notes                                             # e.g. the prompt was truncated
 
 Server-side errors (bad shapes, dtypes, values, limits) come back as one `AdpdmError`
 line; the server's traceback is dropped. So do a server that does not answer (connection
@@ -63,6 +65,7 @@ class AdpdmClient:
         self.url = url
         self.timeout_s = float(timeout_s)
         self.unet_model, self.generate_model = unet_model, generate_model
+        self.notes: list[str] = []  # what the server said about the last generate call (truncated prompts)
         try:
             if self.protocol == "http":
                 import tritonclient.http as tc
@@ -148,9 +151,16 @@ class AdpdmClient:
         n: int = 1,
         steps: int = 50,
         scheduler: Optional[str] = None,
+        prompt: Optional[str] = None,
+        negative_prompt: Optional[str] = None,
+        guidance_scale: Optional[float] = None,
         **cond: Any,
     ) -> np.ndarray:
-        """Run the whole sampling loop on the server: (n, C, H, W) float32 in [-1, 1] (model ``generate``)."""
+        """Run the whole sampling loop on the server: (n, C, H, W) float32 in [-1, 1] (model ``generate``).
+
+        prompt / negative_prompt / guidance_scale: a build of a text-to-image pipeline (the server
+        encodes the prompt, runs the guided loop and the VAE); `self.notes` then holds what the server
+        noted (a prompt truncated to the tokenizer's limit)."""
         inputs: dict[str, Any] = {
             "seed": np.array([seed], dtype=np.int64),
             "n": np.array([n], dtype=np.int64),
@@ -158,11 +168,21 @@ class AdpdmClient:
         }
         if scheduler is not None:
             inputs["scheduler"] = np.array([scheduler.encode()], dtype=np.object_)
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if text is not None:
+                inputs[name] = np.array([str(text).encode("utf-8")], dtype=np.object_)
+        if guidance_scale is not None:
+            inputs["guidance_scale"] = np.array([guidance_scale], dtype=np.float64)
         if cond.get("class_labels") is not None:
             inputs["class_labels"] = np.asarray(_numpy(cond["class_labels"])).reshape(-1)
         if cond.get("encoder_hidden_states") is not None:
             inputs["encoder_hidden_states"] = _numpy(cond["encoder_hidden_states"])
-        return self.infer(self.generate_model, inputs, ("images",))["images"]
+        outputs = ("images", "notes") if prompt is not None else ("images",)
+        got = self.infer(self.generate_model, inputs, outputs)
+        notes = got.get("notes")
+        self.notes = [] if notes is None else [ln for v in np.asarray(notes).reshape(-1)
+                                               for ln in _text(v).split("; ") if ln]
+        return got["images"]
 
     # ------------------------------------------------------------------ server state
     def is_ready(self) -> bool:
@@ -212,6 +232,10 @@ class AdpdmClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, (bytes, np.bytes_)) else str(v)
 
 
 def _numpy(v: Any) -> np.ndarray:

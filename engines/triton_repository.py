@@ -9,6 +9,8 @@ Layout written (G = number of timestep groups)::
       generate/ config.pbtxt  1/model.py  1/adpdm_generate.json
                                                   # Python backend: the sampling loop, each step
                                                   # sent to unet_g{k} by timestep (BLS)
+                1/pipeline/                       # text builds: tokenizer/, text_encoder/, vae/ and
+                                                  # model_index.json copied from the pipeline folder
 
 Every config.pbtxt is parsed back with Triton's own `ModelConfig` protobuf (shipped in
 tritonclient as `tritonclient.grpc.model_config_pb2`) and checked (name = folder,
@@ -19,8 +21,9 @@ the repository's top level): `--overwrite` replaces an existing `--out` only whe
 that marker (or is empty), and never the source build or a folder that holds it.
 
 The `generate` model's model.py needs `torch`, `diffusers` and this package's `engines`
-(for the very same sampling loop as `adpdm serve`) in the container's Python; see
-docs/serving.md for the two-line image.
+(for the very same sampling loop as `adpdm serve`) in the container's Python, and `transformers`
+for a text build (prompts are encoded, guided and decoded in the model, as `adpdm serve` does);
+see docs/serving.md for the image.
 """
 
 from __future__ import annotations
@@ -99,14 +102,23 @@ def group_model_config(
     return text
 
 
+PROMPT_INPUTS = (IOSpec("prompt", "TYPE_STRING", (1,)), IOSpec("negative_prompt", "TYPE_STRING", (1,)),
+                 IOSpec("guidance_scale", "TYPE_FP64", (1,)))
+
+
 def generate_model_config(cond_inputs: Sequence[IOSpec], sample_dims: Sequence[int], instances: int = 1,
-                          kind: str = "KIND_CPU") -> str:
-    """config.pbtxt of the Python-backend `generate` model (not batched: n is an input)."""
+                          kind: str = "KIND_CPU", prompts: bool = False) -> str:
+    """config.pbtxt of the Python-backend `generate` model (not batched: n is an input).
+    prompts: a text build's model (inputs prompt, negative_prompt, guidance_scale; output notes;
+    `sample_dims` then the VAE's image dims)."""
     ins = [IOSpec("seed", "TYPE_INT64", (1,)), IOSpec("n", "TYPE_INT64", (1,)), IOSpec("steps", "TYPE_INT64", (1,)),
-           IOSpec("scheduler", "TYPE_STRING", (1,)), *cond_inputs]
+           IOSpec("scheduler", "TYPE_STRING", (1,)), *cond_inputs, *(PROMPT_INPUTS if prompts else ())]
     outs = [IOSpec("images", "TYPE_FP32", (-1, *sample_dims))]
+    if prompts:
+        outs.append(IOSpec("notes", "TYPE_STRING", (1,)))
+    optional = ["scheduler", *[c.name for c in cond_inputs], *([p.name for p in PROMPT_INPUTS] if prompts else [])]
     text = f'name: "{GENERATE_MODEL}"\nbackend: "python"\nmax_batch_size: 0\n'
-    text += _pb_io("input", ins, optional=["scheduler", *[c.name for c in cond_inputs]]) + _pb_io("output", outs)
+    text += _pb_io("input", ins, optional=optional) + _pb_io("output", outs)
     # The sampling loop itself is light (the UNet runs in the group models): CPU instances suffice.
     text += f"instance_group [ {{ kind: {kind} count: {int(instances)} }} ]\n"
     return text
@@ -166,11 +178,23 @@ def validate_repository(repo: str | os.PathLike) -> dict[str, Any]:
             raise AdpdmError(f"{d.name}: no version folder (1/)")
         out[d.name] = cfg
     if GENERATE_MODEL in out:
-        meta = JsonFields(read_json(repo / GENERATE_MODEL / "1" / GENERATE_CONFIG, "generate model config"),
-                          GENERATE_CONFIG)
+        here = repo / GENERATE_MODEL / "1"
+        meta = JsonFields(read_json(here / GENERATE_CONFIG, "generate model config"), GENERATE_CONFIG)
         missing = [m for m in meta.get("group_models", list) if m not in out]
         if missing:
             raise AdpdmError(f"generate dispatches to {missing}, which the repository lacks")
+        text = meta.get("text_pipeline", dict, optional=True)
+        if text is not None:
+            from engines.text_pipeline import check_text_pipeline_folder
+
+            folder = JsonFields(text, "text_pipeline", f"{GENERATE_CONFIG}: ").get("folder", str)
+            if Path(folder).is_absolute() or ".." in Path(folder).parts:
+                raise AdpdmError(f"{GENERATE_CONFIG}: text_pipeline.folder must be a relative path inside generate/1/")
+            # tokenizer(s), text encoder(s) (widths; SDXL: both), VAE: present, safetensors only
+            check_text_pipeline_folder(here / folder, meta.get("conditioning", dict))
+            names = {t.name for t in out[GENERATE_MODEL].input}
+            if not {"prompt", "negative_prompt", "guidance_scale"} <= names:
+                raise AdpdmError("generate has a text pipeline but its config.pbtxt takes no prompt")
     return out
 
 
@@ -207,6 +231,31 @@ def _trt_dims(spec: IOSpec, m: Manifest) -> IOSpec:
     if spec.name == "encoder_hidden_states" and p.sequence_length:
         return IOSpec(spec.name, spec.data_type, (int(p.sequence_length), spec.dims[-1]))
     return spec
+
+
+def text_pipeline_for(m: Manifest, pipeline: Any = "auto") -> tuple[Optional[Path], Optional[dict]]:
+    """(the pipeline folder whose text parts the generate model gets, its VAE config), or (None, None).
+
+    "auto": the build's own pipeline (the manifest's absolute model source) where the build is of a
+    text pipeline and the folder is here; a folder: that one (one line where it does not fit)."""
+    from engines.text_pipeline import TEXT_INPUT, check_text_pipeline_folder, is_pipeline_folder, pipeline_of_build
+
+    if pipeline is None or pipeline is False:
+        return None, None
+    if isinstance(pipeline, str) and pipeline == "auto":
+        if TEXT_INPUT not in m.model.conditioning:
+            return None, None
+        try:
+            folder = pipeline_of_build(m)
+        except AdpdmError:
+            return None, None
+    else:
+        folder = Path(pipeline)
+        if TEXT_INPUT not in m.model.conditioning:
+            raise AdpdmError("--pipeline applies to builds of a text-to-image pipeline; this build's UNet takes no text")
+        if not is_pipeline_folder(folder):
+            raise AdpdmError(f"--pipeline {folder} is not a text-to-image pipeline folder (no model_index.json)")
+    return folder, check_text_pipeline_folder(folder, m.model.conditioning) or None
 
 
 def is_our_repository(folder: str | os.PathLike) -> bool:
@@ -254,6 +303,7 @@ def write_repository(
     limits: Optional[Mapping[str, int]] = None,
     overwrite: bool = False,
     verify: bool | str = True,
+    pipeline: Any = "auto",
 ) -> Path:
     """Write a Triton model repository for `build` at `out` (atomically: temp folder, then rename).
 
@@ -262,6 +312,9 @@ def write_repository(
     max_batch: the group models' max_batch_size (default: the TensorRT optimization profile's largest batch, or 16).
     limits: bounds the generate model enforces (max_n, max_steps); defaults as `adpdm serve`.
     overwrite: replace an existing `out` (only an empty folder or one of our repositories: `check_out`).
+    pipeline: a text build's pipeline folder, whose tokenizer, text encoder and VAE are copied into
+        generate/1/pipeline/ so that `generate` takes prompts: "auto" (the manifest's model source
+        where it is a pipeline folder here; else no prompts), a folder, or None (no prompts).
     """
     if platform not in PLATFORMS:
         raise AdpdmError(f"unknown platform {platform!r}: choose one of {', '.join(PLATFORMS)}")
@@ -295,6 +348,12 @@ def write_repository(
         inputs = [_trt_dims(s, m) for s in inputs]
         outputs = [_trt_dims(s, m) for s in outputs]
     C, H, W = m.model.in_channels, *m.model.sample_size
+    text_folder, vae_config = text_pipeline_for(m, pipeline)
+    image_dims = (C, H, W)
+    if text_folder is not None and vae_config is not None:
+        from engines.text_pipeline import image_shape
+
+        image_dims = image_shape(vae_config, (C, H, W))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -327,7 +386,7 @@ def write_repository(
                 gen_cond.append(IOSpec(s.name, s.data_type, (-1, -1, s.dims[-1])))
         gdir = tmp / GENERATE_MODEL / "1"
         gdir.mkdir(parents=True)
-        text = generate_model_config(gen_cond, (C, H, W), generate_instances)
+        text = generate_model_config(gen_cond, image_dims, generate_instances, prompts=text_folder is not None)
         validate_config(text, GENERATE_MODEL)
         (tmp / GENERATE_MODEL / "config.pbtxt").write_text(text)
         template = resources.files("engines").joinpath("triton_templates/generate_model.py").read_text()
@@ -346,6 +405,12 @@ def write_repository(
             "timestep_dtype": timestep_dtype,
             "limits": lim,
         }
+        if text_folder is not None:
+            from engines.text_pipeline import copy_text_parts
+
+            copy_text_parts(text_folder, gdir / "pipeline")
+            meta["text_pipeline"] = {"folder": "pipeline", "copied_from": str(text_folder),
+                                     "image_shape": list(image_dims)}
         (gdir / GENERATE_CONFIG).write_text(json.dumps(meta, indent=1))
         (tmp / REPOSITORY_MARKER).write_text(json.dumps(
             {"format": MARKER_FORMAT, "format_version": 1, "build": str(m.root), "platform": platform}) + "\n")

@@ -59,10 +59,11 @@ def _export_tiny(tmp_path_factory, name: str, make_unet, spec: dict, **kw):
 
 @pytest.fixture(scope="session")
 def u2d_export(tmp_path_factory):
-    """The UNet2DModel exported for both targets with every check (parity, lint, fusion)."""
+    """The UNet2DModel exported for both targets with every check (parity, lint, fusion); the TensorRT
+    target in FP32 (the FP16 default: tests/test_high_precision.py)."""
     from qdq_fixtures import U2D
 
-    return _export_tiny(tmp_path_factory, "qdq-u2d", tiny_unet2d, U2D, target="both")
+    return _export_tiny(tmp_path_factory, "qdq-u2d", tiny_unet2d, U2D, target="both", high_precision="fp32")
 
 
 @pytest.fixture(scope="session")
@@ -70,4 +71,4 @@ def u2c_export(tmp_path_factory):
     """The UNet2DConditionModel exported for the TensorRT target (parity and lint, no fusion counts)."""
     from qdq_fixtures import U2C
 
-    return _export_tiny(tmp_path_factory, "qdq-u2c", tiny_cond_unet, U2C, target="trt", fusion=False)
+    return _export_tiny(tmp_path_factory, "qdq-u2c", tiny_cond_unet, U2C, target="trt", fusion=False, high_precision="fp32")

@@ -128,8 +128,10 @@ def make_build(
     table: Sequence[int] | None = None,
     targets: Sequence[str] = ("ort",),
     unet=None,
+    source: str = "tests/tiny",
 ) -> Manifest:
-    """A complete build folder (graphs, weights, manifest.json) for a tiny UNet."""
+    """A complete build folder (graphs, weights, manifest.json) for a tiny UNet.
+    source: the manifest's model source (a text pipeline folder: serving finds its text encoder there)."""
     folder = Path(folder)
     conditioning = dict(conditioning or {})
     if unet is None:
@@ -149,7 +151,7 @@ def make_build(
     s = cfg["sample_size"]
     manifest = Manifest(
         model=ModelInfo(
-            source="tests/tiny",
+            source=source,
             sha256="0" * 64,
             type=type(unet).__name__,
             sample_size=(s, s) if isinstance(s, int) else tuple(s),

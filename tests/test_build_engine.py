@@ -185,7 +185,8 @@ FLAG_CHANGES = {
 }
 NOT_CALIBRATION = {"model", "out", "backend", "batch_sizes", "resolution", "opt_level", "force", "class_labels",
                    "prompt_embeds", "cache_dir", "progress",  # conditions: the tests above
-                   "prompts", "negative_prompt", "guidance_scale"}  # text pipelines: tests/test_text_pipelines.py
+                   "prompts", "negative_prompt", "guidance_scale",  # text pipelines: tests/test_text_pipelines.py
+                   "high_precision"}  # an export setting: test_high_precision_reruns_only_the_export
 
 
 def test_every_calibration_flag_is_tested():
@@ -305,3 +306,21 @@ def test_each_engine_setting_reruns_only_the_engines(trt_built, tmp_path, monkey
     assert rebuild(model, out, **changed)[0] == {**REUSED, "engines": False}
     assert rebuild(model, out, **changed)[0] == {**REUSED, "engines": True}
     assert state["built"] == 1 and load_manifest(out).backend == "trt"
+
+
+def test_high_precision_reruns_only_the_export(labelled, tmp_path):
+    """--high-precision is in the export stage's key: a change re-exports, the calibration is reused;
+    the manifest records the TensorRT target's precision."""
+    from engines.manifest import load_manifest
+
+    model, build = labelled
+    out = copy_of(build, tmp_path)
+    both = ("trt", "ort")
+    assert rebuild(model, out, cond=labels(1, 2), targets=both)[0] == {"calibrate": True, "export": False}
+    assert load_manifest(out).graph_precision == {"trt": "fp16", "ort": "fp32"}  # the default
+    assert rebuild(model, out, cond=labels(1, 2), targets=both, high_precision="fp16")[0] == REUSED
+    assert rebuild(model, out, cond=labels(1, 2), targets=both, high_precision="fp32")[0] == {"calibrate": True,
+                                                                                               "export": False}
+    assert load_manifest(out).graph_precision == {"trt": "fp32", "ort": "fp32"}
+    with pytest.raises(AdpdmError, match="TensorRT target only"):
+        rebuild(model, out, cond=labels(1, 2), high_precision="bf16")  # the ort target alone

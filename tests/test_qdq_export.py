@@ -235,11 +235,14 @@ def test_reference_model_both_targets(tmp_path):
         pytest.skip("the bundled reference model is not installed")
     loaded = load_model("reference")
     result = quick_result(loaded.unet, loaded.sample_shape, loaded.conditioning, groups=4)
-    exp = export_qdq_for(loaded, result, tmp_path, target="both")
-    assert len(exp.checks) == 8
+    exp = export_qdq_for(loaded, result, tmp_path, target="both")  # the TensorRT target in FP16 (default)
+    assert len(exp.checks) == 8 and exp.graph_precision == {"trt": "fp16", "ort": "fp32"}
     for c in exp.checks:
-        assert c.ok and c.forced_rel_l2 < 1e-5 and c.forced["forced_bad_outputs"] == 0, c
+        forced_tol = 1e-5 if c.target == "ort" else 16 * 2.0 ** -10
+        assert c.ok and c.forced_rel_l2 < forced_tol and c.forced["forced_bad_outputs"] == 0, c
         assert c.fp_rel_l2 < 0.1, c
+    for f in exp.graphs["trt"]:
+        assert lint_model(f, high_precision="fp16") == []
     assert exp.fusion["ort"]["ratio"] >= 0.95
     from engines.manifest import load_manifest
 

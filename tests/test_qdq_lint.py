@@ -91,7 +91,8 @@ def test_clean_graph_passes():
 
 def test_every_rule_is_tested_below():
     tested = {"opset", "zero-point", "scale", "scale-dtype", "per-channel-weights", "per-channel-axis",
-              "activation-per-tensor", "qdq-pairing", "weighted-output", "external-data"}
+              "activation-per-tensor", "qdq-pairing", "weighted-output", "external-data",
+              "high-precision"}  # tests/test_high_precision.py
     assert tested == set(RULES)
 
 

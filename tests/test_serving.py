@@ -373,6 +373,20 @@ def test_bad_value_is_a_400_with_one_line_and_no_traceback(server, runner):
     assert status == 404 and "unknown model" in text
 
 
+def test_a_prompt_to_an_unconditional_build_is_a_400_with_one_line(server, client):
+    """The build serves no text: a prompt is refused in one line (HTTP 400 / INVALID_ARGUMENT), and
+    unconditional generate requests are answered exactly as before (test_generate_matches_in_process_sampling)."""
+    with pytest.raises(AdpdmError, match=r"prompt given, but this build's UNet takes no text") as e:
+        client.generate(seed=0, n=1, steps=2, prompt="a cat")
+    _assert_one_clean_line(str(e.value))
+    status, text = _post_json(server, {"inputs": [
+        {"name": "seed", "datatype": "INT64", "shape": [1], "data": [0]},
+        {"name": "n", "datatype": "INT64", "shape": [1], "data": [1]},
+        {"name": "steps", "datatype": "INT64", "shape": [1], "data": [2]},
+        {"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["a cat"]}]}, model="generate")
+    assert status == 400 and "prompt given, but" in text, (status, text)
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_bad_values_batched_with_good_requests_fail_only_themselves(server, runner, protocol):
     """7 good + 1 bad (NaN, then timestep 1000) at once, 3 rounds: every good request succeeds."""

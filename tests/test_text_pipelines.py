@@ -104,8 +104,8 @@ def test_prompt_flags_through_the_cli(pipe, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--prompts", "EMPTY"], "holds no prompts"),
     (["--prompts", "MISSING"], "no such prompt file"),
-    (["--guidance-scale", "0.5"], "guidance scale must be a finite number >= 1"),
-    (["--guidance-scale", "nan"], "guidance scale must be a finite number >= 1"),
+    (["--guidance-scale", "0.5"], "guidance scale must be a number from 1"),
+    (["--guidance-scale", "nan"], "guidance scale must be a number from 1"),
 ])
 def test_bad_prompt_flags_are_one_line(pipe, tmp_path, capsys, args, message):
     (tmp_path / "EMPTY").write_text("\n \n")
@@ -186,7 +186,8 @@ def test_sample_with_a_prompt_from_the_pipeline_and_from_its_build(pipe, tmp_pat
 
 @pytest.mark.parametrize("args, message", [
     (["--guidance-scale", "3"], "go with --prompt"),
-    (["--prompt", "a cat", "--guidance-scale", "0.5"], "guidance scale must be a finite number >= 1"),
+    (["--prompt", "a cat", "--guidance-scale", "0.5"], "guidance scale must be a number from 1"),
+    (["--prompt", " "], "the prompt is empty"),  # the servers' rule too (engines.text_pipeline.PromptRequest)
 ])
 def test_bad_sample_prompt_flags(pipe, tmp_path, capsys, args, message):
     rc, err = run_cli(capsys, "sample", pipe, "--n", 1, "--steps", 2, "--out", tmp_path / "x.png", *args)
@@ -199,3 +200,37 @@ def test_prompt_to_an_unconditional_model_is_one_line(tmp_path, capsys):
     folder = save_unet_folder(tiny_unet2d(), tmp_path / "unet")
     rc, err = run_cli(capsys, "sample", folder, "--prompt", "a cat", "--n", 1, "--out", tmp_path / "x.png")
     assert rc == 2 and "needs a text-to-image pipeline folder" in err
+
+
+def test_build_engine_takes_prompts_like_calibrate(pipe, tmp_path):
+    """adpdm.build_engine(prompts=, negative_prompt=, guidance_scale=): the conditions of
+    text_prompts.calibration_conditions, the function adpdm.calibrate and the CLI use."""
+    from adpdm_export.text_prompts import calibration_conditions
+
+    out = tmp_path / "b"
+    adpdm.build_engine(str(pipe), out, adpdm.MinMaxConfig(), data=adpdm.DataFreeConfig(samples=2, steps=2),
+                       prompts=["the digit three"], negative_prompt="a cat", guidance_scale=3.0, backend="ort",
+                       targets=("ort",))
+    settings = json.loads((out / "calibration" / "calibration.json").read_text())["config"]["calibration"]
+    assert settings["guidance_scale"] == 3.0 and (settings["calib_samples"], settings["calib_items"]) == (2, 4)
+    loaded = adpdm.load_model(str(pipe))
+    c = calibration_conditions(loaded, 2, prompts=["the digit three"], negative_prompt="a cat", guidance_scale=3.0)
+    assert torch.equal(c.cond["encoder_hidden_states"], loaded.text_encoder.encode(["the digit three"])[0])
+    assert torch.equal(c.uncond["encoder_hidden_states"], loaded.text_encoder.encode(["a cat"])[0])
+    assert calibration_conditions(loaded, 2, guidance_scale=1.0).uncond is None  # no guidance, no negative half
+    with pytest.raises(adpdm.AdpdmError, match="give it once"):
+        adpdm.build_engine(str(pipe), tmp_path / "c", data=adpdm.DataFreeConfig(guidance_scale=2.0), guidance_scale=3.0)
+    with pytest.raises(adpdm.AdpdmError, match="give prompts or prompt embeddings"):
+        calibration_conditions(loaded, 2, prompts=["a cat"], cond={"encoder_hidden_states": c.cond["encoder_hidden_states"]})
+
+
+@pytest.mark.parametrize("bad", [0.5, float("nan"), float("inf"), 2e6, "x", True])
+def test_one_guidance_rule_for_configs_and_the_sampler(bad):
+    from engines.sampler import check_guidance
+
+    message = r"guidance scale must be a number from 1 \(no guidance\) to 1e\+06"
+    with pytest.raises(adpdm.AdpdmError, match=message):
+        check_guidance(bad)
+    with pytest.raises(adpdm.AdpdmError, match=message):
+        adpdm.DataFreeConfig(guidance_scale=bad)
+    assert adpdm.DataFreeConfig(guidance_scale=1e6).guidance_scale == 1e6

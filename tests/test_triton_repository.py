@@ -199,6 +199,85 @@ def test_generate_model_dispatches_each_step_by_timestep(build, tmp_path, monkey
     assert len({m for m, _ in calls}) >= 2  # the steps crossed group boundaries
 
 
+def _generate_model(repo: Path, monkeypatch):
+    """The repository's generate model.py, initialized against the stand-in for pb_utils."""
+    pb = _fake_pb_utils(repo)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    spec = importlib.util.spec_from_file_location("adpdm_generate_model", repo / "generate" / "1" / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.TritonPythonModel()
+    model.initialize({"model_repository": str(repo / "generate"), "model_version": "1"})
+    return model, pb
+
+
+def test_a_text_build_repository_takes_prompts_with_its_own_copy_of_the_pipeline(tmp_path, monkeypatch):
+    """export-triton of a text build: the generate config names the copied tokenizer/text encoder/VAE,
+    validate_repository checks them, and generate answers a prompt as `adpdm serve` does (the
+    pipeline folder moved away: the repository does not depend on it)."""
+    from engines.conditioning import default_condition
+    from engines.runner import TimestepDispatchRunner
+    from engines.serving import generate_images
+    from engines.text_pipeline import PromptRequest, guided_conditions, load_text_pipeline
+    from tiny_models import save_text_pipeline, tiny_cond_unet
+
+    pipe = save_text_pipeline(tmp_path / "pipe")
+    (pipe / "text_encoder" / "pytorch_model.bin").write_bytes(b"never copied")
+    build = tmp_path / "build"
+    make_build(build, num_groups=3, conditioning={"encoder_hidden_states": {"dim": 24, "sequence_length": 8}},
+               unet=tiny_cond_unet(), offsets=[0.0, 0.05, 0.1], source=str(pipe))
+    repo = write_repository(build, tmp_path / "repo", platform="onnxruntime", max_batch=2,
+                            limits={"max_n": 4, "max_steps": 20})
+    cfgs = validate_repository(repo)
+    gen = cfgs["generate"]
+    assert {"prompt", "negative_prompt", "guidance_scale", "encoder_hidden_states"} <= {t.name for t in gen.input}
+    assert {t.name: list(t.dims) for t in gen.output} == {"images": [-1, 1, 32, 32], "notes": [1]}  # VAE pixels
+    meta = json.loads((repo / "generate" / "1" / "adpdm_generate.json").read_text())
+    assert meta["text_pipeline"] == {"folder": "pipeline", "copied_from": str(pipe), "image_shape": [1, 32, 32]}
+    copied = repo / "generate" / "1" / "pipeline"
+    assert sorted(p.name for p in copied.iterdir()) == ["model_index.json", "text_encoder", "tokenizer", "vae"]
+    assert not (copied / "text_encoder" / "pytorch_model.bin").exists()  # pickles stay behind
+
+    moved = Path(shutil.move(str(pipe), tmp_path / "moved"))
+    model, pb = _generate_model(repo, monkeypatch)
+
+    def req(**kw):
+        return {k: pb.Tensor(k, np.asarray(v, dtype=np.object_ if isinstance(v[0], bytes) else None))
+                for k, v in kw.items()}
+
+    good = req(seed=[3], n=[2], steps=[4], prompt=[b"a handwritten seven"], negative_prompt=[b"a photo of a cat"],
+               guidance_scale=np.array([3.0]))
+    empty = req(seed=[3], n=[1], steps=[4], prompt=[b""])
+    both = req(seed=[3], n=[1], steps=[4], prompt=[b"a cat"], encoder_hidden_states=np.zeros((1, 8, 24), np.float32))
+    r_good, r_empty, r_both = model.execute([good, empty, both])
+    assert r_empty.has_error() and r_empty.error().message() == "the prompt is empty: give the text to generate from"
+    assert r_both.has_error() and "not both" in r_both.error().message()
+    assert not r_good.has_error()
+    images = r_good.output_tensors[0].as_numpy()
+    text = load_text_pipeline(moved, {"encoder_hidden_states": {"dim": 24}})
+    with TimestepDispatchRunner(build, backend="ort", threads=1) as runner:
+        g = guided_conditions(text.text_encoder, PromptRequest("a handwritten seven", "a photo of a cat", 3.0), 2,
+                              default_condition(runner.manifest.model.conditioning, 2))
+        ref = generate_images(runner, 3, 2, 4, "ddim", g.cond, 3.0, g.uncond, text.decode).numpy()
+    assert images.shape == (2, 1, 32, 32)
+    np.testing.assert_allclose(images, ref, atol=1e-5)
+    assert {b for _, b in pb.InferenceRequest.calls} == {2}  # 2n = 4 items a step, in chunks of max_batch 2
+
+    shutil.rmtree(copied / "text_encoder")
+    with pytest.raises(AdpdmError, match="lacks text_encoder/"):
+        validate_repository(repo)
+
+
+def test_a_prompt_to_a_class_build_repository_is_one_line(build, tmp_path, monkeypatch):
+    repo = write_repository(build, tmp_path / "repo", platform="onnxruntime", limits={"max_n": 4, "max_steps": 20})
+    assert "text_pipeline" not in json.loads((repo / "generate" / "1" / "adpdm_generate.json").read_text())
+    model, pb = _generate_model(repo, monkeypatch)
+    (resp,) = model.execute([{k: pb.Tensor(k, np.asarray(v)) for k, v in
+                              dict(seed=[0], n=[1], steps=[2], class_labels=[1],
+                                   prompt=np.array([b"a cat"], np.object_)).items()}])
+    assert resp.has_error() and resp.error().message().startswith("prompt given, but this repository's generate")
+
+
 def test_export_triton_cli(build, tmp_path):
     from adpdm_export.cli import main
 

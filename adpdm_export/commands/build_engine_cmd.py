@@ -31,12 +31,14 @@ def build_engine(
     resolution: Annotated[Optional[tuple[int, int]], typer.Option("--resolution", help="H W for the TensorRT optimization profile (default: the model's sample size).")] = None,
     opt_level: Annotated[int, typer.Option("--opt-level", help="TensorRT builder optimization level (0..5).")] = 3,
     force: Annotated[bool, typer.Option("--force", help="Rerun every stage even when its outputs are current.")] = False,
+    high_precision: Annotated[Optional[str], typer.Option("--high-precision", help="TensorRT target outside the INT8 layers: fp16 (default) | bf16 | fp32; the onnxruntime target is FP32.")] = None,
     method: opt.Method = "adpdm",
     groups: opt.Groups = None,
     w_bits: opt.WBits = 8,
     a_bits: opt.ABits = 8,
     calib_samples: opt.CalibSamples = 64,
     calib_steps: opt.CalibSteps = 100,
+    calib_budget_minutes: opt.CalibBudgetMinutes = None,
     seed: opt.Seed = 0,
     device: opt.Device = "cpu",
     stat: opt.Stat = None,
@@ -58,10 +60,11 @@ def build_engine(
     from adpdm_export.build_stages import claimed_build_folder
     import dataclasses
 
-    from adpdm_export.commands.calibrate_cmd import calibration_conditions
+    from adpdm_export.commands.calibrate_cmd import conditions_from_flags
     from adpdm_export.model_loading import load_model
     from adpdm_export.progress import console, stage_progress, stderr_line
     from calibration.configs import DataFreeConfig
+    from calibration.cost_estimate import check_budget_minutes
     from calibration.pipeline import resolve_device
     from calibration.qconfig import QuantConfig
     from calibration.trajectories import default_cache_dir
@@ -72,27 +75,34 @@ def build_engine(
     quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, quantize_residual=quantize_residual,
                         quantize_attention_bmm=quantize_attention_bmm)
     data = DataFreeConfig(samples=calib_samples, steps=calib_steps)
+    if calib_budget_minutes is not None:
+        check_budget_minutes(calib_budget_minutes)
     resolve_device(device)
     sizes = _parse_batch_sizes(batch_sizes)
     if not 0 <= opt_level <= 5:
         raise AdpdmError(f"--opt-level must be in 0..5, got {opt_level}")
     chosen = pick_backend(backend)
     targets = default_targets(quant.w_bits, chosen)
+    from adpdm_export.high_precision import parse_high_precision
+
+    parse_high_precision(high_precision, targets)  # one line before any work
     check_resolution(resolution, chosen)
     # --out: empty, missing or one of our builds, and no other build in it; checked before loading the model
     with claimed_build_folder(out):
         loaded = load_model(model)
         data.check_for(loaded.num_train_timesteps)
-        cond, uncond, guidance = calibration_conditions(loaded, calib_samples, class_labels, prompt_embeds, prompts,
-                                                        negative_prompt, guidance_scale)
-        data = dataclasses.replace(data, guidance_scale=guidance)
+        conds = conditions_from_flags(loaded, calib_samples, class_labels, prompt_embeds, prompts, negative_prompt,
+                                      guidance_scale)
+        cond, uncond = conds.cond, conds.uncond
+        data = dataclasses.replace(data, guidance_scale=conds.guidance_scale)
         console.print(f"[bold]build-engine[/bold] {model} -> {out} (backend {chosen}, {method}, W{w_bits}A{a_bits})")
         with stage_progress(progress) as on_progress:
             summary = run_build(
                 loaded, out, config, quant, data, seed=seed, device=device, backend=chosen, targets=targets,
+                high_precision=high_precision,
                 batch_sizes=sizes, resolution=resolution, opt_level=opt_level, cond=cond, uncond=uncond,
                 cache_dir=str(cache_dir or default_cache_dir()), force=force, progress=on_progress,
-                say=lambda msg: console.print(f"  {msg}"), log=stderr_line,
+                say=lambda msg: console.print(f"  {msg}"), log=stderr_line, calib_budget_minutes=calib_budget_minutes,
             )
     print_summary(summary)
 

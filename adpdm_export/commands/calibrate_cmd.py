@@ -70,26 +70,26 @@ def model_conditions(loaded, n: int, class_labels: Optional[list[int]] = None, p
     return cond
 
 
-def calibration_conditions(loaded, n: int, class_labels: Optional[str], prompt_embeds: Optional[Path],
-                           prompts: Optional[Path], negative_prompt: Optional[str], guidance_scale: Optional[float]):
-    """(cond, uncond or None, guidance scale) for the calibration flags; notes (truncated prompts) on stderr."""
-    from adpdm_export.progress import console
-    from adpdm_export.text_prompts import prompt_conditions, read_prompts
-    from engines.errors import AdpdmError
+def conditions_from_flags(loaded, n: int, class_labels: Optional[str], prompt_embeds: Optional[Path],
+                          prompts: Optional[Path], negative_prompt: Optional[str], guidance_scale: Optional[float]):
+    """The calibration conditions of the flags (`text_prompts.calibration_conditions`: the CLI only reads
+    the files); notes (truncated prompts) on stderr."""
+    import torch
 
-    if prompts is not None and prompt_embeds is not None:
-        raise AdpdmError("give --prompts or --prompt-embeds, not both")
+    from adpdm_export.progress import console
+    from adpdm_export.text_prompts import calibration_conditions, read_prompts
+
+    labels = parse_class_labels(class_labels, loaded)
+    embeds = load_prompt_embeds(prompt_embeds, loaded)
+    user = {} if labels is None else {"class_labels": torch.tensor(labels, dtype=torch.int64)}
+    if embeds is not None:
+        user["encoder_hidden_states"] = embeds
     texts = read_prompts(prompts) if prompts is not None else None
-    cond = model_conditions(loaded, n, parse_class_labels(class_labels, loaded), load_prompt_embeds(prompt_embeds, loaded))
-    pc = prompt_conditions(loaded, texts, negative_prompt, guidance_scale)
-    if pc is None:
-        return cond, None, 1.0
-    if prompt_embeds is None:
-        cond.update(pc.cond)
-    if pc.truncated:
-        console.print(f"note: {len(pc.truncated)} prompt(s) longer than the tokenizer's "
-                      f"{loaded.text_encoder.max_length} tokens were truncated (lines {[i + 1 for i in pc.truncated][:8]})")
-    return cond, (pc.uncond if pc.guidance_scale > 1.0 else None), pc.guidance_scale
+    conds = calibration_conditions(loaded, n, cond=user, prompts=texts, negative_prompt=negative_prompt,
+                                   guidance_scale=guidance_scale)
+    for note in conds.notes:
+        console.print(f"note: {note}")
+    return conds
 
 
 def calibrate(
@@ -101,6 +101,7 @@ def calibrate(
     a_bits: opt.ABits = 8,
     calib_samples: opt.CalibSamples = 64,
     calib_steps: opt.CalibSteps = 100,
+    calib_budget_minutes: opt.CalibBudgetMinutes = None,
     seed: opt.Seed = 0,
     device: opt.Device = "cpu",
     target: str = typer.Option("trt", "--target", "--profile", help="Graph target: trt (Q/DQ on inputs) or ort (also on Conv/MatMul outputs). --profile: old name."),
@@ -121,6 +122,7 @@ def calibrate(
 ) -> None:
     """Calibrate MODEL's UNet for INT8 (data-free) and write the calibration to --out."""
     from calibration.configs import DataFreeConfig
+    from calibration.cost_estimate import check_budget_minutes
     from calibration.pipeline import resolve_device
     from calibration.qconfig import QuantConfig
     import dataclasses
@@ -134,6 +136,8 @@ def calibrate(
     data = DataFreeConfig(samples=calib_samples, steps=calib_steps)
     if batch_size < 1:
         raise AdpdmError(f"--batch-size must be >= 1, got {batch_size}")
+    if calib_budget_minutes is not None:
+        check_budget_minutes(calib_budget_minutes)
     resolve_device(device)
     check_output_folder(out)
     from adpdm_export.model_loading import absolute_source, load_model
@@ -143,9 +147,10 @@ def calibrate(
 
     loaded = load_model(model)
     data.check_for(loaded.num_train_timesteps)
-    cond, uncond, guidance = calibration_conditions(loaded, calib_samples, class_labels, prompt_embeds, prompts,
-                                                    negative_prompt, guidance_scale)
-    data = dataclasses.replace(data, guidance_scale=guidance)
+    conds = conditions_from_flags(loaded, calib_samples, class_labels, prompt_embeds, prompts, negative_prompt,
+                                  guidance_scale)
+    cond, uncond = conds.cond, conds.uncond
+    data = dataclasses.replace(data, guidance_scale=conds.guidance_scale)
     cache = None if no_cache else (cache_dir or default_cache_dir())
     with stage_progress(progress) as on_progress:
         result = run_calibration(
@@ -153,6 +158,7 @@ def calibrate(
             device=device,
             cache_dir=None if cache is None else str(cache), batch_size=batch_size, progress=on_progress,
             log=stderr_line, extra_settings={"model_source": absolute_source(loaded.source), "model_kind": loaded.kind},
+            budget_minutes=calib_budget_minutes, on_estimate=lambda estimate: console.print(estimate.summary()),
         )
     result.save(out)
     t = result.timings

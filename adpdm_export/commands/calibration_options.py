@@ -32,12 +32,17 @@ Prompts = Annotated[
                                    "set of generic captions)."),
 ]
 NegativePrompt = Annotated[
-    Optional[str], typer.Option("--negative-prompt", help="Text pipelines: the unconditional half of guidance (default '').")
+    Optional[str], typer.Option("--negative-prompt", help="Text pipelines: the unconditional half of guidance (default ''; SDXL pipelines that force zeros: zeros).")
 ]
 GuidanceScale = Annotated[
     Optional[float],
     typer.Option("--guidance-scale", help="Text pipelines: classifier-free guidance of the calibration trajectories "
                                           "(>= 1; default 7.5; 1 = none)."),
+]
+CalibBudgetMinutes = Annotated[
+    Optional[float],
+    typer.Option("--calib-budget-minutes", help="Scale the calibration settings down, in the order of docs/method.md, "
+                                                "until the estimate (always printed) fits this many minutes."),
 ]
 QuantizeResidual = Annotated[bool, typer.Option("--quantize-residual", help="Also quantize residual-add inputs.")]
 QuantizeAttentionBmm = Annotated[

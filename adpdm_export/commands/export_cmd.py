@@ -17,6 +17,9 @@ def export(
     ),
     target: str = typer.Option("both", "--target", "--profile", help="QDQ graphs for: trt | ort (onnxruntime CPU) | both. --profile: old name."),
     opset: int = typer.Option(19, help="ONNX opset (>= 19)."),
+    high_precision: Optional[str] = typer.Option(
+        None, "--high-precision", help="TensorRT target outside the INT8 layers: fp16 (default) | bf16 | fp32; the onnxruntime target is FP32."
+    ),
     check: bool = typer.Option(True, help="Compare onnxruntime against PyTorch (parity per group with --calibration)."),
 ) -> None:
     """Export MODEL's UNet to ONNX with its weights in one external file (QDQ per group with --calibration)."""
@@ -25,18 +28,25 @@ def export(
     from adpdm_export.progress import console
 
     check_opset(opset)
+    if calibration is None and high_precision is not None:
+        from engines.errors import AdpdmError
+
+        raise AdpdmError("--high-precision applies to the QDQ graphs: give --calibration")
     if calibration is not None:
         from adpdm_export.build_stages import claimed_build_folder
         from adpdm_export.qdq_export import check_supported, export_qdq_for, parse_targets
         from calibration.result import CalibrationResult
 
+        from adpdm_export.high_precision import parse_high_precision
+
         targets = parse_targets(target)
+        precision = parse_high_precision(high_precision, targets)
         # a QDQ export is a build folder: missing, empty or one of ours, one writer at a time
         with claimed_build_folder(out):
             loaded = load_model(model)
             result = CalibrationResult.load(calibration, expected_model_sha256=loaded.sha256)
             check_supported(result, targets)
-            exp = export_qdq_for(loaded, result, out, target=targets, check=check,
+            exp = export_qdq_for(loaded, result, out, target=targets, check=check, high_precision=precision,
                                  say=lambda msg: console.print(f"  {msg}"))
         console.print(
             f"wrote {exp.num_groups} group graph(s) x {', '.join(exp.targets)} target(s), {exp.weights.name} and "

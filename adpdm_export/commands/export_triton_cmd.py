@@ -18,19 +18,26 @@ def export_triton(
     max_n: int = typer.Option(16, "--max-n", help="generate: most images per request."),
     max_steps: int = typer.Option(250, "--max-steps", help="generate: most sampling steps per request."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (only a repository export-triton wrote: it holds .adpdm-triton-repository)."),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Text builds: the pipeline folder whose tokenizer, text encoder and VAE generate gets (copied into the repository; default: the one the build was made from)."),
 ) -> None:
     """One Triton model per timestep group plus a Python-backend `generate` model; every config.pbtxt validated."""
     from engines.errors import AdpdmError
-    from engines.triton_repository import write_repository
+    import json
+
+    from engines.triton_repository import GENERATE_CONFIG, GENERATE_MODEL, write_repository
 
     if instances < 1 or max_n < 1 or max_steps < 1:
         raise AdpdmError("--instances, --max-n and --max-steps must be >= 1")
     repo = write_repository(
         build_dir, out, platform=platform, max_batch=max_batch, cuda_graphs=cuda_graphs, instances=instances,
         limits={"max_n": max_n, "max_steps": max_steps}, overwrite=overwrite,
+        pipeline="auto" if pipeline is None else pipeline,
     )
     models = sorted(p.name for p in repo.iterdir() if p.is_dir())
     typer.echo(f"wrote {repo}: models {', '.join(models)} (config.pbtxt validated with Triton's ModelConfig)")
+    text = json.loads((repo / GENERATE_MODEL / "1" / GENERATE_CONFIG).read_text()).get("text_pipeline")
+    if text:
+        typer.echo(f"generate takes prompts: tokenizer, text encoder and VAE copied from {text['copied_from']}")
     typer.echo(f"run: docker run --gpus=1 --rm -p127.0.0.1:8000:8000 -p127.0.0.1:8001:8001 -v {repo.resolve()}:/models "
                f"<image> tritonserver --model-repository=/models   (see docs/serving.md)")
 

@@ -29,19 +29,17 @@ def sample_images(
     ),
     scale: int = typer.Option(4, "--scale", help="Upscale factor of the PNG (nearest neighbour)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Text pipelines (or builds of one): the prompt of every image."),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="With --prompt: the unconditional half (default '')."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="With --prompt: the unconditional half (default ''; SDXL pipelines that force zeros: zeros)."),
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="With --prompt: classifier-free guidance (>= 1; default 7.5)."),
 ) -> None:
     """Sample N images from a model or a build and write them as a PNG grid."""
     from adpdm_export.progress import console, stage_progress
     from adpdm_export.sampling import check_request, generate, open_source, text_to_image_parts
-    from adpdm_export.text_prompts import DEFAULT_GUIDANCE_SCALE
-    from calibration.trajectories import expand_cond
     from engines.conditioning import default_condition
     from engines.errors import AdpdmError
     from engines.file_io import check_output_folder
     from engines.images import save_grid
-    from engines.sampler import check_guidance
+    from engines.text_pipeline import DEFAULT_GUIDANCE_SCALE, PromptRequest, guided_conditions
 
     check_request(n, steps, seed, scheduler)  # before any work (loading, sampling)
     if out.suffix.lower() != ".png":
@@ -49,22 +47,21 @@ def sample_images(
     if out.is_dir():
         raise AdpdmError(f"--out {out} is a folder: name the .png file to write")
     check_output_folder(out.parent, f"--out {out}: its folder")  # below a file or unwritable: before sampling
-    text = None
+    text = request = None
     if prompt is not None:
-        guidance = check_guidance(DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale)
+        request = PromptRequest(prompt, negative_prompt,
+                                DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale)
         text = text_to_image_parts(model)  # before the UNet or build is loaded
     elif negative_prompt is not None or guidance_scale is not None:
         raise AdpdmError("--negative-prompt and --guidance-scale go with --prompt")
     src = open_source(model, backend, threads=threads or None, ort_sessions=ort_sessions)
-    cond, uncond, guidance_note = default_condition(src.conditioning, n), None, ""
+    cond, uncond, guidance, guidance_note = default_condition(src.conditioning, n), None, 1.0, ""
     if text is not None:
-        prompted, truncated = text.text_encoder.conditions([prompt])
-        if truncated:
-            console.print(f"note: the prompt is longer than {text.text_encoder.max_length} tokens and was truncated")
-        cond = {**cond, **expand_cond(prompted, n)}
-        if guidance > 1.0:
-            uncond = {**default_condition(src.conditioning, n),
-                      **expand_cond(text.text_encoder.negative_conditions(negative_prompt), n)}
+        # the same conditions as `adpdm serve`'s generate model (engines.text_pipeline.guided_conditions)
+        g = guided_conditions(text.text_encoder, request, n, cond)
+        for note in g.notes:
+            console.print(f"note: {note}")
+        cond, uncond, guidance = g.cond, g.uncond, g.guidance_scale
         guidance_note = f", prompt {prompt!r}, guidance {guidance:g}"
     console.print(f"sampling {n} images x {steps} steps from {src.description}{guidance_note}")
     with stage_progress() as on_progress:
@@ -73,9 +70,7 @@ def sample_images(
             cond=cond, scheduler=scheduler, on_step=lambda done, total: on_progress("sampling", done, total),
             guidance_scale=guidance if uncond is not None else 1.0, uncond=uncond,
         )
-    images = result.images
-    if text is not None and text.decoder is not None:
-        images = text.decoder.decode(images)  # latents -> pixels with the pipeline's VAE
+    images = result.images if text is None else text.decode(result.images)  # latents -> pixels with the VAE
     path = save_grid(images, out, scale=scale)
     console.print(f"wrote {path}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -22,6 +23,7 @@ def serve(
     threads: int = typer.Option(0, "--threads", help="onnxruntime intra-op threads (0: its default)."),
     exit_timeout: int = typer.Option(3, "--exit-timeout", help="Seconds to wait for in-flight requests on shutdown."),
     verbose: int = typer.Option(0, "--log-verbose", help="Triton log verbosity (0: quiet)."),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Text builds: the pipeline folder with the text encoder and VAE (default: the one the build was made from, its manifest's model source)."),
 ) -> None:
     """Serve BUILD_DIR with Triton: `unet` (mixed-timestep dynamic batching) and `generate` (sampling in the server).
 
@@ -39,8 +41,11 @@ def serve(
     server = AdpdmServer(
         build_dir, backend=backend, threads=threads or None, host=host, http_port=http_port, grpc_port=grpc_port,
         metrics_port=metrics_port, limits=limits, allow_remote=allow_remote, log_verbose=verbose,
+        pipeline="auto" if pipeline is None else pipeline,
     )
-    typer.echo(f"serving {build_dir}: models unet, generate on {server.http_url} and {server.grpc_url} (Ctrl-C stops)")
+    prompts = f", prompts through {server.text.folder}" if server.text is not None else ""
+    typer.echo(f"serving {build_dir}: models unet, generate{prompts} on {server.http_url} and {server.grpc_url} "
+               "(Ctrl-C stops)")
     server.serve_forever()
     typer.echo("stopped")
 

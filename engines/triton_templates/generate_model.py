@@ -5,8 +5,15 @@ scheduler config), where each step's noise prediction is a BLS call to the group
 `unet_g{k}` chosen by the timestep value (adpdm_generate.json: `timestep_to_group`).
 All items of one step share a timestep, so each step is one call to one group model.
 
-Needs in the container's Python: numpy, torch (CPU is enough), diffusers and this project's
-`engines` package (pip install --no-deps adpdm-export), see docs/serving.md.
+A text build (adpdm_generate.json: `text_pipeline`) also takes `prompt[, negative_prompt,
+guidance_scale]`: the tokenizer, text encoder and VAE copied into this version folder run here
+(engines.text_pipeline, the same code as `adpdm serve` and `adpdm sample --prompt`), the guided
+loop sends 2n items per step, and `images` are the VAE's pixels; `notes` says when a prompt was
+truncated to the tokenizer's limit.
+
+Needs in the container's Python: numpy, torch (CPU is enough), diffusers, this project's
+`engines` package (pip install --no-deps adpdm-export) and, for a text build, transformers;
+see docs/serving.md.
 """
 
 import json
@@ -34,6 +41,12 @@ class TritonPythonModel:
         self.max_batch = int(self.meta["max_batch"])
         self.cond_names = list(self.meta["conditioning"])
         self.t_dtype = np.int32 if self.meta.get("timestep_dtype") == "TYPE_INT32" else np.int64
+        self.text = None
+        if self.meta.get("text_pipeline"):
+            from engines.text_pipeline import load_text_pipeline
+
+            self.text = load_text_pipeline(os.path.join(here, self.meta["text_pipeline"]["folder"]),
+                                           self.meta["conditioning"])
 
     # ------------------------------------------------------------------ helpers
     def _scalar(self, request, name, lo, hi, default=None):
@@ -79,15 +92,35 @@ class TritonPythonModel:
 
         return predict
 
+    def _prompt(self, request):
+        from engines.errors import AdpdmError
+        from engines.text_pipeline import prompt_request
+
+        raw = {}
+        for name in ("prompt", "negative_prompt", "guidance_scale"):
+            t = pb_utils.get_input_tensor_by_name(request, name)
+            if t is not None:
+                raw[name] = t.as_numpy()
+        try:
+            prompt = prompt_request(raw)
+        except AdpdmError as e:
+            raise _BadRequest(str(e)) from None
+        if prompt is not None and self.text is None:
+            raise _BadRequest("prompt given, but this repository's generate model has no text encoder "
+                              "(export-triton found no text pipeline for the build)")
+        return prompt
+
     def _one(self, request):
         import torch
 
         from engines.sampler import initial_noise, sample
         from engines.scheduling import SCHEDULERS, make_scheduler
+        from engines.text_pipeline import TEXT_INPUT, guided_conditions
 
         seed = self._scalar(request, "seed", 0, MAX_SEED)
         n = self._scalar(request, "n", 1, int(self.limits["max_n"]))
         steps = self._scalar(request, "steps", 1, int(self.limits["max_steps"]))
+        prompt = self._prompt(request)
         name = "ddim"
         st = pb_utils.get_input_tensor_by_name(request, "scheduler")
         if st is not None:
@@ -98,8 +131,13 @@ class TritonPythonModel:
         cond = {}
         for cname in self.cond_names:
             ct = pb_utils.get_input_tensor_by_name(request, cname)
+            if cname == TEXT_INPUT and prompt is not None:
+                if ct is not None:
+                    raise _BadRequest(f"give prompt or {TEXT_INPUT}, not both")
+                continue
             if ct is None:
-                raise _BadRequest(f"missing input {cname!r}: this model needs {', '.join(self.cond_names)}")
+                raise _BadRequest(f"missing input {cname!r}: this model needs {', '.join(self.cond_names)}"
+                                  + (" (or a prompt)" if self.text is not None else ""))
             v = ct.as_numpy()
             if cname == "class_labels":
                 v = v.reshape(-1).astype(np.int64)
@@ -116,10 +154,20 @@ class TritonPythonModel:
                     raise _BadRequest("encoder_hidden_states must be finite, (1 or n, sequence, dim)")
                 v = np.repeat(v, n, axis=0) if v.shape[0] == 1 else v
             cond[cname] = torch.from_numpy(np.ascontiguousarray(v))
+        uncond, scale, notes = None, 1.0, []
+        if prompt is not None:
+            g = guided_conditions(self.text.text_encoder, prompt, n, cond)
+            cond, uncond, scale, notes = g.cond, g.uncond, g.guidance_scale, g.notes
         sched = make_scheduler(self.meta["scheduler"], name)
         noise = initial_noise(n, self.shape, seed)
-        images = sample(self._predictor(), sched, noise, steps, cond=cond, seed=seed).images
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", images.numpy().astype(np.float32))])
+        images = sample(self._predictor(), sched, noise, steps, cond=cond, seed=seed, guidance_scale=scale,
+                        uncond=uncond).images
+        outputs = []
+        if self.text is not None:
+            images = self.text.decode(images)
+            outputs.append(pb_utils.Tensor("notes", np.array(["; ".join(notes).encode()], dtype=np.object_)))
+        outputs.insert(0, pb_utils.Tensor("images", images.numpy().astype(np.float32)))
+        return pb_utils.InferenceResponse(output_tensors=outputs)
 
     def execute(self, requests):
         responses = []

@@ -1,0 +1,146 @@
+"""Peak resident memory and time of every stage of `build-engine`, on the reference model or a
+random-weight layout (tools/bench_speed/models.py LAYOUTS: sd15, sd15-w64, ddpm-cifar10, ...).
+
+    .venv/bin/python tools/stage_memory.py --model sd15-w64 --samples 2 --steps 4 --json /tmp/mem.json
+
+A thread samples this process's RSS (/proc/self/status) every 0.1 s; the stage label is the last
+progress stage (calibration: trajectories, weights, srm, data, init, search, refine) or export line
+(tracing, group graphs, lint, parity, fusions, shared session) the build reported. Printed and
+written: per label the peak RSS and the seconds spent, the process's high-water mark, and the
+build's own stage times. docs/benchmarks.md ("Memory of build-engine by stage") records the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def rss_mib(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+class StageMemory:
+    """Peak RSS and time per stage label, sampled from a background thread."""
+
+    def __init__(self, interval: float = 0.1):
+        self.label = "load"
+        self.peaks: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+        self.order: list[str] = []
+        self._since = time.perf_counter()
+        self._stop = threading.Event()
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.mark("load")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.mark("done")
+        self._stop.set()
+        self._thread.join()
+
+    def mark(self, label: str) -> None:
+        with self._lock:
+            now = time.perf_counter()
+            self.seconds[self.label] = self.seconds.get(self.label, 0.0) + now - self._since
+            self._since = now
+            self.label = label
+            if label not in self.order:
+                self.order.append(label)
+            self._sample()
+
+    def _sample(self) -> None:
+        r = rss_mib()
+        self.peaks[self.label] = max(self.peaks.get(self.label, 0.0), r)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                self._sample()
+
+    def progress(self, stage: str, done: int, total: int, loss=None) -> None:
+        if stage != self.label:
+            self.mark(stage)
+
+    def say(self, line: str) -> None:
+        print(f"  {line}", file=sys.stderr, flush=True)
+        head = " ".join(line.split()[:2])
+        if line.startswith(("calibrate: running", "export: running", "engines: running")):
+            self.mark(line.split(":")[0])
+        elif not line.startswith(("calibrate:", "export:", "engines:", "calibration estimate")):
+            self.mark("export/" + head)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="reference")
+    p.add_argument("--method", default="adpdm")
+    p.add_argument("--groups", type=int, default=2)
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--option", action="append", default=[], help="KEY=VALUE of the method config")
+    p.add_argument("--targets", default="ort,trt")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from adpdm_export.build_pipeline import build_engine
+    from calibration.configs import DataFreeConfig, method_config
+    from tools.bench_speed.models import load_bench_model, params_m
+
+    torch.set_num_threads(args.threads)
+    values = dict(kv.split("=", 1) for kv in args.option)
+    if args.method in ("adpdm", "uniform-groups"):
+        values.setdefault("groups", args.groups)
+    method = method_config(args.method, values)
+    data = DataFreeConfig(samples=args.samples, steps=args.steps)
+    t0 = time.perf_counter()
+    with StageMemory() as mem, tempfile.TemporaryDirectory(prefix="stage-memory-") as tmp:
+        loaded = load_bench_model(args.model)
+        mem.mark("build")
+        summary = build_engine(loaded, Path(tmp) / "out", method, data=data, backend="ort",
+                               targets=tuple(args.targets.split(",")), cache_dir=None, progress=mem.progress,
+                               say=mem.say)
+        files = {f.name: f.stat().st_size for f in (Path(tmp) / "out").iterdir() if f.is_file()}
+    wall = time.perf_counter() - t0
+    out = {
+        "model": args.model, "params_m": params_m(loaded.unet), "method": method.to_dict(), "data": data.to_dict(),
+        "targets": args.targets, "threads": args.threads, "wall_s": round(wall, 1),
+        "peak_rss_mib": round(rss_mib("VmHWM"), 1),
+        "stages": [{"label": k, "peak_rss_mib": round(mem.peaks.get(k, 0.0), 1),
+                    "seconds": round(mem.seconds.get(k, 0.0), 1)} for k in mem.order if k != "done"],
+        "build_stages": [{"name": s.name, "seconds": round(s.seconds, 1)} for s in summary.stages],
+        "files_mib": {k: round(v / 2**20, 2) for k, v in sorted(files.items())},
+        "command": "python tools/stage_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
