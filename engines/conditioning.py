@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from engines.errors import AdpdmError
@@ -71,3 +72,50 @@ def accept_added_cond_inputs(unet: torch.nn.Module) -> torch.nn.Module:
     unet.register_forward_pre_hook(_flat_added_conds, with_kwargs=True)
     unet._adpdm_flat_added_conds = True
     return unet
+
+
+MAX_TIME_ID = 65536  # time_ids are pixel sizes and crop offsets: the servers refuse values outside [0, this]
+
+
+def check_time_ids(v: torch.Tensor) -> None:
+    """The servers' bound on SDXL time ids (finite values in [0, MAX_TIME_ID]); one AdpdmError line."""
+    if not torch.isfinite(v).all() or bool(((v < 0) | (v > MAX_TIME_ID)).any()):
+        raise AdpdmError(f"time_ids are pixel sizes and crop offsets (original h, w, crop top, left, target h, w): "
+                         f"each must be in [0, {MAX_TIME_ID}]")
+
+
+def request_added_conditions(conditioning: Mapping[str, Mapping[str, Any]], given: Mapping[str, Any], n: int,
+                             prompted: bool) -> dict[str, torch.Tensor]:
+    """A `generate` request's SDXL added conditions for `n` images, checked: `text_embeds` (1 or n, P)
+    (from the prompt's encoder when `prompted`: then giving it too is refused) and `time_ids`
+    (1 or n, 6), the spec's default when missing. One AdpdmError line per bad input; `adpdm serve`
+    and the Triton repository's `generate` model both call this, so both refuse the same requests."""
+    out: dict[str, torch.Tensor] = {}
+    for name in ADDED_COND_INPUTS:
+        if name not in conditioning:
+            continue
+        v = given[name] if name in given else None  # `given` may be a PyTriton Request: `in` and [] only
+        if name == "text_embeds" and prompted:
+            if v is not None:
+                raise AdpdmError("give prompt or text_embeds, not both (the prompt's second encoder makes text_embeds)")
+            continue
+        if v is None:
+            if name == "time_ids":
+                out[name] = default_condition({name: conditioning[name]}, n)[name]
+                continue
+            raise AdpdmError("missing input 'text_embeds' (an SDXL UNet's pooled prompt embedding; or give a prompt)")
+        a = np.asarray(v)
+        dim = int(conditioning[name]["dim"])
+        if a.dtype.kind != "f":
+            raise AdpdmError(f"{name} must be floating point (FP32), got {a.dtype}")
+        if a.ndim == 1:
+            a = a[None]
+        if a.ndim != 2 or a.shape[0] not in (1, n) or a.shape[1] != dim:
+            raise AdpdmError(f"{name} must be (1 or n={n}, {dim}), got shape {tuple(a.shape)}")
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        if not torch.isfinite(t).all():
+            raise AdpdmError(f"{name} contains NaN or inf")
+        if name == "time_ids":
+            check_time_ids(t)
+        out[name] = t.expand(n, -1).clone() if t.shape[0] == 1 else t
+    return out
