@@ -2,7 +2,7 @@
 
 Two Triton models:
 
-- ``unet``: one noise prediction, ``(sample, timestep[, class_labels | encoder_hidden_states])
+- ``unet``: one noise prediction, ``(sample, timestep[, class_labels | encoder_hidden_states[, text_embeds, time_ids]])
   -> out_sample``, with Triton's dynamic batcher. Requests at *different* timesteps are
   batched together; `TimestepDispatchRunner` splits each batch by timestep group and
   reassembles it, so each request gets exactly what it would get alone.
