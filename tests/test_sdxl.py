@@ -330,3 +330,38 @@ def test_sd_drop_in_matches_adpdm_sample(tmp_path, capsys):
     adpdm.build_engine(str(sd_pipe), build, adpdm.MinMaxConfig(), data=adpdm.DataFreeConfig(samples=2, steps=2),
                        backend="ort", targets=("ort",))
     _drop_in_matches_adpdm_sample(sd_pipe, build, "StableDiffusionPipeline", tmp_path, capsys)
+
+
+def test_the_tensorrt_target_is_fp16_outside_the_int8_layers_and_lints_clean(build, capsys):
+    """Issue 15: the TensorRT-target export of an SDXL-layout UNet with the default high precision
+    (FP16) passes the linter (`lint_model` and `adpdm lint`) with FP16 outside the INT8 layers: every
+    Conv, Gemm/MatMul and Softmax computes in FP16, the graph I/O (the added conditions included) stays
+    FP32, and the sinusoids of both the timestep and the time ids are FP32 islands."""
+    import onnx
+    from onnx import TensorProto
+
+    from adpdm_export import high_precision as HP
+    from adpdm_export.qdq_lint import lint_model
+
+    F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    m = load_manifest(build)
+    assert m.graph_precision["trt"] == "fp16"
+    for g in m.groups:
+        path = build / g.graphs["trt"]
+        assert lint_model(path, high_precision="fp16") == []
+        assert lint_model(path, high_precision="fp32")  # the rule does look at the types: not an FP32 graph
+        model = onnx.load(str(path))
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        t = {vi.name: vi.type.tensor_type.elem_type for vi in [*inferred.graph.value_info, *model.graph.input,
+                                                                *model.graph.output]}
+        t.update({i.name: i.data_type for i in model.graph.initializer})
+        assert all(t[n] == F32 for n in ("sample", "encoder_hidden_states", "text_embeds", "time_ids", "out_sample"))
+        compute = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "Softmax")]
+        islands = HP.fp32_islands(model)
+        island_outputs = {o for k in islands for o in model.graph.node[k].output}
+        assert compute and all(t[n.output[0]] == F16 for n in compute if n.output[0] not in island_outputs)
+        assert sum(t[n.output[0]] == F16 for n in compute) > 0.8 * len(compute)
+        sinusoids = [k for k, n in enumerate(model.graph.node) if n.op_type in ("Sin", "Cos")]
+        assert len(sinusoids) >= 4 and all(k in islands for k in sinusoids)  # timestep + time ids, sin and cos
+        rc, err = run_cli(capsys, "lint", path, "--high-precision", "fp16")
+        assert rc == 0, err
