@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from calibration.fingerprint import model_sha256
-from engines.conditioning import default_condition
+from calibration.trajectories import expand_cond
+from engines.conditioning import SDXL_TIME_IDS, accept_added_cond_inputs, default_condition
 from engines.errors import AdpdmError
 from engines.json_files import read_json
 from engines.pretrained import PICKLE_SUFFIXES, load_pretrained
@@ -51,7 +52,7 @@ class LoadedModel:
     out_channels: int
     conditioning: dict[str, Any] = field(default_factory=dict)
     scheduler_config_found: bool = True
-    text_encoder: Any = None  # engines.text_pipeline.TextEncoder of a text-to-image pipeline folder
+    text_encoder: Any = None  # engines.text_pipeline.TextEncoder | SdxlTextEncoders of a text-to-image pipeline
     _sha256: str | None = None
 
     @property
@@ -69,33 +70,39 @@ class LoadedModel:
         return (self.in_channels, *self.sample_size)
 
     def default_condition(self, batch: int) -> dict[str, torch.Tensor]:
-        """Null conditioning for `batch` items: a text pipeline's encoding of the empty prompt (what
-        the UNet sees unconditionally), else engines.conditioning.default_condition."""
+        """Null conditioning for `batch` items: a text pipeline's unconditional inputs (the empty
+        prompt's encoding; zeros where an SDXL pipeline forces them, as diffusers), else
+        engines.conditioning.default_condition."""
         cond = default_condition(self.conditioning, batch)
         if self.text_encoder is not None:
-            cond["encoder_hidden_states"] = self.empty_prompt().expand(batch, -1, -1).clone()
+            cond.update(expand_cond(self.text_encoder.negative_conditions(None)[0], batch))
         return cond
 
-    def empty_prompt(self) -> torch.Tensor:
-        """(1, L, D) embedding of the empty prompt (needs the text encoder)."""
-        if self.text_encoder is None:
-            raise AdpdmError("this model has no text encoder (a text-to-image pipeline folder has tokenizer/ and "
-                             "text_encoder/)")
-        return self.text_encoder.encode([""])[0]
 
-
-def _conditioning_of(kind: str, config: dict[str, Any]) -> dict[str, Any]:
+def conditioning_of(kind: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The conditioning spec (engines/manifest_schema.py, ModelInfo.conditioning) of a UNet config."""
     cond: dict[str, Any] = {}
     if kind == "UNet2DConditionModel":
         dim = config.get("cross_attention_dim") or 1280
         if isinstance(dim, (list, tuple)):
             dim = dim[0]
         cond["encoder_hidden_states"] = {"dim": int(dim)}
-        if config.get("addition_embed_type"):
-            raise AdpdmError(
-                f"UNet2DConditionModel with addition_embed_type={config['addition_embed_type']!r} "
-                "(SDXL-style added conditions) is not supported yet"
-            )
+        added = config.get("addition_embed_type")
+        if added == "text_time":  # SDXL: text_embeds (B, P) and time_ids (B, 6) into one added embedding
+            t_dim = config.get("addition_time_embed_dim")
+            total = config.get("projection_class_embeddings_input_dim")
+            pooled = total - SDXL_TIME_IDS * t_dim if all(
+                isinstance(v, int) and not isinstance(v, bool) for v in (t_dim, total)) else 0
+            if pooled < 1:
+                raise AdpdmError(
+                    f"addition_embed_type='text_time' needs addition_time_embed_dim and projection_class_embeddings_"
+                    f"input_dim with room for {SDXL_TIME_IDS} time ids and the text embeds, got {t_dim!r} and {total!r}"
+                )
+            cond["text_embeds"] = {"dim": pooled}
+            cond["time_ids"] = {"dim": SDXL_TIME_IDS}
+        elif added:
+            raise AdpdmError(f"UNet2DConditionModel with addition_embed_type={added!r} is not supported (of the added "
+                             "conditions only SDXL's 'text_time' is)")
     n = config.get("num_class_embeds")
     if n and config.get("class_embed_type") in (None, "embedding", "identity"):
         cond["class_labels"] = {"num_classes": int(n)}
@@ -120,6 +127,18 @@ def sample_size_of(config: dict[str, Any], where: str) -> tuple[int, int]:
     return (_positive_int(size, f"{where}: sample_size"),) * 2  # type: ignore[return-value]
 
 
+def unet_conditioning(kind: str, config: dict[str, Any], pipeline: Path | None) -> dict[str, Any]:
+    """`conditioning_of` with, for an SDXL-layout UNet, the time ids the pipeline passes when not
+    told otherwise as `time_ids.default` (engines.text_pipeline.sdxl_time_ids; a bare UNet: an SDXL
+    VAE's x8)."""
+    conditioning = conditioning_of(kind, config)
+    if "time_ids" in conditioning:
+        from engines.text_pipeline import sdxl_time_ids
+
+        conditioning["time_ids"]["default"] = list(sdxl_time_ids(pipeline, sample_size_of(config, str(pipeline))))
+    return conditioning
+
+
 def _check_unet_config(config: Any, where: Path) -> dict[str, Any]:
     """The fields this tool reads from a UNet config, checked before diffusers builds the model."""
     sample_size_of(config, str(where))
@@ -136,6 +155,7 @@ def _load_unet_folder(folder: Path, source: str) -> tuple[torch.nn.Module, str, 
         raise AdpdmError(
             f"{folder} holds a {kind or 'model without _class_name'}; supported: {', '.join(SUPPORTED_CLASSES)}"
         )
+    conditioning_of(kind, config)  # conditioning this tool cannot export: one line before diffusers reads the weights
     weights = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors")
     if not weights:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -150,7 +170,7 @@ def _load_unet_folder(folder: Path, source: str) -> tuple[torch.nn.Module, str, 
     unet = load_pretrained(getattr(diffusers, kind), folder, f"{kind} weights", low_cpu_mem_usage=False)
     if any(p.dtype != torch.float32 for p in unet.parameters()):
         unet = unet.to(torch.float32)
-    unet = unet.eval()
+    unet = accept_added_cond_inputs(unet.eval())  # SDXL: text_embeds / time_ids as keywords of their own
     unet.requires_grad_(False)
     return unet, kind, config
 
@@ -172,8 +192,8 @@ def _from_hub(repo_id: str) -> Path:
     try:
         path = snapshot_download(
             repo_id,
-            allow_patterns=["model_index.json", "*.json", "*.safetensors", "tokenizer/*"],
-            ignore_patterns=["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "text_encoder_2/*", "vae/*"],
+            allow_patterns=["model_index.json", "*.json", "*.safetensors", "tokenizer/*", "tokenizer_2/*"],
+            ignore_patterns=["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "vae/*"],
         )
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -208,17 +228,14 @@ def load_model(source: str | os.PathLike) -> LoadedModel:
         if folder.is_file():
             raise AdpdmError(f"{src} is a file; give the folder of a diffusers UNet or pipeline")
     found_scheduler = True
-    text_encoder = None
+    text_pipeline = False
     if (folder / "model_index.json").is_file():
         index = read_json(folder / "model_index.json", "pipeline index")
         if not (folder / "unet" / "config.json").is_file():
             raise AdpdmError(f"pipeline folder {folder} has no unet/config.json (pipeline {index.get('_class_name')})")
         unet, kind, config = _load_unet_folder(folder / "unet", src)
         sched = _scheduler_config_near(folder / "unet")
-        if kind == "UNet2DConditionModel" and ("text_encoder" in index or (folder / "text_encoder").exists()):
-            from engines.text_pipeline import load_text_encoder
-
-            text_encoder = load_text_encoder(folder, config.get("cross_attention_dim"))
+        text_pipeline = kind == "UNet2DConditionModel" and ("text_encoder" in index or (folder / "text_encoder").exists())
     elif (folder / "config.json").is_file():
         unet, kind, config = _load_unet_folder(folder, src)
         sched = _scheduler_config_near(folder)
@@ -233,8 +250,12 @@ def load_model(source: str | os.PathLike) -> LoadedModel:
         found_scheduler = False
         sched = dict(DEFAULT_SCHEDULER_CONFIG)
     size = sample_size_of(config, str(folder))
-    conditioning = _conditioning_of(kind, config)
-    if text_encoder is not None:
+    conditioning = unet_conditioning(kind, config, folder if (folder / "model_index.json").is_file() else None)
+    text_encoder = None
+    if text_pipeline:
+        from engines.text_pipeline import load_text_encoder
+
+        text_encoder = load_text_encoder(folder, conditioning)
         conditioning["encoder_hidden_states"]["sequence_length"] = text_encoder.max_length
     return LoadedModel(
         unet=unet,

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import onnx
 import torch
 
+from engines.conditioning import accept_added_cond_inputs, default_condition
 from engines.errors import AdpdmError
 from engines.ort_backend import OUTPUT_NAME
 
@@ -31,7 +32,7 @@ class UNetForExport(torch.nn.Module):
 
     def __init__(self, unet: torch.nn.Module, cond_names: tuple[str, ...]):
         super().__init__()
-        self.unet = unet
+        self.unet = accept_added_cond_inputs(unet)  # SDXL: text_embeds / time_ids as graph inputs of their own
         self.cond_names = cond_names
 
     def forward(self, sample, timestep, *cond):
@@ -68,6 +69,10 @@ def example_inputs(
     if "class_labels" in conditioning:
         n = conditioning["class_labels"]["num_classes"]
         inputs["class_labels"] = torch.randint(0, n, (batch,), generator=g, dtype=torch.int64)
+    if "text_embeds" in conditioning:
+        inputs["text_embeds"] = torch.randn(batch, conditioning["text_embeds"]["dim"], generator=g)
+    if "time_ids" in conditioning:  # the pipeline's own sizes where the spec records them
+        inputs["time_ids"] = default_condition({"time_ids": conditioning["time_ids"]}, batch)["time_ids"]
     return inputs
 
 

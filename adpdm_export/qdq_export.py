@@ -389,6 +389,7 @@ def export_qdq(
     the caller's (`write_manifest`), written last. Staging folders of killed exports are removed.
     """
     from calibration.quant_unet import quantize_model
+    from engines.conditioning import accept_added_cond_inputs
 
     targets = parse_targets(target)
     check_supported(result, targets)
@@ -403,6 +404,7 @@ def export_qdq(
     t0 = time.perf_counter()
     qmodel = quantize_model(unet, result=result)
     qmodel.eval()
+    accept_added_cond_inputs(unet)  # the FP reference of the parity checks takes the flat SDXL inputs too
     stage, stage_fd = _stage_dir(out_dir)
     try:
         say("tracing the quantized UNet (group 0) and building the QDQ template")

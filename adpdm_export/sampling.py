@@ -105,9 +105,11 @@ def text_to_image_parts(model_or_build: str):
     if not is_pipeline_folder(folder):
         raise AdpdmError(f"--prompt needs a text-to-image pipeline folder (tokenizer/, text_encoder/, unet/), "
                          f"not {model_or_build}")
+    from adpdm_export.model_loading import unet_conditioning
     from engines.json_files import read_json
 
-    return load_text_pipeline(folder, read_json(folder / "unet" / "config.json", "UNet config").get("cross_attention_dim"))
+    config = read_json(folder / "unet" / "config.json", "UNet config")
+    return load_text_pipeline(folder, unet_conditioning(str(config.get("_class_name")), config, folder))
 
 
 def check_request(n: int, steps: int, seed: int, scheduler: str) -> None:

@@ -2,10 +2,11 @@
 and the one function that assembles data-free calibration's conditions (`calibration_conditions`,
 for `adpdm calibrate` / `build-engine` and `adpdm.calibrate` / `adpdm.build_engine` alike).
 
-Calibration must see what the UNet sees when serving: the pipeline's own text encoder's
-embeddings of real prompts and, for classifier-free guidance, of the negative prompt (the empty
-string by default), never an all-zero stand-in. The runtime parts (tokenizer + text encoder, VAE)
-are `engines/text_pipeline.py`, which the server runs too.
+Calibration must see what the UNet sees when serving: the pipeline's own text encoder(s)'
+conditions for real prompts and, for classifier-free guidance, for the negative prompt (the empty
+string by default; zeros where an SDXL pipeline forces them, as diffusers), never an all-zero
+stand-in the pipeline would not use. The runtime parts (tokenizers + text encoders, SD and SDXL
+layouts, VAE) are `engines/text_pipeline.py`, which the server runs too.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from engines.text_pipeline import DEFAULT_GUIDANCE_SCALE, TEXT_INPUT
 DEFAULT_PROMPTS_FILE = Path(__file__).parent / "assets" / "default_prompts.txt"
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "CalibrationConditions", "calibration_conditions", "default_prompts",
            "read_prompts"]
+
 
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt a line (blank lines skipped); an empty or unreadable file is one line."""
@@ -58,9 +60,9 @@ def calibration_conditions(loaded: Any, samples: int, *, cond: Optional[Mapping[
 
     cond: the user's own conditions (class labels, prompt embeddings); inputs it lacks are the
     model's null/default ones. A text-to-image pipeline (a text encoder): `prompts` (default
-    `default_prompts()`, unless cond holds prompt embeddings) and the negative prompt (default "",
-    never zeros; the unconditional half unless `uncond` is given) are encoded by the pipeline's own
-    text encoder; guidance_scale defaults to DEFAULT_GUIDANCE_SCALE. Other models: prompts are one
+    `default_prompts()`, unless cond holds prompt embeddings) and the negative prompt (default "";
+    zeros for an SDXL pipeline with `force_zeros_for_empty_prompt`, as diffusers; the unconditional
+    half unless `uncond` is given) are encoded by the pipeline's own text encoder(s); guidance_scale defaults to DEFAULT_GUIDANCE_SCALE. Other models: prompts are one
     AdpdmError line, and so is a guidance scale > 1 without `uncond`.
     """
     from engines.sampler import check_guidance
@@ -86,13 +88,13 @@ def calibration_conditions(loaded: Any, samples: int, *, cond: Optional[Mapping[
                              "not both")
     else:
         texts = list(prompts) if prompts is not None else default_prompts()
-        out[TEXT_INPUT], truncated = encoder.encode(texts)
+        encoded, truncated = encoder.conditions(texts)  # SDXL: also text_embeds and time_ids, K rows each
+        out.update(encoded)
         if truncated:
             notes.append(f"{len(truncated)} prompt(s) longer than the tokenizer's {encoder.max_length} tokens were "
                          f"truncated (prompt {', '.join(str(i + 1) for i in truncated[:8])})")
     if uncond is None and scale > 1.0:
-        negative, truncated = encoder.encode(["" if negative_prompt is None else negative_prompt])
-        uncond = {TEXT_INPUT: negative}
+        uncond, truncated = encoder.negative_conditions(negative_prompt)
         if truncated:
             notes.append(f"the negative prompt is longer than the tokenizer's {encoder.max_length} tokens and was "
                          "truncated")

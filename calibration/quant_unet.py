@@ -40,6 +40,7 @@ from torch import nn
 from calibration.fingerprint import model_sha256
 from calibration.qconfig import QuantConfig
 from calibration.quantizers import ActQuantizer, QuantState, WeightQuantizer
+from engines.conditioning import accept_added_cond_inputs
 from engines.errors import AdpdmError
 
 _STATE_ATTR = "_adpdm_qstate"
@@ -327,7 +328,7 @@ def quantize_model(
             raise AdpdmError("num_groups > 1 needs a timestep->group table")
     table = _check_table(table)
     num_groups = int(table.max()) + 1 if table.numel() else 1
-    model = unet if inplace else copy.deepcopy(unet)
+    model = accept_added_cond_inputs(unet if inplace else copy.deepcopy(unet))  # SDXL: flat text_embeds / time_ids
     state = QuantState(num_groups)
     state.table = table
     state.mixture_fn = None

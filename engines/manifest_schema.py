@@ -55,9 +55,12 @@ FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
 BACKENDS = ("ort", "trt")
-TARGETS = ("trt", "ort", "fp")
-GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")  # the float type of a target's graphs outside the INT8 layers  # graph targets: TensorRT Q/DQ placement, onnxruntime CPU, FP
-CONDITIONING_INPUTS = ("encoder_hidden_states", "class_labels")
+TARGETS = ("trt", "ort", "fp")  # graph targets: TensorRT Q/DQ placement, onnxruntime CPU, FP
+GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")  # the float type of a target's graphs outside the INT8 layers
+CONDITIONING_INPUTS = ("encoder_hidden_states", "class_labels", "text_embeds", "time_ids")
+# the integer fields of each conditioning input's spec (the first one required, but for class_labels)
+_SPEC_INTS = {"encoder_hidden_states": ("dim", "sequence_length"), "class_labels": ("num_classes",),
+              "text_embeds": ("dim",), "time_ids": ("dim",)}
 ENGINE_NAME = "unet.g{k}.plan"
 TIMING_CACHE_NAME = "timing.cache"
 # TensorrtInfo field -> its key in manifest.json (historical names, kept so old and new
@@ -93,7 +96,9 @@ class ModelInfo:
     in_channels: int
     out_channels: int
     # name -> spec: {"encoder_hidden_states": {"dim": D[, "sequence_length": S]},
-    #                "class_labels": {"num_classes": N}}
+    #                "class_labels": {"num_classes": N},
+    #                SDXL layout (diffusers' added_cond_kwargs, flat): "text_embeds": {"dim": P},
+    #                "time_ids": {"dim": 6[, "default": [orig h, orig w, crop top, crop left, target h, target w]]}}
     conditioning: dict[str, dict[str, Any]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the diffusers UNet config, for `as_unet()`
 
@@ -291,13 +296,22 @@ def validate_manifest(m: Manifest) -> None:
     if unknown:
         raise AdpdmError(f"manifest: unknown conditioning input(s) {sorted(unknown)}; known: {CONDITIONING_INPUTS}")
     for name, spec in mi.conditioning.items():
-        keys = {"encoder_hidden_states": ("dim", "sequence_length"), "class_labels": ("num_classes",)}[name]
+        keys = _SPEC_INTS[name]
         if not isinstance(spec, dict) or any(
             not isinstance(v, int) or isinstance(v, bool) or v < 1 for k, v in spec.items() if k in keys
         ):
             raise AdpdmError(f"manifest: model.conditioning.{name} must hold positive integers {keys}, got {spec!r}")
-        if name == "encoder_hidden_states" and "dim" not in spec:
-            raise AdpdmError("manifest: model.conditioning.encoder_hidden_states needs 'dim'")
+        if name != "class_labels" and keys[0] not in spec:  # class labels: the count is optional
+            raise AdpdmError(f"manifest: model.conditioning.{name} needs {keys[0]!r}")
+    added = [n for n in ("text_embeds", "time_ids") if n in mi.conditioning]
+    if added and (len(added) != 2 or "encoder_hidden_states" not in mi.conditioning):
+        raise AdpdmError("manifest: model.conditioning: text_embeds and time_ids (SDXL added conditions) go together, "
+                         "with encoder_hidden_states")
+    default = mi.conditioning.get("time_ids", {}).get("default")
+    if default is not None and (not isinstance(default, list) or len(default) != mi.conditioning["time_ids"]["dim"]
+                                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in default)):
+        raise AdpdmError(f"manifest: model.conditioning.time_ids.default must be {mi.conditioning['time_ids']['dim']} "
+                         f"numbers, got {default!r}")
     T = m.scheduler.get("num_train_timesteps", 1000)  # diffusers' default, as engines.scheduling
     if not isinstance(T, int) or isinstance(T, bool) or T < 1:
         raise AdpdmError(f"manifest: scheduler.num_train_timesteps must be a positive integer, got {T!r}")

@@ -2,7 +2,8 @@
 
 Graph I/O contract (every graph this project writes): inputs `sample` float32
 (B, C, H, W), `timestep` int64 (B,), optionally `encoder_hidden_states` float32
-(B, S, D) and `class_labels` int64 (B,); output `out_sample` float32 (B, C, H, W).
+(B, S, D), `class_labels` int64 (B,) and, SDXL layout, `text_embeds` float32 (B, P) and
+`time_ids` float32 (B, 6); output `out_sample` float32 (B, C, H, W).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from engines.errors import AdpdmError
 
-INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states", "class_labels")
+INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states", "class_labels", "text_embeds", "time_ids")
 OUTPUT_NAME = "out_sample"
 
 

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from engines.conditioning import ADDED_COND_INPUTS
 from engines.errors import AdpdmError
 from engines.group_backend import GroupBackend, open_group_backend
 from engines.manifest import load_manifest
@@ -201,6 +202,9 @@ class TimestepDispatchRunner:
             out["encoder_hidden_states"] = self._check_ehs(cond["encoder_hidden_states"], B)
         if "class_labels" in cond:
             out["class_labels"] = self._check_labels(cond["class_labels"], B)
+        for name in ADDED_COND_INPUTS:
+            if name in cond:
+                out[name] = self._check_rows(name, cond[name], B)
         return sample, t, out
 
     def _check_resolution(self, h: int, w: int) -> None:
@@ -265,6 +269,19 @@ class TimestepDispatchRunner:
             raise AdpdmError(f"encoder_hidden_states has sequence length {v.shape[1]}, the engines take {S}")
         if not torch.isfinite(v).all():
             raise AdpdmError("encoder_hidden_states contains NaN or inf")
+        return v
+
+    def _check_rows(self, name: str, v: Any, B: int) -> torch.Tensor:
+        """An SDXL added condition (text_embeds, time_ids): float32 (batch, the width the build declares)."""
+        if not isinstance(v, torch.Tensor):
+            raise AdpdmError(f"{name} must be a torch tensor, got {type(v).__name__}")
+        if v.dtype != torch.float32:
+            raise AdpdmError(f"{name} must be float32, got {v.dtype}")
+        dim = self.cond_specs[name]["dim"]
+        if v.dim() != 2 or v.shape[0] != B or v.shape[1] != dim:
+            raise AdpdmError(f"{name} must be (batch={B}, {dim}), got {tuple(v.shape)}")
+        if not torch.isfinite(v).all():
+            raise AdpdmError(f"{name} contains NaN or inf")
         return v
 
     def _check_labels(self, v: Any, B: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Two Triton models:
 
-- ``unet``: one noise prediction, ``(sample, timestep[, class_labels | encoder_hidden_states])
+- ``unet``: one noise prediction, ``(sample, timestep[, class_labels | encoder_hidden_states[, text_embeds, time_ids]])
   -> out_sample``, with Triton's dynamic batcher. Requests at *different* timesteps are
   batched together; `TimestepDispatchRunner` splits each batch by timestep group and
   reassembles it, so each request gets exactly what it would get alone.
@@ -52,6 +52,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from engines.conditioning import ADDED_COND_INPUTS, check_time_ids, request_added_conditions
 from engines.errors import AdpdmError
 
 LOGGER = logging.getLogger("adpdm.serve")
@@ -239,7 +240,10 @@ class UnetModel:
         for name in self.cond_names:
             v = torch.from_numpy(np.ascontiguousarray(req[name]))
             cond[name] = v.reshape(-1) if name == "class_labels" else v
-        return self.runner.check_inputs(x, t, **cond)
+        checked = self.runner.check_inputs(x, t, **cond)
+        if "time_ids" in checked[2]:
+            check_time_ids(checked[2]["time_ids"])
+        return checked
 
     def validate(self, req: Mapping[str, np.ndarray]) -> None:
         self.check(req)
@@ -296,13 +300,13 @@ class GenerateModel:
 
     def parse(self, req: Mapping[str, np.ndarray]) -> GenerateRequest:
         """One request checked (values, limits, the prompt's text and guidance), before anything runs."""
-        from engines.text_pipeline import TEXT_INPUT, prompt_request
+        from engines.text_pipeline import PROMPT_INPUTS, TEXT_INPUT, prompt_request
 
         L = self.limits
         prompt = prompt_request(req)
         if prompt is not None and self.text is None:
             raise AdpdmError(f"prompt given, but {self.no_text_reason}")
-        for name in ("seed", "n", "steps", *self.cond_names):
+        for name in ("seed", "n", "steps", *[c for c in self.cond_names if c not in ADDED_COND_INPUTS]):
             if name == TEXT_INPUT and prompt is not None:
                 if name in req:
                     raise AdpdmError(f"give prompt or {TEXT_INPUT}, not both")
@@ -322,10 +326,10 @@ class GenerateModel:
             scheduler = s.decode("utf-8", "replace") if isinstance(s, (bytes, np.bytes_)) else str(s)
             if scheduler not in self.schedulers:
                 raise AdpdmError(f"unknown scheduler {scheduler[:40]!r}: choose one of {', '.join(self.schedulers)}")
-        cond: dict[str, torch.Tensor] = {}
+        cond: dict[str, torch.Tensor] = request_added_conditions(self.runner.cond_specs, req, n, prompt is not None)
         for name in self.cond_names:
-            if name not in req:
-                continue  # the prompt's embeddings, made in _one
+            if name not in req or name in ADDED_COND_INPUTS:
+                continue  # the prompt's embeddings, made in run(); the added conditions, above
             v = torch.from_numpy(np.ascontiguousarray(req[name]))
             if name == "class_labels":
                 v = v.reshape(-1)
@@ -345,9 +349,12 @@ class GenerateModel:
         # with guidance every step is one runner call of 2n items.
         items = 2 * n if prompt is not None and prompt.guidance_scale > 1.0 else n
         check = {k: v.repeat_interleave(items // n, 0) for k, v in cond.items()}
-        if prompt is not None:
-            dim = int(self.runner.cond_specs[TEXT_INPUT]["dim"])
-            check[TEXT_INPUT] = torch.zeros((items, self.text.text_encoder.max_length, dim))
+        if prompt is not None:  # the shapes the encoder(s) will give
+            specs = self.runner.cond_specs
+            check[TEXT_INPUT] = torch.zeros((items, self.text.text_encoder.max_length, int(specs[TEXT_INPUT]["dim"])))
+            for name in PROMPT_INPUTS[1:]:
+                if name in specs:
+                    check[name] = torch.zeros((items, int(specs[name]["dim"])))
         C, H, W = self.runner.sample_shape
         self.runner.check_inputs(torch.zeros((items, C, H, W)), torch.zeros(items, dtype=torch.int64), **check)
         return GenerateRequest(seed, n, steps, scheduler, cond, prompt)
@@ -523,6 +530,12 @@ class AdpdmServer:
             unet_in.append(Tensor(name="encoder_hidden_states", dtype=np.float32, shape=(-1, D)))
             gen_in.append(Tensor(name="encoder_hidden_states", dtype=np.float32, shape=(-1, -1, D),
                                  optional=self.text is not None))
+        for name in ADDED_COND_INPUTS:  # SDXL: text_embeds (P,), time_ids (6,) per item
+            if name in specs:
+                P = int(specs[name]["dim"])
+                unet_in.append(Tensor(name=name, dtype=np.float32, shape=(P,)))
+                gen_in.append(Tensor(name=name, dtype=np.float32, shape=(-1, P),
+                                     optional=name == "time_ids" or self.text is not None))
         unet_out = [Tensor(name="out_sample", dtype=np.float32, shape=(C, H, W))]
         return unet_in, unet_out, gen_in, gen_out
 
@@ -556,6 +569,11 @@ class AdpdmServer:
             D = int(specs["encoder_hidden_states"]["dim"])
             unet_in["encoder_hidden_states"] = InputSpec("FP32", B * S * D, max_batch=B)
             gen_in["encoder_hidden_states"] = InputSpec("FP32", N * S * D, optional=self.text is not None)
+        for name in ADDED_COND_INPUTS:
+            if name in specs:
+                P = int(specs[name]["dim"])
+                unet_in[name] = InputSpec("FP32", B * P, max_batch=B)
+                gen_in[name] = InputSpec("FP32", N * P, optional=name == "time_ids" or self.text is not None)
         return RequestGuard({
             UNET_MODEL: ModelSpec(unet_in, unet.validate),
             GENERATE_MODEL: ModelSpec(gen_in, generate.validate),

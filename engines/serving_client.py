@@ -143,6 +143,12 @@ class AdpdmClient:
             inputs["class_labels"] = (np.repeat(c, B) if c.size == 1 and B != 1 else c).reshape(-1, 1)
         if cond.get("encoder_hidden_states") is not None:
             inputs["encoder_hidden_states"] = _numpy(cond["encoder_hidden_states"])
+        for name in ("text_embeds", "time_ids"):  # SDXL: (B, P) and (B, 6); one row is repeated
+            if cond.get(name) is not None:
+                a = np.asarray(_numpy(cond[name]), dtype=np.float32)
+                a = a.reshape(1, -1) if a.ndim == 1 else a
+                inputs[name] = np.repeat(a, B, axis=0) if a.shape[0] == 1 and B != 1 else a
+        _refuse_unknown(cond)
         return self.infer(self.unet_model, inputs, ("out_sample",))["out_sample"]
 
     def generate(
@@ -177,6 +183,11 @@ class AdpdmClient:
             inputs["class_labels"] = np.asarray(_numpy(cond["class_labels"])).reshape(-1)
         if cond.get("encoder_hidden_states") is not None:
             inputs["encoder_hidden_states"] = _numpy(cond["encoder_hidden_states"])
+        for name in ("text_embeds", "time_ids"):  # SDXL: (1 or n, P) and (1 or n, 6); time_ids default: the build's
+            if cond.get(name) is not None:
+                a = np.asarray(_numpy(cond[name]), dtype=np.float32)
+                inputs[name] = a.reshape(1, -1) if a.ndim == 1 else a
+        _refuse_unknown(cond)
         outputs = ("images", "notes") if prompt is not None else ("images",)
         got = self.infer(self.generate_model, inputs, outputs)
         notes = got.get("notes")
@@ -232,6 +243,15 @@ class AdpdmClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_COND_NAMES = ("class_labels", "encoder_hidden_states", "text_embeds", "time_ids")
+
+
+def _refuse_unknown(cond: Mapping[str, Any]) -> None:
+    unknown = sorted(k for k in cond if k not in _COND_NAMES)
+    if unknown:
+        raise AdpdmError(f"unknown conditioning input(s) {unknown}: the servers take {', '.join(_COND_NAMES)}")
 
 
 def _text(v: Any) -> str:

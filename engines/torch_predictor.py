@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from engines.conditioning import accept_added_cond_inputs
+
 
 def module_device(module: torch.nn.Module) -> torch.device:
     """Where `module` runs: its parameters' device, or the CPU for a parameter-free wrapper
@@ -18,7 +20,7 @@ class TorchNoisePredictor:
     """Calls `unet(sample, timestep, **cond).sample` without autograd, on the UNet's device."""
 
     def __init__(self, unet: torch.nn.Module):
-        self.unet = unet
+        self.unet = accept_added_cond_inputs(unet)  # SDXL: text_embeds / time_ids come as keywords of their own
 
     @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> torch.Tensor:

@@ -9,7 +9,8 @@ Layout written (G = number of timestep groups)::
       generate/ config.pbtxt  1/model.py  1/adpdm_generate.json
                                                   # Python backend: the sampling loop, each step
                                                   # sent to unet_g{k} by timestep (BLS)
-                1/pipeline/                       # text builds: tokenizer/, text_encoder/, vae/ and
+                1/pipeline/                       # text builds: tokenizer/, text_encoder/ (SDXL also
+                                                  # tokenizer_2/, text_encoder_2/), vae/ and
                                                   # model_index.json copied from the pipeline folder
 
 Every config.pbtxt is parsed back with Triton's own `ModelConfig` protobuf (shipped in
@@ -37,6 +38,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from engines.conditioning import ADDED_COND_INPUTS
 from engines.errors import AdpdmError
 from engines.file_io import check_output_folder
 from engines.group_backend import ORT_TARGET_ORDER
@@ -183,6 +185,14 @@ def validate_repository(repo: str | os.PathLike) -> dict[str, Any]:
         missing = [m for m in meta.get("group_models", list) if m not in out]
         if missing:
             raise AdpdmError(f"generate dispatches to {missing}, which the repository lacks")
+        names = {t.name for t in out[GENERATE_MODEL].input}
+        lacking = [c for c in meta.get("conditioning", dict) if c not in names]
+        if lacking:
+            raise AdpdmError(f"generate's config.pbtxt lacks the build's conditioning input(s) {lacking}")
+        for model in meta.get("group_models", list):
+            lacking = [c for c in meta.get("conditioning", dict) if c not in {t.name for t in out[model].input}]
+            if lacking:
+                raise AdpdmError(f"{model}'s config.pbtxt lacks the build's conditioning input(s) {lacking}")
         text = meta.get("text_pipeline", dict, optional=True)
         if text is not None:
             from engines.text_pipeline import check_text_pipeline_folder
@@ -190,8 +200,8 @@ def validate_repository(repo: str | os.PathLike) -> dict[str, Any]:
             folder = JsonFields(text, "text_pipeline", f"{GENERATE_CONFIG}: ").get("folder", str)
             if Path(folder).is_absolute() or ".." in Path(folder).parts:
                 raise AdpdmError(f"{GENERATE_CONFIG}: text_pipeline.folder must be a relative path inside generate/1/")
-            dim = meta.get("conditioning", dict).get("encoder_hidden_states", {}).get("dim")
-            check_text_pipeline_folder(here / folder, dim)  # tokenizer, text encoder (width), VAE: present, safetensors
+            # tokenizer(s), text encoder(s) (widths; SDXL: both), VAE: present, safetensors only
+            check_text_pipeline_folder(here / folder, meta.get("conditioning", dict))
             names = {t.name for t in out[GENERATE_MODEL].input}
             if not {"prompt", "negative_prompt", "guidance_scale"} <= names:
                 raise AdpdmError("generate has a text pipeline but its config.pbtxt takes no prompt")
@@ -255,7 +265,7 @@ def text_pipeline_for(m: Manifest, pipeline: Any = "auto") -> tuple[Optional[Pat
             raise AdpdmError("--pipeline applies to builds of a text-to-image pipeline; this build's UNet takes no text")
         if not is_pipeline_folder(folder):
             raise AdpdmError(f"--pipeline {folder} is not a text-to-image pipeline folder (no model_index.json)")
-    return folder, check_text_pipeline_folder(folder, m.model.conditioning[TEXT_INPUT].get("dim")) or None
+    return folder, check_text_pipeline_folder(folder, m.model.conditioning) or None
 
 
 def is_our_repository(folder: str | os.PathLike) -> bool:
@@ -382,6 +392,8 @@ def write_repository(
         for s in cond:
             if s.name == "class_labels":
                 gen_cond.append(IOSpec("class_labels", "TYPE_INT64", (-1,)))
+            elif s.name in ADDED_COND_INPUTS:  # SDXL: text_embeds (1 or n, P), time_ids (1 or n, 6)
+                gen_cond.append(IOSpec(s.name, s.data_type, (-1, s.dims[-1])))
             else:
                 gen_cond.append(IOSpec(s.name, s.data_type, (-1, -1, s.dims[-1])))
         gdir = tmp / GENERATE_MODEL / "1"

@@ -65,6 +65,11 @@ def optimization_profile_shapes(
             if not seq:
                 raise AdpdmError("encoder_hidden_states needs a sequence length to build a TensorRT optimization profile")
             shapes[name] = tuple((b[i], int(seq), int(spec["dim"])) for i in range(3))
+        elif name in ("text_embeds", "time_ids"):  # SDXL added conditions: (batch, width)
+            spec = conditioning.get(name) or {}
+            if "dim" not in spec:
+                raise AdpdmError(f"{name} needs its dim in the manifest to build a TensorRT optimization profile")
+            shapes[name] = tuple((b[i], int(spec["dim"])) for i in range(3))
         elif name == GROUP_SCALES_INPUT:
             continue  # the shared-scale engine's per-group scales: a static shape, no profile entry
         else:

@@ -254,7 +254,7 @@ def test_a_text_build_repository_takes_prompts_with_its_own_copy_of_the_pipeline
     assert r_both.has_error() and "not both" in r_both.error().message()
     assert not r_good.has_error()
     images = r_good.output_tensors[0].as_numpy()
-    text = load_text_pipeline(moved, 24)
+    text = load_text_pipeline(moved, {"encoder_hidden_states": {"dim": 24}})
     with TimestepDispatchRunner(build, backend="ort", threads=1) as runner:
         g = guided_conditions(text.text_encoder, PromptRequest("a handwritten seven", "a photo of a cat", 3.0), 2,
                               default_condition(runner.manifest.model.conditioning, 2))

@@ -48,20 +48,38 @@ def save_unet_folder(unet, folder, scheduler: bool = True):
     return folder
 
 
+def tiny_sdxl_unet(seed: int = 0, cross_attention_dim: int = 24, pooled_dim: int = 16,
+                   time_embed_dim: int = 4) -> UNet2DConditionModel:
+    """The tiny cross-attention UNet with SDXL's added conditions (addition_embed_type="text_time")."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=8,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=pooled_dim + 6 * time_embed_dim,
+    ).eval()
+
+
 TEXT_WORDS = ("a", "the", "digit", "handwritten", "zero", "one", "two", "three", "seven", "photo", "of", "cat")
 
 
-def save_text_pipeline(folder, max_length: int = 8, text_width: int = 24, words=TEXT_WORDS, seed: int = 0):
-    """A tiny Stable-Diffusion-layout pipeline folder: a CLIP BPE tokenizer written here (each word one
-    token), a tiny CLIPTextModel, the tiny cross-attention UNet, a tiny AutoencoderKL, a DDPM scheduler."""
+def write_clip_tokenizer(folder, max_length: int = 8, words=TEXT_WORDS) -> dict[str, int]:
+    """A CLIP BPE tokenizer saved in `folder`, each word of `words` one token; returns its vocabulary."""
     import json
     from pathlib import Path
 
-    from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    folder = Path(folder)
-    tok_dir = folder / "tokenizer"
+    tok_dir = Path(folder)
     tok_dir.mkdir(parents=True, exist_ok=True)
     chars = sorted(set("".join(words)))
     vocab = {c: i for i, c in enumerate(chars)}
@@ -82,20 +100,75 @@ def save_text_pipeline(folder, max_length: int = 8, text_width: int = 24, words=
     (tok_dir / "merges.txt").write_text("\n".join(merges) + "\n")
     CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=max_length).save_pretrained(
         str(tok_dir))
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=text_width, intermediate_size=2 * text_width,
-                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=max_length,
-                            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                            pad_token_id=vocab["<|endoftext|>"])
-    CLIPTextModel(config).eval().save_pretrained(str(folder / "text_encoder"))
-    tiny_cond_unet(seed).save_pretrained(str(folder / "unet"))
+    return vocab
+
+
+def _clip_text_config(vocab: dict[str, int], width: int, max_length: int, layers: int = 1, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+                          num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=max_length,
+                          bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                          pad_token_id=vocab["<|endoftext|>"], **extra)
+
+
+def _save_vae_and_scheduler(folder, clip_sample: bool) -> None:
+    from diffusers import AutoencoderKL, DDPMScheduler
+
     AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 8),
                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                   norm_num_groups=4, sample_size=32).save_pretrained(str(folder / "vae"))
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(str(folder / "scheduler"))
+    DDPMScheduler(num_train_timesteps=1000, clip_sample=clip_sample).save_pretrained(str(folder / "scheduler"))
+
+
+def save_text_pipeline(folder, max_length: int = 8, text_width: int = 24, words=TEXT_WORDS, seed: int = 0,
+                       clip_sample: bool = True):
+    """A tiny Stable-Diffusion-layout pipeline folder: a CLIP BPE tokenizer written here (each word one
+    token), a tiny CLIPTextModel, the tiny cross-attention UNet, a tiny AutoencoderKL, a DDPM scheduler."""
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    vocab = write_clip_tokenizer(folder / "tokenizer", max_length, words)
+    torch.manual_seed(seed)
+    CLIPTextModel(_clip_text_config(vocab, text_width, max_length)).eval().save_pretrained(str(folder / "text_encoder"))
+    tiny_cond_unet(seed).save_pretrained(str(folder / "unet"))
+    _save_vae_and_scheduler(folder, clip_sample)
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+    }))
+    return folder
+
+
+def save_sdxl_pipeline(folder, max_length: int = 8, widths: tuple[int, int] = (8, 16), pooled_dim: int = 16,
+                       force_zeros_for_empty_prompt: bool = True, words=TEXT_WORDS, seed: int = 0,
+                       clip_sample: bool = False):
+    """A tiny SDXL-layout pipeline folder: two tokenizers written here, a CLIPTextModel and a
+    CLIPTextModelWithProjection (hidden widths `widths`, projection `pooled_dim`), the tiny UNet with
+    SDXL's added conditions (cross-attention sum(widths)), the tiny VAE and a DDPM scheduler."""
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    vocab = write_clip_tokenizer(folder / "tokenizer", max_length, words)
+    write_clip_tokenizer(folder / "tokenizer_2", max_length, words)
+    torch.manual_seed(seed)
+    CLIPTextModel(_clip_text_config(vocab, widths[0], max_length, layers=2)).eval().save_pretrained(str(folder / "text_encoder"))
+    CLIPTextModelWithProjection(_clip_text_config(vocab, widths[1], max_length, layers=2, projection_dim=pooled_dim)).eval() \
+        .save_pretrained(str(folder / "text_encoder_2"))
+    tiny_sdxl_unet(seed, cross_attention_dim=sum(widths), pooled_dim=pooled_dim).save_pretrained(str(folder / "unet"))
+    _save_vae_and_scheduler(folder, clip_sample)
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": force_zeros_for_empty_prompt,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
     }))
     return folder

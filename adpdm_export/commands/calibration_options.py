@@ -32,7 +32,7 @@ Prompts = Annotated[
                                    "set of generic captions)."),
 ]
 NegativePrompt = Annotated[
-    Optional[str], typer.Option("--negative-prompt", help="Text pipelines: the unconditional half of guidance (default '').")
+    Optional[str], typer.Option("--negative-prompt", help="Text pipelines: the unconditional half of guidance (default ''; SDXL pipelines that force zeros: zeros).")
 ]
 GuidanceScale = Annotated[
     Optional[float],

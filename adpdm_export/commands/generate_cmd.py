@@ -16,7 +16,7 @@ def generate(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim | ddpm | dpmsolver (server default: ddim)."),
     class_label: Optional[int] = typer.Option(None, "--class-label", help="Class label for class-conditional models."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Builds of a text-to-image pipeline: the prompt of every image (encoded, guided and decoded by the server)."),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="With --prompt: the unconditional half (server default '')."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="With --prompt: the unconditional half (server default ''; SDXL pipelines that force zeros: zeros)."),
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="With --prompt: classifier-free guidance (>= 1; server default 7.5)."),
     out: Path = typer.Option(Path("generated.png"), "--out", help="PNG grid to write."),
     scale: int = typer.Option(4, "--scale", help="Upscale factor of the PNG (nearest neighbour)."),

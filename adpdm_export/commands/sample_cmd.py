@@ -29,7 +29,7 @@ def sample_images(
     ),
     scale: int = typer.Option(4, "--scale", help="Upscale factor of the PNG (nearest neighbour)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Text pipelines (or builds of one): the prompt of every image."),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="With --prompt: the unconditional half (default '')."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="With --prompt: the unconditional half (default ''; SDXL pipelines that force zeros: zeros)."),
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="With --prompt: classifier-free guidance (>= 1; default 7.5)."),
 ) -> None:
     """Sample N images from a model or a build and write them as a PNG grid."""
@@ -49,7 +49,7 @@ def sample_images(
     check_output_folder(out.parent, f"--out {out}: its folder")  # below a file or unwritable: before sampling
     text = request = None
     if prompt is not None:
-        request = PromptRequest(prompt, negative_prompt or "",
+        request = PromptRequest(prompt, negative_prompt,
                                 DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale)
         text = text_to_image_parts(model)  # before the UNet or build is loaded
     elif negative_prompt is not None or guidance_scale is not None:

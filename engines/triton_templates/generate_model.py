@@ -5,8 +5,12 @@ scheduler config), where each step's noise prediction is a BLS call to the group
 `unet_g{k}` chosen by the timestep value (adpdm_generate.json: `timestep_to_group`).
 All items of one step share a timestep, so each step is one call to one group model.
 
+An SDXL-layout build also takes `text_embeds` (1 or n, P) and `time_ids` (1 or n, 6; the build's
+default size when missing), checked as `adpdm serve` checks them
+(engines.conditioning.request_added_conditions).
+
 A text build (adpdm_generate.json: `text_pipeline`) also takes `prompt[, negative_prompt,
-guidance_scale]`: the tokenizer, text encoder and VAE copied into this version folder run here
+guidance_scale]`: the tokenizer(s), text encoder(s) and VAE copied into this version folder run here
 (engines.text_pipeline, the same code as `adpdm serve` and `adpdm sample --prompt`), the guided
 loop sends 2n items per step, and `images` are the VAE's pixels; `notes` says when a prompt was
 truncated to the tokenizer's limit.
@@ -45,8 +49,8 @@ class TritonPythonModel:
         if self.meta.get("text_pipeline"):
             from engines.text_pipeline import load_text_pipeline
 
-            width = self.meta["conditioning"]["encoder_hidden_states"]["dim"]
-            self.text = load_text_pipeline(os.path.join(here, self.meta["text_pipeline"]["folder"]), width)
+            self.text = load_text_pipeline(os.path.join(here, self.meta["text_pipeline"]["folder"]),
+                                           self.meta["conditioning"])
 
     # ------------------------------------------------------------------ helpers
     def _scalar(self, request, name, lo, hi, default=None):
@@ -113,6 +117,8 @@ class TritonPythonModel:
     def _one(self, request):
         import torch
 
+        from engines.conditioning import ADDED_COND_INPUTS, request_added_conditions
+        from engines.errors import AdpdmError
         from engines.sampler import initial_noise, sample
         from engines.scheduling import SCHEDULERS, make_scheduler
         from engines.text_pipeline import TEXT_INPUT, guided_conditions
@@ -128,8 +134,17 @@ class TritonPythonModel:
             name = v[0].decode("utf-8", "replace") if isinstance(v[0], bytes) else str(v[0])
             if name not in SCHEDULERS:
                 raise _BadRequest(f"unknown scheduler {name[:40]!r}: choose one of {', '.join(SCHEDULERS)}")
-        cond = {}
+        added = {}
+        for cname in ADDED_COND_INPUTS:
+            ct = pb_utils.get_input_tensor_by_name(request, cname)
+            added[cname] = None if ct is None else ct.as_numpy()
+        try:  # SDXL: text_embeds (or the prompt's), time_ids (or the spec's default): adpdm serve's rule
+            cond = request_added_conditions(self.meta["conditioning"], added, n, prompt is not None)
+        except AdpdmError as e:
+            raise _BadRequest(str(e)) from None
         for cname in self.cond_names:
+            if cname in ADDED_COND_INPUTS:
+                continue
             ct = pb_utils.get_input_tensor_by_name(request, cname)
             if cname == TEXT_INPUT and prompt is not None:
                 if ct is not None:
