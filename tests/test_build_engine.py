@@ -182,6 +182,8 @@ FLAG_CHANGES = {
     "calib_steps": {"data": DataFreeConfig(samples=2, steps=3)},
     "seed": {"seed": 1},
     "device": {"device": "cpu:0"},
+    # keyed on the budget asked for (not on the probe-timed fit), so the rebuild below is reused
+    "calib_budget_minutes": {"calib_budget_minutes": 60.0},
 }
 NOT_CALIBRATION = {"model", "out", "backend", "batch_sizes", "resolution", "opt_level", "force", "class_labels",
                    "prompt_embeds", "cache_dir", "progress",  # conditions: the tests above
