@@ -15,6 +15,9 @@ same way (their bias Add already follows). `s` is element i of a graph input
 `adpdm_group_scales` (float32 [Q], Q = activation quantizers), fed per call with group k's row of
 `unet.shared.trt.scales.npz`. Every Q/DQ scale is then the constant 1.0, the Div/Mul are pointwise
 layers TensorRT may fuse into the neighbouring kernels, and the weights exist once.
+The graphs' high precision (FP16 by default, BF16 or FP32: adpdm_export/high_precision.py) is kept:
+the unit scale, the moved biases and the gathered scales take the graph's scale type, and the
+float32 runtime input is cast to it once.
 
 Written against TensorRT 10 and checked here only with onnxruntime (the rewrite's arithmetic, on
 CPU): whether TensorRT keeps every Conv/MatMul in INT8 with these pointwise neighbours, and at what
@@ -44,6 +47,15 @@ class SharedScaleFiles:
     graph: Path
     scales: Path
     quantizers: list[str]  # scale initializer names, in the order of the input's elements
+
+
+def _typed(value: np.ndarray, elem: int, name: str):
+    """An initializer of ONNX type `elem` (FP32, FP16 or BF16) holding `value`."""
+    from onnx import helper, numpy_helper
+
+    if elem == 16:  # BFLOAT16: numpy has no such type; onnx stores it from float32
+        return helper.make_tensor(name, elem, value.shape, np.asarray(value, dtype=np.float32).ravel().tolist())
+    return numpy_helper.from_array(np.asarray(value).astype(helper.tensor_dtype_to_np_dtype(elem)), name)
 
 
 def _check_same_template(models) -> None:
@@ -95,16 +107,25 @@ def shared_scale_graph(group_graphs: Sequence[str | os.PathLike], out_dir: str |
         pairs.append((q, dqs))
     if not quantizers:
         raise AdpdmError("the graph has no activation Q/DQ pairs")
-    table = np.stack([np.array([float(numpy_helper.to_array({t.name: t for t in mm.graph.initializer}[s], base_dir=str(out)))
+    table = np.stack([np.array([float(np.asarray(numpy_helper.to_array({t.name: t for t in mm.graph.initializer}[s],
+                                                                       base_dir=str(out))).astype(np.float32))
                                 for s in quantizers], dtype=np.float32) for mm in models])
 
+    # The scales' type is the graph's high precision (FP32, FP16 or BF16: strongly typed Q/DQ);
+    # the runtime input stays float32 and is cast once.
+    elem = inits[quantizers[0]].data_type
     new_nodes = []
-    new_inits = [numpy_helper.from_array(np.array(1.0, dtype=np.float32), _UNIT)]
+    new_inits = [_typed(np.array(1.0, dtype=np.float32), elem, _UNIT)]
+    scales_in = GROUP_SCALES_INPUT
+    if elem != onnx.TensorProto.FLOAT:
+        scales_in = f"{GROUP_SCALES_INPUT}.cast"
+        new_nodes.append(helper.make_node("Cast", [GROUP_SCALES_INPUT], [scales_in], to=elem,
+                                          name=f"{GROUP_SCALES_INPUT}.cast"))
     index_of = {s: i for i, s in enumerate(quantizers)}
     after: dict[str, list] = {}  # node output name -> nodes to insert after the node that produces it
     for s, i in index_of.items():
         new_inits.append(numpy_helper.from_array(np.array(i, dtype=np.int64), f"{s}.index"))
-        new_nodes.append(helper.make_node("Gather", [GROUP_SCALES_INPUT, f"{s}.index"], [f"{s}.runtime"], axis=0,
+        new_nodes.append(helper.make_node("Gather", [scales_in, f"{s}.index"], [f"{s}.runtime"], axis=0,
                                           name=f"{s}.gather"))
     for q, dqs in pairs:
         s = q.input[1]
@@ -124,8 +145,8 @@ def shared_scale_graph(group_graphs: Sequence[str | os.PathLike], out_dir: str |
                     b = c.input[2]
                     if b not in inits:
                         raise AdpdmError(f"Conv {c.name} has a non-constant bias")
-                    bias = numpy_helper.to_array(inits[b], base_dir=str(graphs[0].parent)).astype(np.float32)
-                    new_inits.append(numpy_helper.from_array(bias.reshape(1, -1, 1, 1), f"{b}.nchw"))
+                    bias = numpy_helper.to_array(inits[b], base_dir=str(graphs[0].parent))
+                    new_inits.append(_typed(bias.reshape(1, -1, 1, 1), inits[b].data_type, f"{b}.nchw"))
                     del c.input[2]
                     nodes.append(helper.make_node("Mul", [raw, f"{s}.runtime"], [f"{y}.scaled"], name=f"{c.name}.scale"))
                     nodes.append(helper.make_node("Add", [f"{y}.scaled", f"{b}.nchw"], [y], name=f"{c.name}.bias"))

@@ -24,9 +24,10 @@ GPU_OK, GPU_WHY = cuda_status()
 GROUPS = 3
 
 
-@pytest.fixture(scope="module")
-def trt_export(tmp_path_factory):
-    """The bundled reference UNet, quick-calibrated with 3 groups, exported for the TensorRT target."""
+@pytest.fixture(scope="module", params=["fp16", "fp32"])
+def trt_export(tmp_path_factory, request):
+    """The bundled reference UNet, quick-calibrated with 3 groups, exported for the TensorRT target in its
+    default FP16 outside the INT8 layers, and in FP32."""
     import torch
 
     from adpdm_export.model_loading import REFERENCE_DIR, load_model
@@ -41,7 +42,7 @@ def trt_export(tmp_path_factory):
         loaded = load_model("reference")
         result = quick_result(loaded.unet, loaded.sample_shape, loaded.conditioning, groups=GROUPS)
         out = tmp_path_factory.mktemp("trt-shared")
-        export_qdq_for(loaded, result, out, target="trt", check=False)
+        export_qdq_for(loaded, result, out, target="trt", check=False, high_precision=request.param)
     finally:
         torch.set_num_threads(n)
     return out
