@@ -93,8 +93,26 @@ class StageMemory:
             self.mark(stage)
         elif stage in ("calibrate", "export", "engines") and word in ("done", "reused"):
             self.mark(f"after {stage}")
-        else:  # an export step ("tracing the quantized UNet ...", "parity: unet.g0.onnx vs ...")
-            self.mark("export/" + " ".join(line.split()[:2]).rstrip(":"))
+        elif stage == "export":  # an export step ("export: tracing the quantized UNet ...", "export: parity: ...")
+            self.mark("export: " + export_step(rest))
+        else:
+            self.mark(" ".join(line.split()[:2]).rstrip(":"))
+
+
+EXPORT_STEPS = (  # the start of an export line -> its label (qdq_export.export_qdq's say lines)
+    ("tracing", "tracing"), ("converting", "converting to {5}"), ("writing", "writing {2} graphs"),
+    ("linting", "linting"), ("parity of", "parity skipped"), ("parity:", "parity {1}"), ("counting", "fusions"),
+    ("the CPU-target groups as one", "one session"), ("warning", "warning"),
+)
+
+
+def export_step(rest: str) -> str:
+    """A short label for one export line: "parity: unet.g0.onnx vs the trt ..." -> "parity unet.g0.onnx"."""
+    words = rest.split() + [""] * 8
+    for start, label in EXPORT_STEPS:
+        if rest.startswith(start):
+            return label.format(*(w.rstrip(":") for w in words))
+    return " ".join(rest.split()[:2]).rstrip(":")
 
 
 def load_model_for(name: str, sample_size, width_div: int):
@@ -127,6 +145,7 @@ def main(argv=None) -> None:
     p.add_argument("--sample-size", type=int, default=None, help="override the layout's sample size (activations)")
     p.add_argument("--width-div", type=int, default=1, help="divide the layout's block widths (weights)")
     p.add_argument("--json", default=None)
+    p.add_argument("--keep", default=None, help="build into this folder (kept) instead of a temporary one")
     args = p.parse_args(argv)
 
     import torch
@@ -143,12 +162,13 @@ def main(argv=None) -> None:
     data = DataFreeConfig(samples=args.samples, steps=args.steps)
     t0 = time.perf_counter()
     with StageMemory() as mem, tempfile.TemporaryDirectory(prefix="stage-memory-") as tmp:
+        out_dir = Path(args.keep) if args.keep else Path(tmp) / "out"
         loaded = load_model_for(args.model, args.sample_size, args.width_div)
         mem.mark("build")
-        summary = build_engine(loaded, Path(tmp) / "out", method, data=data, backend="ort",
+        summary = build_engine(loaded, out_dir, method, data=data, backend="ort",
                                targets=tuple(args.targets.split(",")), cache_dir=None, progress=mem.progress,
                                say=mem.say)
-        files = {f.name: f.stat().st_size for f in (Path(tmp) / "out").iterdir() if f.is_file()}
+        files = {f.name: f.stat().st_size for f in out_dir.iterdir() if f.is_file()}
     wall = time.perf_counter() - t0
     out = {
         "model": args.model, "params_m": params_m(loaded.unet), "method": method.to_dict(), "data": data.to_dict(),
