@@ -350,7 +350,7 @@ def convert(model: onnx.ModelProto, precision: str) -> tuple[onnx.ModelProto, Co
     info.low_nodes = sum(1 for k in range(len(nodes)) if place[k] and is_dyn[k])
     info.requantized_channels = _weight_scales_to_normal(out, precision)
     del g.value_info[:]
-    onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True)  # the types are consistent
+    onnx.shape_inference.infer_shapes(_without_weight_bytes(out), check_type=True, strict_mode=True)  # the types are consistent
     return out, info
 
 

@@ -293,7 +293,11 @@ def build_trt_template(
     if target != traced_opset:
         P.set_opset(model, target)
     info = {"scale_to_quantizer": scale_to_q, "folded": folded, "merged": merged}
-    return model, info
+    # Re-parsed into a fresh message: protobuf keeps the bytes of every replaced tensor (the traced FP32
+    # weights, now INT8) in the message's arena until the message is freed: a few times the template.
+    data = model.SerializeToString()
+    del model, ix
+    return onnx.ModelProto.FromString(data), info
 
 
 # --------------------------------------------------------------------------- export
