@@ -4,8 +4,9 @@ random-weight layout (tools/bench_speed/models.py LAYOUTS: sd15, sd15-w64, ddpm-
     .venv/bin/python tools/stage_memory.py --model sd15-w64 --samples 2 --steps 4 --json /tmp/mem.json
 
 A thread samples this process's RSS (/proc/self/status) every 0.1 s; the stage label is the last
-progress stage (calibration: trajectories, weights, srm, data, init, search, refine) or export line
-(tracing, group graphs, lint, parity, fusions, shared session) the build reported. Printed and
+progress stage (calibration: trajectories, weights, srm, data, init, search, refine) or export step
+("export: tracing", "export: converting to fp16", "export: writing trt graphs", "export: linting",
+"export: parity unet.g0.onnx", "export: fusions", "export: one session") the build reported. Printed and
 written: per label the peak RSS and the seconds spent, the process's high-water mark, and the
 build's own stage times. docs/benchmarks.md ("Memory of build-engine by stage") records the runs.
 """
