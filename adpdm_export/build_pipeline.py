@@ -37,6 +37,7 @@ from calibration.progress import Progress
 from calibration.qconfig import QuantConfig
 from engines.errors import AdpdmError
 from engines.file_io import check_output_folder
+from engines.heap import release_heap
 from engines.manifest import load_manifest
 from engines.manifest_schema import ENGINE_NAME, MANIFEST_NAME, TIMING_CACHE_NAME, Manifest, tool_version
 
@@ -258,6 +259,7 @@ def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, targets, batc
                                                                   log, say),
                        force=force)
     result = CalibrationResult.load(out / CALIBRATION_DIR, expected_model_sha256=loaded.sha256)
+    release_heap()  # calibration's wrapper, activations and trajectories: freed, but held by the C heap
     say(f"calibrate: {'reused' if calib.reused else 'done'} ({result.method}, {result.num_groups} group(s))")
 
     # 2. export
@@ -281,6 +283,7 @@ def _build_locked(model, out: Path, plan: CalibrationPlan, chosen, targets, batc
                      + [WEIGHTS_NAME, REPORT_NAME] + list(SHARED_SESSION_FILES))
         unfinished()
     exp_rec = ledger.run("export", key, run_export, force=force)
+    release_heap()
     report = read_report(out / REPORT_NAME)
     say(f"export: {'reused' if exp_rec.reused else 'done'} ({len(exp_rec.outputs)} files)")
 

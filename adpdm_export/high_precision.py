@@ -226,7 +226,7 @@ def convert(model: onnx.ModelProto, precision: str) -> tuple[onnx.ModelProto, Co
     if P.opset_version(out) < MIN_OPSET[precision]:
         P.set_opset(out, MIN_OPSET[precision])
     opset = P.opset_version(out)
-    inferred = onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True)
+    inferred = onnx.shape_inference.infer_shapes(_without_weight_bytes(out), check_type=True, strict_mode=True)
     types = {vi.name: vi.type.tensor_type.elem_type
              for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)}
     types.update({t.name: t.data_type for t in g.initializer})
@@ -350,8 +350,42 @@ def convert(model: onnx.ModelProto, precision: str) -> tuple[onnx.ModelProto, Co
     info.low_nodes = sum(1 for k in range(len(nodes)) if place[k] and is_dyn[k])
     info.requantized_channels = _weight_scales_to_normal(out, precision)
     del g.value_info[:]
-    onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True)  # the types are consistent
+    onnx.shape_inference.infer_shapes(_without_weight_bytes(out), check_type=True, strict_mode=True)  # the types are consistent
     return out, info
+
+
+LIGHT_MIN_BYTES = 4096  # float / 8-bit initializers from this size on are weights: no reader's shape depends on them
+
+
+def _copy_fields(dst, src, skip: str) -> None:
+    """Copy every set field of protobuf message `src` into `dst` except `skip`."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if (fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED):  # protobuf < 5
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _without_weight_bytes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` for shape inference whose large float and 8-bit initializers carry no bytes
+    (marked external, as in a graph loaded without its weights file): inference needs their types and
+    dims only, and would otherwise copy the weights several times (serialized in, out and parsed back)."""
+    light = onnx.ModelProto()
+    _copy_fields(light, model, skip="graph")
+    _copy_fields(light.graph, model.graph, skip="initializer")
+    weights = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.INT8, TensorProto.UINT8,
+               TensorProto.INT4, TensorProto.UINT4)
+    for t in model.graph.initializer:
+        if t.data_type in weights and t.ByteSize() >= LIGHT_MIN_BYTES:
+            light.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,
+                                        data_location=TensorProto.EXTERNAL)
+        else:
+            light.graph.initializer.add().CopyFrom(t)
+    return light
 
 
 def _weight_scales_to_normal(model: onnx.ModelProto, precision: str) -> int:

@@ -52,6 +52,7 @@ from adpdm_export.qdq_parity import PARITY_TOL, GraphCheck, check_group_graph, p
 from adpdm_export.qdq_report import report_to_disk
 from engines.errors import AdpdmError
 from engines.group_graph_stamp import stamp, stamp_values
+from engines.heap import release_heap
 
 WEIGHTS_NAME = P.WEIGHTS_NAME
 REPORT_NAME = P.REPORT_NAME
@@ -292,7 +293,11 @@ def build_trt_template(
     if target != traced_opset:
         P.set_opset(model, target)
     info = {"scale_to_quantizer": scale_to_q, "folded": folded, "merged": merged}
-    return model, info
+    # Re-parsed into a fresh message: protobuf keeps the bytes of every replaced tensor (the traced FP32
+    # weights, now INT8) in the message's arena until the message is freed: a few times the template.
+    data = model.SerializeToString()
+    del model, ix
+    return onnx.ModelProto.FromString(data), info
 
 
 # --------------------------------------------------------------------------- export
@@ -402,13 +407,14 @@ def export_qdq(
     out_dir = Path(out_dir)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    qmodel = quantize_model(unet, result=result)
+    qmodel = quantize_model(unet, result=result, share_weights=True)  # the export reads the weights only
     qmodel.eval()
     accept_added_cond_inputs(unet)  # the FP reference of the parity checks takes the flat SDXL inputs too
     stage, stage_fd = _stage_dir(out_dir)
     try:
         say("tracing the quantized UNet (group 0) and building the QDQ template")
         trt_template, info = build_trt_template(qmodel, result, stage, sample_shape, conditioning or {}, opset)
+        release_heap()  # the tracer's copies of the weights
         timings["trace_s"] = time.perf_counter() - t0
         scale_to_q = dict(info["scale_to_quantizer"])
         templates: dict[str, onnx.ModelProto] = {}
@@ -432,6 +438,9 @@ def export_qdq(
             ort_template, out_names = make_ort_target(trt_template, out_scale)
             templates["ort"] = ort_template
             scale_maps["ort"] = {**scale_to_q, **{n + P.SCALE_SUFFIX: n for n in out_names}}
+            del ort_template
+        graph_opset = P.opset_version(templates.get("trt", trt_template))
+        del trt_template  # the targets are copies; its weights would stay inline until the end
 
         t1 = time.perf_counter()
         g_count = int(result.num_groups)
@@ -440,7 +449,10 @@ def export_qdq(
         with P.SharedWeights(stage / WEIGHTS_NAME) as weights:
             for prof, tmpl in templates.items():
                 P.externalize(tmpl, weights, list(scale_maps[prof]) + [P.ACT_ZERO_POINT])
-        for prof, tmpl in templates.items():
+        release_heap()  # the templates' inline weights, now in the weights file
+        while templates:  # each template dropped once its group graphs are written
+            prof, tmpl = next(iter(templates.items()))
+            del templates[prof]
             say(f"writing {g_count} {prof} group graphs")
             models = []
             for k in range(g_count):
@@ -451,6 +463,7 @@ def export_qdq(
                 models.append(m)
                 files.setdefault(prof, []).append(P.save_graph(m, stage / graph_name(k, prof)))
             P.assert_identical_but_scales(models, scale_maps[prof], [graph_name(k, prof) for k in range(g_count)])
+            del models, tmpl, m
         timings["write_s"] = time.perf_counter() - t1
 
         exp = QdqExport(
@@ -458,7 +471,7 @@ def export_qdq(
             weights=out_dir / WEIGHTS_NAME,
             targets=targets,
             num_groups=g_count,
-            opset=P.opset_version(templates.get("trt", trt_template)),
+            opset=graph_opset,
             w_bits=int(result.w_bits),
             a_bits=int(result.a_bits),
             graphs={p: [out_dir / f.name for f in fs] for p, fs in files.items()},
@@ -478,6 +491,7 @@ def export_qdq(
                 exp.lint[f.name] = [str(x) for x in v]
                 raise_on_violations([x for x in v if x.rule not in set(allow_lint)], f.name)
             timings["lint_s"] = time.perf_counter() - t1
+            release_heap()
 
         if check:
             t1 = time.perf_counter()
@@ -498,6 +512,11 @@ def export_qdq(
                         optimized=(prof == "ort"), parity_tol=parity_tolerance(prec, parity_tol), precision=prec,
                     )
                     exp.checks.append(c)
+                    release_heap()  # the group's onnxruntime sessions and captured tensors
+                if prec != "fp32":
+                    del sims[prec]  # the low-precision copy serves only this target's graphs
+                    release_heap()
+            del sims
             timings["parity_s"] = time.perf_counter() - t1
             bad = [c for c in exp.checks if not c.ok]
             if bad:
@@ -519,6 +538,7 @@ def export_qdq(
             if "trt" in files:
                 exp.fusion["trt"] = fusion_counts(files["trt"][0]).to_dict()
             timings["fusion_s"] = time.perf_counter() - t1
+            release_heap()
 
         extra_names: list[str] = []
         if one_session and "ort" in files:

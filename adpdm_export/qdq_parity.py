@@ -59,10 +59,22 @@ def sim_in_precision(qmodel: torch.nn.Module, precision: str) -> torch.nn.Module
 
     from adpdm_export.high_precision import tiny
     from calibration.quant_unet import activation_quantizers
+    from calibration.quantizers import ActQuantizer, WeightQuantizer
 
     if precision == "fp32":
         return qmodel
-    sim = copy.deepcopy(qmodel)
+    # The UNet's own tensors are cast while copying (the quantizers' after their scales are set, as
+    # before): no transient FP32 copy of the weights.
+    dtype = SIM_DTYPE[precision]
+    quantizer_tensors = {id(t) for m in qmodel.modules() if isinstance(m, (ActQuantizer, WeightQuantizer))
+                         for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))}
+    memo: dict[int, Any] = {}
+    for t in list(qmodel.parameters()) + list(qmodel.buffers()):
+        if id(t) in quantizer_tensors or id(t) in memo or not torch.is_floating_point(t):
+            continue
+        low = t.detach().to(dtype)
+        memo[id(t)] = torch.nn.Parameter(low, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else low
+    sim = copy.deepcopy(qmodel, memo)
     for q in activation_quantizers(sim).values():  # lifted as the graph's (high_precision.normal_scale)
         q.set_scale(q.effective_scale().detach().clamp_min(tiny(precision)))
     return sim.to(SIM_DTYPE[precision])
@@ -371,8 +383,7 @@ def check_group_graph(
 
     ts, inputs = _parity_inputs(result, group, sample_shape, conditioning, seed)
     sample, timestep, cond = _split(inputs)
-    pred = OrtNoisePredictor(make_session(graph, providers=["CPUExecutionProvider"], optimize=False))
-    got = pred(sample, timestep, **cond)
+    got = OrtNoisePredictor(make_session(graph, providers=["CPUExecutionProvider"], optimize=False))(sample, timestep, **cond)
     captured: dict = {}
     with torch.no_grad():
         with _capture_quantizers(qmodel, captured), quant_mode(qmodel, target=target):

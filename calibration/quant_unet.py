@@ -300,8 +300,13 @@ def quantize_model(
     num_train_timesteps: Optional[int] = None,
     result: Any = None,
     inplace: bool = False,
+    share_weights: bool = False,
 ) -> nn.Module:
     """A quantization-aware copy (or, with inplace=True, the model itself) of `unet`.
+
+    share_weights=True: the copy's parameters and buffers are `unet`'s own tensors (modules, classes
+    and quantizers are new), so wrapping costs no second set of weights; for uses that leave the
+    weights alone (the export, parity checks). Moving or casting either model then moves both.
 
     The timestep->group table defaults to one group for all `num_train_timesteps`
     (default 1000). `result` (a CalibrationResult) configures everything from a
@@ -328,7 +333,9 @@ def quantize_model(
             raise AdpdmError("num_groups > 1 needs a timestep->group table")
     table = _check_table(table)
     num_groups = int(table.max()) + 1 if table.numel() else 1
-    model = accept_added_cond_inputs(unet if inplace else copy.deepcopy(unet))  # SDXL: flat text_embeds / time_ids
+    if not inplace:
+        unet = copy.deepcopy(unet, _shared_tensors(unet) if share_weights else None)
+    model = accept_added_cond_inputs(unet)  # SDXL: flat text_embeds / time_ids
     state = QuantState(num_groups)
     state.table = table
     state.mixture_fn = None
@@ -344,6 +351,11 @@ def quantize_model(
     if result is not None:
         result.apply(model)
     return model
+
+
+def _shared_tensors(unet: nn.Module) -> dict[int, torch.Tensor]:
+    """A deepcopy memo that maps every parameter and buffer to itself: the copy shares them."""
+    return {id(t): t for t in list(unet.parameters()) + list(unet.buffers())}
 
 
 def _check_table(table: Any) -> torch.Tensor:

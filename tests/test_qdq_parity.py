@@ -112,3 +112,28 @@ def test_group_graph_checked_against_another_group_is_a_mismatch(u2d_export):
     qm = quantize_model(unet, result=result)
     c = check_group_graph(exp.graphs["trt"][1], qm, unet, result, 0, "trt", **U2D)
     assert c.verdict == "mismatch"
+
+
+def test_sim_in_precision_equals_a_cast_copy(tiny_unet):
+    """The FP16 simulation cast while copying equals the copy cast after (the old way), tensor by tensor,
+    and leaves the FP32 wrapper alone."""
+    import copy
+
+    from adpdm_export.high_precision import tiny
+    from adpdm_export.qdq_parity import sim_in_precision
+    from calibration.qconfig import QuantConfig
+    from calibration.quant_unet import activation_quantizers, quantize_model
+
+    q = quantize_model(tiny_unet, QuantConfig(), share_weights=True)
+    for k, aq in enumerate(activation_quantizers(q).values()):
+        aq.set_scale(1e-9 if k == 0 else 0.05 + 0.01 * k)
+    before = {n: v.clone() for n, v in q.state_dict().items()}
+    want = copy.deepcopy(q)
+    for aq in activation_quantizers(want).values():
+        aq.set_scale(aq.effective_scale().detach().clamp_min(tiny("fp16")))
+    want = want.to(torch.float16).state_dict()
+    got = sim_in_precision(q, "fp16").state_dict()
+    assert list(got) == list(want)
+    for n in want:
+        assert got[n].dtype == want[n].dtype and torch.equal(got[n], want[n]), n
+    assert all(torch.equal(v, before[n]) and v.dtype == before[n].dtype for n, v in q.state_dict().items())

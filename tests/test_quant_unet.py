@@ -281,3 +281,20 @@ def test_export_trace_names_quantizers_by_module_scope(tiny_unet, tmp_path):
     assert "/down_blocks.0/resnets.0/conv1/input_quantizer/QuantizeLinear" in names
     assert not any("output_quantizer" in n for n in names)  # trt target
     assert not any(n.op_type == "If" for n in g.node)
+
+
+def test_share_weights_wraps_without_copying_the_weights(tiny_unet):
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 900])
+    ref = eps(tiny_unet, x, t)
+    fp_classes = {n: type(m) for n, m in tiny_unet.named_modules()}
+    q = quantize_model(tiny_unet, QuantConfig(), share_weights=True)
+    fp_params = dict(tiny_unet.named_parameters())
+    for n, p in q.named_parameters():
+        if "quantizer" not in n:
+            assert p is fp_params[n], n
+    assert {n: type(m) for n, m in tiny_unet.named_modules()} == fp_classes  # the FP model is not wrapped
+    assert torch.equal(eps(tiny_unet, x, t), ref)
+    with fp_mode(q):
+        assert torch.equal(eps(q, x, t), ref)
+    copied = quantize_model(tiny_unet, QuantConfig())
+    assert copied.conv_in.weight is not tiny_unet.conv_in.weight

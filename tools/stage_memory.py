@@ -4,8 +4,9 @@ random-weight layout (tools/bench_speed/models.py LAYOUTS: sd15, sd15-w64, ddpm-
     .venv/bin/python tools/stage_memory.py --model sd15-w64 --samples 2 --steps 4 --json /tmp/mem.json
 
 A thread samples this process's RSS (/proc/self/status) every 0.1 s; the stage label is the last
-progress stage (calibration: trajectories, weights, srm, data, init, search, refine) or export line
-(tracing, group graphs, lint, parity, fusions, shared session) the build reported. Printed and
+progress stage (calibration: trajectories, weights, srm, data, init, search, refine) or export step
+("export: tracing", "export: converting to fp16", "export: writing trt graphs", "export: linting",
+"export: parity unet.g0.onnx", "export: fusions", "export: one session") the build reported. Printed and
 written: per label the peak RSS and the seconds spent, the process's high-water mark, and the
 build's own stage times. docs/benchmarks.md ("Memory of build-engine by stage") records the runs.
 """
@@ -93,8 +94,26 @@ class StageMemory:
             self.mark(stage)
         elif stage in ("calibrate", "export", "engines") and word in ("done", "reused"):
             self.mark(f"after {stage}")
-        else:  # an export step ("tracing the quantized UNet ...", "parity: unet.g0.onnx vs ...")
-            self.mark("export/" + " ".join(line.split()[:2]).rstrip(":"))
+        elif stage == "export":  # an export step ("export: tracing the quantized UNet ...", "export: parity: ...")
+            self.mark("export: " + export_step(rest))
+        else:
+            self.mark(" ".join(line.split()[:2]).rstrip(":"))
+
+
+EXPORT_STEPS = (  # the start of an export line -> its label (qdq_export.export_qdq's say lines)
+    ("tracing", "tracing"), ("converting", "converting to {5}"), ("writing", "writing {2} graphs"),
+    ("linting", "linting"), ("parity of", "parity skipped"), ("parity:", "parity {1}"), ("counting", "fusions"),
+    ("the CPU-target groups as one", "one session"), ("warning", "warning"),
+)
+
+
+def export_step(rest: str) -> str:
+    """A short label for one export line: "parity: unet.g0.onnx vs the trt ..." -> "parity unet.g0.onnx"."""
+    words = rest.split() + [""] * 8
+    for start, label in EXPORT_STEPS:
+        if rest.startswith(start):
+            return label.format(*(w.rstrip(":") for w in words))
+    return " ".join(rest.split()[:2]).rstrip(":")
 
 
 def load_model_for(name: str, sample_size, width_div: int):
@@ -127,6 +146,7 @@ def main(argv=None) -> None:
     p.add_argument("--sample-size", type=int, default=None, help="override the layout's sample size (activations)")
     p.add_argument("--width-div", type=int, default=1, help="divide the layout's block widths (weights)")
     p.add_argument("--json", default=None)
+    p.add_argument("--keep", default=None, help="build into this folder (kept) instead of a temporary one")
     args = p.parse_args(argv)
 
     import torch
@@ -143,12 +163,13 @@ def main(argv=None) -> None:
     data = DataFreeConfig(samples=args.samples, steps=args.steps)
     t0 = time.perf_counter()
     with StageMemory() as mem, tempfile.TemporaryDirectory(prefix="stage-memory-") as tmp:
+        out_dir = Path(args.keep) if args.keep else Path(tmp) / "out"
         loaded = load_model_for(args.model, args.sample_size, args.width_div)
         mem.mark("build")
-        summary = build_engine(loaded, Path(tmp) / "out", method, data=data, backend="ort",
+        summary = build_engine(loaded, out_dir, method, data=data, backend="ort",
                                targets=tuple(args.targets.split(",")), cache_dir=None, progress=mem.progress,
                                say=mem.say)
-        files = {f.name: f.stat().st_size for f in (Path(tmp) / "out").iterdir() if f.is_file()}
+        files = {f.name: f.stat().st_size for f in out_dir.iterdir() if f.is_file()}
     wall = time.perf_counter() - t0
     out = {
         "model": args.model, "params_m": params_m(loaded.unet), "method": method.to_dict(), "data": data.to_dict(),
