@@ -62,12 +62,13 @@ def calibrate(
     guidance_scale > 1 samples with classifier-free guidance), a TrajectorySet, or the user's own
     `(x_t, t[, cond])` batches (an iterable, or a callable returning one). cond / uncond: the
     conditions of data-free sampling and the unconditional inputs of guidance (default: the
-    model's null ones). Text-to-image pipelines: data=None means guidance 7.5, and `prompts`
-    (default: a shipped set of generic captions) and `negative_prompt` (default "") are encoded
+    model's null ones). Text-to-image pipelines: data=None means the pipeline's own guidance scale
+    (its adpdm.json, else 7.5), and `prompts` (default: the pipeline's own prompt file, else a shipped
+    set of generic captions) and `negative_prompt` (default "") are encoded
     by the pipeline's own text encoder, as `adpdm calibrate` does. cache_dir: where sampled
     trajectories are cached (default: none).
     """
-    from adpdm_export.text_prompts import DEFAULT_GUIDANCE_SCALE, prompt_conditions
+    from adpdm_export.text_prompts import default_guidance_scale, prompt_conditions
     from calibration.configs import method_config
     from calibration.pipeline import calibrate as run
 
@@ -75,7 +76,7 @@ def calibrate(
     method = ADPDMConfig() if method is None else method_config(method) if isinstance(method, str) else method
     if data is None or isinstance(data, DataFreeConfig):
         text = loaded.text_encoder is not None
-        data = data or DataFreeConfig(guidance_scale=DEFAULT_GUIDANCE_SCALE if text else 1.0)
+        data = data or DataFreeConfig(guidance_scale=default_guidance_scale(loaded.text_encoder.folder) if text else 1.0)
         user_cond = cond is not None
         cond = dict(cond) if user_cond else loaded.default_condition(data.samples)
         if text:

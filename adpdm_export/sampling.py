@@ -103,14 +103,15 @@ class TextToImage:
 def text_to_image_parts(model_or_build: str) -> TextToImage:
     """The text encoder and VAE of a pipeline folder, or of the pipeline a build was made from
     (its manifest's model source); one AdpdmError line where there are none."""
+    from adpdm_export.model_loading import bundled_folder
     from adpdm_export.text_prompts import load_latent_decoder, load_text_encoder
 
-    folder = Path(model_or_build)
+    folder = bundled_folder(model_or_build) or Path(model_or_build)
     if is_build_folder(model_or_build):
         from engines.manifest import load_manifest
 
         m = load_manifest(model_or_build, verify=False)
-        folder = Path(m.model.source)
+        folder = bundled_folder(m.model.source) or Path(m.model.source)
         if not (folder / "model_index.json").is_file():
             raise AdpdmError(f"--prompt needs the text encoder of the pipeline this build was made from, {folder}, "
                              "which is not a pipeline folder here (moved, or the build is not of a text pipeline)")

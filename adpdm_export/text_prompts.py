@@ -19,6 +19,8 @@ from engines.errors import AdpdmError
 
 DEFAULT_GUIDANCE_SCALE = 7.5  # diffusers' StableDiffusionPipeline default
 DEFAULT_PROMPTS_FILE = Path(__file__).parent / "assets" / "default_prompts.txt"
+# A pipeline folder's own defaults for this tool (optional): {"guidance_scale": float, "prompts": "file.txt"}.
+MODEL_SETTINGS_FILE = "adpdm.json"
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
@@ -150,8 +152,8 @@ def prompt_conditions(loaded: Any, prompts: Sequence[str] | None = None, negativ
                       guidance_scale: float | None = None) -> PromptConditions | None:
     """The conditions of a text-to-image pipeline (None for other models when nothing was asked).
 
-    prompts: default `default_prompts()`; negative_prompt: default "" (never zeros);
-    guidance_scale: default DEFAULT_GUIDANCE_SCALE. Asking for prompts or guidance from a model
+    prompts: default `default_prompts(folder)`; negative_prompt: default "" (never zeros);
+    guidance_scale: default `default_guidance_scale(folder)`. Asking for prompts or guidance from a model
     without a text encoder is one AdpdmError line.
     """
     from engines.sampler import check_guidance
@@ -163,14 +165,46 @@ def prompt_conditions(loaded: Any, prompts: Sequence[str] | None = None, negativ
             raise AdpdmError(f"{', '.join(asked)} need(s) a text-to-image pipeline folder (tokenizer/ and text_encoder/ "
                              "beside unet/); for a bare conditional UNet give --prompt-embeds")
         return None
-    scale = check_guidance(DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale)
-    prompts = list(prompts) if prompts is not None else default_prompts()
+    folder = loaded.text_encoder.folder
+    scale = check_guidance(default_guidance_scale(folder) if guidance_scale is None else guidance_scale)
+    prompts = list(prompts) if prompts is not None else default_prompts(folder)
     embeds, truncated = loaded.text_encoder.encode(prompts)
     negative, _ = loaded.text_encoder.encode(["" if negative_prompt is None else negative_prompt])
     return PromptConditions({"encoder_hidden_states": embeds}, {"encoder_hidden_states": negative}, scale,
                             len(prompts), truncated)
 
 
-def default_prompts() -> list[str]:
-    """The prompt set calibration uses when the user gives none (generic captions)."""
-    return read_prompts(DEFAULT_PROMPTS_FILE)
+def model_settings(pipeline: Path | None) -> dict[str, Any]:
+    """A pipeline folder's own defaults from its MODEL_SETTINGS_FILE ({} when it has none), checked:
+    `guidance_scale` a number >= 1, `prompts` a prompt file inside the folder."""
+    if pipeline is None or not (Path(pipeline) / MODEL_SETTINGS_FILE).is_file():
+        return {}
+    from engines.json_files import read_json
+    from engines.sampler import check_guidance
+
+    path = Path(pipeline) / MODEL_SETTINGS_FILE
+    settings = read_json(path, "model settings")
+    if not isinstance(settings, dict):
+        raise AdpdmError(f"{path} must hold a JSON object")
+    if "guidance_scale" in settings:
+        value = settings["guidance_scale"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise AdpdmError(f"{path}: guidance_scale must be a number, got {value!r}")
+        check_guidance(float(value))
+    name = settings.get("prompts")
+    if name is not None and (not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts):
+        raise AdpdmError(f"{path}: prompts must name a file inside the folder, got {name!r}")
+    return settings
+
+
+def default_guidance_scale(pipeline: Path | None = None) -> float:
+    """The guidance scale used when the user gives none: the pipeline's own (MODEL_SETTINGS_FILE,
+    e.g. the bundled reference-text model's), else DEFAULT_GUIDANCE_SCALE."""
+    return float(model_settings(pipeline).get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
+
+
+def default_prompts(pipeline: Path | None = None) -> list[str]:
+    """The prompt set calibration uses when the user gives none: the pipeline's own prompt file
+    (MODEL_SETTINGS_FILE's `prompts`, e.g. reference-text's held-out phrasings), else generic captions."""
+    name = model_settings(pipeline).get("prompts")
+    return read_prompts(Path(pipeline) / name if name else DEFAULT_PROMPTS_FILE)  # type: ignore[arg-type]

@@ -51,9 +51,11 @@ def save_unet_folder(unet, folder, scheduler: bool = True):
 TEXT_WORDS = ("a", "the", "digit", "handwritten", "zero", "one", "two", "three", "seven", "photo", "of", "cat")
 
 
-def save_text_pipeline(folder, max_length: int = 8, text_width: int = 24, words=TEXT_WORDS, seed: int = 0):
+def save_text_pipeline(folder, max_length: int = 8, text_width: int = 24, words=TEXT_WORDS, seed: int = 0,
+                       vae_blocks: int = 2):
     """A tiny Stable-Diffusion-layout pipeline folder: a CLIP BPE tokenizer written here (each word one
-    token), a tiny CLIPTextModel, the tiny cross-attention UNet, a tiny AutoencoderKL, a DDPM scheduler."""
+    token), a tiny CLIPTextModel, the tiny cross-attention UNet, a tiny AutoencoderKL (vae_blocks=1:
+    no upsampling, 16x16 1-channel images like the digits classifier's), a DDPM scheduler."""
     import json
     from pathlib import Path
 
@@ -89,9 +91,9 @@ def save_text_pipeline(folder, max_length: int = 8, text_width: int = 24, words=
                             pad_token_id=vocab["<|endoftext|>"])
     CLIPTextModel(config).eval().save_pretrained(str(folder / "text_encoder"))
     tiny_cond_unet(seed).save_pretrained(str(folder / "unet"))
-    AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 8),
-                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                  norm_num_groups=4, sample_size=32).save_pretrained(str(folder / "vae"))
+    AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8,) * vae_blocks,
+                  down_block_types=("DownEncoderBlock2D",) * vae_blocks, up_block_types=("UpDecoderBlock2D",) * vae_blocks,
+                  norm_num_groups=4, sample_size=16 * 2 ** (vae_blocks - 1)).save_pretrained(str(folder / "vae"))
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(str(folder / "scheduler"))
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
