@@ -74,6 +74,13 @@ def phrasings(templates) -> list[str]:
     return [t.format(w=w, n=d) for d, w in enumerate(DIGIT_WORDS) for t in templates]
 
 
+def prompt_file_order(templates) -> list[str]:
+    """Every template for every digit, template-major (prompt k names digit k % 10): the order of the
+    shipped prompt files, so the first n prompts, which n calibration or eval seeds use in turn, cover
+    every digit for any n >= 10."""
+    return [t.format(w=w, n=d) for t in templates for d, w in enumerate(DIGIT_WORDS)]
+
+
 def write_word_tokenizer(folder: Path, words, max_length: int) -> CLIPTokenizer:
     """A CLIP BPE tokenizer whose vocabulary is the characters of `words` plus merges that make each
     word one token, so CLIPTokenizer.from_pretrained loads it like any Stable Diffusion tokenizer."""
@@ -255,8 +262,8 @@ def write_bundle(out: Path, tok_tmp: Path, unet, text, vae, sched, settings: dic
         "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None], "feature_extractor": [None, None],
         "requires_safety_checker": False,
     }, indent=2) + "\n")
-    (tmp / "prompts_train.txt").write_text("\n".join(phrasings(TRAIN_TEMPLATES)) + "\n")
-    (tmp / "prompts_heldout.txt").write_text("\n".join(phrasings(HELDOUT_TEMPLATES)) + "\n")
+    (tmp / "prompts_train.txt").write_text("\n".join(prompt_file_order(TRAIN_TEMPLATES)) + "\n")
+    (tmp / "prompts_heldout.txt").write_text("\n".join(prompt_file_order(HELDOUT_TEMPLATES)) + "\n")
     (tmp / MODEL_SETTINGS_FILE).write_text(json.dumps({**settings, "transformers": transformers.__version__},
                                                       indent=2) + "\n")
     out.mkdir(parents=True, exist_ok=True)
