@@ -60,30 +60,12 @@ def save_text_pipeline(folder, max_length: int = 8, text_width: int = 24, words=
     from pathlib import Path
 
     from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tools.train_reference_text import write_word_tokenizer
 
     folder = Path(folder)
-    tok_dir = folder / "tokenizer"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    chars = sorted(set("".join(words)))
-    vocab = {c: i for i, c in enumerate(chars)}
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges = ["#version: 0.2"]
-    for w in words:  # merge each word left to right into one token
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(parts) > 1:
-            a, b = parts[0], parts[1]
-            if f"{a} {b}" not in merges:
-                merges.append(f"{a} {b}")
-            vocab.setdefault(a + b, len(vocab))
-            parts = [a + b] + parts[2:]
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("\n".join(merges) + "\n")
-    CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=max_length).save_pretrained(
-        str(tok_dir))
+    vocab = write_word_tokenizer(folder / "tokenizer", words, max_length).get_vocab()
     torch.manual_seed(seed)
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=text_width, intermediate_size=2 * text_width,
                             num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=max_length,
