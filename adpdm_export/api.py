@@ -41,7 +41,7 @@ def _loaded(model: Union[str, LoadedModel]) -> LoadedModel:
 def _data_free(loaded: LoadedModel, data: Optional[DataFreeConfig], cond, uncond, prompts, negative_prompt,
                guidance_scale, log) -> tuple[DataFreeConfig, dict, Optional[dict]]:
     """(data, cond, uncond) of data-free calibration: `text_prompts.calibration_conditions`, the one
-    place the conditions are assembled (the CLI calls it too). data=None on a text pipeline: guidance 7.5."""
+    place the conditions are assembled (the CLI calls it too). data=None on a text pipeline: its own guidance scale."""
     import dataclasses
 
     from adpdm_export.text_prompts import calibration_conditions
@@ -88,7 +88,8 @@ def calibrate(
     conditions of data-free sampling and the unconditional inputs of guidance (default: the
     model's null ones). Text-to-image pipelines: `prompts` (default: a shipped set of generic
     captions) and `negative_prompt` (default "") are encoded by the pipeline's own text encoder,
-    and guidance_scale (or data.guidance_scale; default 7.5 where data is None) applies, as
+    and guidance_scale (or data.guidance_scale; where data is None, the pipeline's own: its adpdm.json,
+    else 7.5) applies, as
     `adpdm calibrate` does. cache_dir: where sampled trajectories are cached (default: none).
     budget_minutes / on_estimate (data-free): the cost estimate of a timed probe, and settings
     scaled down to fit the budget (calibration.cost_estimate).

@@ -1,6 +1,6 @@
 """Loading a diffusion UNet and its scheduler config from every source a user may name.
 
-Sources: `reference` (the bundled model), a diffusers UNet folder (config.json +
+Sources: `reference` / `reference-text` (the bundled models, BUNDLED_MODELS), a diffusers UNet folder (config.json +
 safetensors), a diffusers pipeline folder (model_index.json, unet/, scheduler/), or a
 Hugging Face repo id (needs the hub). Weights are read from safetensors only: pickle
 files (.bin, .ckpt, .pt) are refused, never unpickled.
@@ -26,6 +26,10 @@ from engines.pretrained import PICKLE_SUFFIXES, load_pretrained
 SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 REFERENCE_NAME = "reference"
 REFERENCE_DIR = Path(__file__).parent / "assets" / "reference"
+REFERENCE_TEXT_NAME = "reference-text"
+REFERENCE_TEXT_DIR = Path(__file__).parent / "assets" / "reference_text"
+# The models shipped in the package, by the name users give (docs/reference-model.md).
+BUNDLED_MODELS = {REFERENCE_NAME: REFERENCE_DIR, REFERENCE_TEXT_NAME: REFERENCE_TEXT_DIR}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # diffusers' DDPMScheduler defaults: used when a bare UNet folder ships no scheduler config.
 DEFAULT_SCHEDULER_CONFIG = {
@@ -208,16 +212,37 @@ def absolute_source(source: str) -> str:
     """Local folders as absolute paths (so `adpdm eval` and `sample --prompt` find them from any
     directory); names (`reference`, hub ids) as given."""
     p = Path(source).expanduser()
-    return str(p.resolve()) if source != REFERENCE_NAME and p.exists() else source
+    return str(p.resolve()) if source not in BUNDLED_MODELS and p.exists() else source
+
+
+def bundled_folder(name: str) -> Path | None:
+    """The folder of a bundled model named `name` (BUNDLED_MODELS), None for any other source; a
+    bundled model missing from the installation is one AdpdmError line."""
+    folder = BUNDLED_MODELS.get(str(name))
+    if folder is None:
+        return None
+    if not (folder / "model_index.json").is_file():
+        raise AdpdmError(f"the bundled model {name!r} is missing from {folder}; reinstall adpdm-export")
+    return folder
+
+
+def bundled_pipeline_of_build(build_dir: str | os.PathLike) -> Path | None:
+    """The bundled pipeline folder a build was made from, when its manifest names a bundled model
+    (`reference-text`): builds record such sources by name, which `engines` cannot resolve; None
+    for any other build or folder."""
+    if not (Path(build_dir) / "manifest.json").is_file():
+        return None
+    from engines.manifest import load_manifest
+
+    return bundled_folder(load_manifest(build_dir, verify=False).model.source)
 
 
 def load_model(source: str | os.PathLike) -> LoadedModel:
     """Load the UNet named by `source` (see module doc) on the CPU in eval mode."""
     src = str(source)
-    if src == REFERENCE_NAME:
-        folder = REFERENCE_DIR
-        if not (folder / "model_index.json").is_file():
-            raise AdpdmError(f"the bundled reference model is missing from {folder}; reinstall adpdm-export")
+    bundled = bundled_folder(src)
+    if bundled is not None:
+        folder = bundled
     else:
         folder = Path(src).expanduser()
         if not folder.exists():

@@ -97,11 +97,14 @@ def text_to_image_parts(model_or_build: str):
     pipeline a build was made from (its manifest's model source); one AdpdmError line where there are none."""
     from engines.text_pipeline import is_pipeline_folder, load_build_pipeline, load_text_pipeline
 
+    from adpdm_export.model_loading import bundled_folder
+
     if is_build_folder(model_or_build):
         from engines.manifest import load_manifest
 
-        return load_build_pipeline(load_manifest(model_or_build, verify=False))
-    folder = Path(model_or_build)
+        manifest = load_manifest(model_or_build, verify=False)
+        return load_build_pipeline(manifest, bundled_folder(manifest.model.source))  # a bundled model by its name
+    folder = bundled_folder(model_or_build) or Path(model_or_build)
     if not is_pipeline_folder(folder):
         raise AdpdmError(f"--prompt needs a text-to-image pipeline folder (tokenizer/, text_encoder/, unet/), "
                          f"not {model_or_build}")

@@ -21,8 +21,8 @@ from engines.errors import AdpdmError
 from engines.text_pipeline import DEFAULT_GUIDANCE_SCALE, TEXT_INPUT
 
 DEFAULT_PROMPTS_FILE = Path(__file__).parent / "assets" / "default_prompts.txt"
-__all__ = ["DEFAULT_GUIDANCE_SCALE", "CalibrationConditions", "calibration_conditions", "default_prompts",
-           "read_prompts"]
+# A pipeline folder's own defaults for this tool (optional): {"guidance_scale": float, "prompts": "file.txt"}.
+MODEL_SETTINGS_FILE = "adpdm.json"
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -60,9 +60,9 @@ def calibration_conditions(loaded: Any, samples: int, *, cond: Optional[Mapping[
 
     cond: the user's own conditions (class labels, prompt embeddings); inputs it lacks are the
     model's null/default ones. A text-to-image pipeline (a text encoder): `prompts` (default
-    `default_prompts()`, unless cond holds prompt embeddings) and the negative prompt (default "";
+    `default_prompts(folder)`, unless cond holds prompt embeddings) and the negative prompt (default "";
     zeros for an SDXL pipeline with `force_zeros_for_empty_prompt`, as diffusers; the unconditional
-    half unless `uncond` is given) are encoded by the pipeline's own text encoder(s); guidance_scale defaults to DEFAULT_GUIDANCE_SCALE. Other models: prompts are one
+    half unless `uncond` is given) are encoded by the pipeline's own text encoder(s); guidance_scale defaults to the pipeline's own (`default_guidance_scale(folder)`: its adpdm.json, else 7.5). Other models: prompts are one
     AdpdmError line, and so is a guidance scale > 1 without `uncond`.
     """
     from engines.sampler import check_guidance
@@ -80,14 +80,14 @@ def calibration_conditions(loaded: Any, samples: int, *, cond: Optional[Mapping[
                              "(--prompt-embeds) and, for guidance, the unconditional inputs")
         return CalibrationConditions(out, uncond, 1.0 if guidance_scale is None else check_guidance(guidance_scale), [])
     encoder = loaded.text_encoder
-    scale = check_guidance(DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale)
+    scale = check_guidance(default_guidance_scale(encoder.folder) if guidance_scale is None else guidance_scale)
     notes = []
     if TEXT_INPUT in user:
         if prompts is not None:
             raise AdpdmError("give prompts or prompt embeddings (--prompt-embeds, cond['encoder_hidden_states']), "
                              "not both")
     else:
-        texts = list(prompts) if prompts is not None else default_prompts()
+        texts = list(prompts) if prompts is not None else default_prompts(encoder.folder)
         encoded, truncated = encoder.conditions(texts)  # SDXL: also text_embeds and time_ids, K rows each
         out.update(encoded)
         if truncated:
@@ -101,6 +101,41 @@ def calibration_conditions(loaded: Any, samples: int, *, cond: Optional[Mapping[
     return CalibrationConditions(out, uncond if scale > 1.0 else None, scale, notes)
 
 
-def default_prompts() -> list[str]:
-    """The prompt set calibration uses when the user gives none (generic captions)."""
-    return read_prompts(DEFAULT_PROMPTS_FILE)
+def model_settings(pipeline: Path | None) -> dict[str, Any]:
+    """A pipeline folder's own defaults from its MODEL_SETTINGS_FILE ({} when it has none), checked:
+    `guidance_scale` a number >= 1, `prompts` a prompt file inside the folder."""
+    if pipeline is None or not (Path(pipeline) / MODEL_SETTINGS_FILE).is_file():
+        return {}
+    from engines.json_files import read_json
+    from engines.sampler import check_guidance
+
+    path = Path(pipeline) / MODEL_SETTINGS_FILE
+    settings = read_json(path, "model settings")
+    if not isinstance(settings, dict):
+        raise AdpdmError(f"{path} must hold a JSON object")
+    if "guidance_scale" in settings:
+        value = settings["guidance_scale"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise AdpdmError(f"{path}: guidance_scale must be a number, got {value!r}")
+        check_guidance(float(value))
+    name = settings.get("prompts")
+    if name is not None and (not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts):
+        raise AdpdmError(f"{path}: prompts must name a file inside the folder, got {name!r}")
+    return settings
+
+
+def default_guidance_scale(pipeline: Path | None = None) -> float:
+    """The guidance scale used when the user gives none: the pipeline's own (MODEL_SETTINGS_FILE,
+    e.g. the bundled reference-text model's), else DEFAULT_GUIDANCE_SCALE."""
+    return float(model_settings(pipeline).get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
+
+
+def default_prompts(pipeline: Path | None = None) -> list[str]:
+    """The prompt set calibration uses when the user gives none: the pipeline's own prompt file
+    (MODEL_SETTINGS_FILE's `prompts`, e.g. reference-text's held-out phrasings), else generic captions."""
+    name = model_settings(pipeline).get("prompts")
+    return read_prompts(Path(pipeline) / name if name else DEFAULT_PROMPTS_FILE)  # type: ignore[arg-type]
+
+
+__all__ = ["DEFAULT_GUIDANCE_SCALE", "MODEL_SETTINGS_FILE", "CalibrationConditions", "calibration_conditions",
+           "default_guidance_scale", "default_prompts", "model_settings", "read_prompts"]

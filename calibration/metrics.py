@@ -11,10 +11,14 @@
   at some step (R: the data range, the scheduler's clip_sample_range, else the median over items
   of max |final sample|; 6: a six-sigma noise value), with their seeds.
 * psnr_vs_fp_db: PSNR (data range 2, images in [-1, 1], clamped) of the quantized
-  model's final samples vs the FP samples from the same initial noise.
+  model's final samples vs the FP samples from the same initial noise (over the batch, and
+  per sample: median and min).
 * fd / fd_fp / fd_delta: Frechet distance between a feature extractor's features of
   the samples and real-data statistics, for the quantized and the FP samples (the
   bundled digits classifier for the reference model; the caller supplies both).
+* prompt fidelity (text-conditional digits, `reference-text`): calibration/prompt_fidelity.py.
+* guided held-out sets (classifier-free guidance) are sampled with their guidance scale; a
+  latent pipeline's samples are decoded (the caller's `decode`) before PSNR, FD and fidelity.
 
 Held-out trajectories must come from seeds distinct from the calibration seeds
 (`trajectories.heldout_seed`).
@@ -29,7 +33,6 @@ import torch
 from torch import nn
 
 from calibration.trajectories import TrajectorySet
-from engines.errors import AdpdmError
 from engines.sampler import sample
 from engines.scheduling import make_scheduler
 from engines.torch_predictor import TorchNoisePredictor, module_device
@@ -140,11 +143,12 @@ def sample_like(
     batch_size: int = 64,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> torch.Tensor:
-    """Final samples of `model` from `traj`'s initial noise, conditions, step count and sampler."""
-    if traj.guided:
-        raise AdpdmError("sampling metrics over guided (classifier-free guidance) trajectories are not built yet")
+    """Final samples of `model` from `traj`'s initial noise, conditions, step count and sampler; a guided
+    set is sampled with its guidance scale and each seed's two halves (item 2j unconditional, 2j + 1
+    conditional), as the FP model sampled it."""
     seed = int(traj.settings.get("seed", 0))
-    n, steps = traj.num_samples, traj.num_steps
+    n, steps = int(traj.noise.shape[0]), traj.num_steps  # seeds (a guided set has two UNet items each)
+    scale = float(traj.settings.get("guidance_scale", 1.0)) if traj.guided else 1.0
     predictor = TorchNoisePredictor(model)
     outs = []
     n_batches = (n + batch_size - 1) // batch_size
@@ -154,9 +158,29 @@ def sample_like(
         if progress is not None:
             on_step = lambda i, k, b=b: progress(b * steps + i, n_batches * steps)  # noqa: E731
         scheduler = make_scheduler(scheduler_config, traj.settings.get("sampler", "ddim"))
-        out = sample(predictor, scheduler, traj.noise[sl], steps, cond=traj.cond_for(sl), seed=seed, on_step=on_step)
+        cond, uncond = traj.cond_for(sl), None
+        if traj.guided:
+            both = traj.cond_for(slice(2 * sl.start, 2 * sl.stop))
+            cond, uncond = {k: v[1::2] for k, v in both.items()}, {k: v[0::2] for k, v in both.items()}
+        out = sample(predictor, scheduler, traj.noise[sl], steps, cond=cond, seed=seed, on_step=on_step,
+                     guidance_scale=scale, uncond=uncond)
         outs.append(out.images.float().cpu())
     return torch.cat(outs, 0)
+
+
+def psnr_per_sample(a: torch.Tensor, b: torch.Tensor, seeds: Optional[list[int]] = None,
+                    data_range: float = 2.0) -> dict[str, Any]:
+    """psnr_vs_fp_db_median / _min (+ _min_seed): PSNR of each image pair, so one ruined sample
+    shows instead of being averaged into the batch figure (capped at PSNR_CAP_DB)."""
+    a = a.float().clamp(-1, 1)
+    b = b.float().clamp(-1, 1)
+    mse = ((a - b) ** 2).flatten(1).mean(1).double()
+    db = (10.0 * torch.log10(data_range**2 / mse.clamp_min(1e-300))).clamp(max=PSNR_CAP_DB)
+    worst = int(db.argmin())
+    out = {"psnr_vs_fp_db_median": float(db.median()), "psnr_vs_fp_db_min": float(db[worst])}
+    if seeds is not None:
+        out["psnr_vs_fp_db_min_seed"] = int(seeds[worst])
+    return out
 
 
 def frechet_of(images: torch.Tensor, feature_fn: Callable[[torch.Tensor], torch.Tensor], real_stats: tuple) -> float:
@@ -177,29 +201,46 @@ def evaluate(
     real_stats: Optional[tuple] = None,
     batch_size: int = 64,
     progress: Optional[Callable[[str, int, int], None]] = None,
+    decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    classifier: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    labels: Optional[list[int]] = None,
 ) -> dict[str, Any]:
     """All metrics of `model` (a wrapped, calibrated UNet) on the held-out FP trajectories.
 
     Keys: noise_rel_l2 (pooled, mean over timesteps), noise_rel_l2_median / _p90 / _max /
-    _max_seed (per sample), noise_rel_l2_per_timestep {t: value}, psnr_vs_fp_db, fd, fd_fp,
-    fd_delta (None without feature_fn / real_stats), off_range_count, off_range_seeds,
-    num_samples, num_steps.
+    _max_seed (per sample), noise_rel_l2_per_timestep {t: value}, psnr_vs_fp_db (batch) and
+    psnr_vs_fp_db_median / _min / _min_seed (per sample), fd, fd_fp, fd_delta (None without
+    feature_fn / real_stats), off_range_count, off_range_seeds, num_samples (UNet items per
+    step), num_seeds, num_steps. Guided sets are sampled with their guidance (sample_like).
+    decode: latents -> images in [-1, 1] (a latent pipeline's VAE), applied to the quantized and FP
+    samples before PSNR, FD and fidelity. classifier + labels (the digit each seed's prompt asks
+    for): the prompt fidelity keys of both models (calibration.prompt_fidelity.compare_fidelity).
     """
     p_noise = (lambda d, t: progress("noise error", d, t)) if progress else None
     p_samp = (lambda d, t: progress("sampling", d, t)) if progress else None
     noise = noise_report(model, heldout, scheduler_config, batch_size, progress=p_noise)
     images = sample_like(model, scheduler_config, heldout, batch_size, progress=p_samp)
+    fp_images = heldout.final
+    if decode is not None:
+        images, fp_images = decode(images), decode(fp_images)
+    seeds = sorted(set(heldout.seeds))
     out: dict[str, Any] = {
         **noise,
-        "psnr_vs_fp_db": psnr(images, heldout.final),
+        "psnr_vs_fp_db": psnr(images, fp_images),
+        **psnr_per_sample(images, fp_images, seeds),
         "fd": None,
         "fd_fp": None,
         "fd_delta": None,
         "num_samples": heldout.num_samples,
+        "num_seeds": len(seeds),
         "num_steps": heldout.num_steps,
     }
     if feature_fn is not None and real_stats is not None:
         out["fd"] = frechet_of(images, feature_fn, real_stats)
-        out["fd_fp"] = frechet_of(heldout.final, feature_fn, real_stats)
+        out["fd_fp"] = frechet_of(fp_images, feature_fn, real_stats)
         out["fd_delta"] = out["fd"] - out["fd_fp"]
+    if classifier is not None and labels is not None:
+        from calibration.prompt_fidelity import compare_fidelity
+
+        out.update(compare_fidelity(classifier, images, fp_images, labels, seeds))
     return out

@@ -73,34 +73,13 @@ TEXT_WORDS = ("a", "the", "digit", "handwritten", "zero", "one", "two", "three",
 
 
 def write_clip_tokenizer(folder, max_length: int = 8, words=TEXT_WORDS) -> dict[str, int]:
-    """A CLIP BPE tokenizer saved in `folder`, each word of `words` one token; returns its vocabulary."""
-    import json
+    """A CLIP BPE tokenizer saved in `folder`, each word of `words` one token (the reference-text
+    trainer's writer); returns its vocabulary."""
     from pathlib import Path
 
-    from transformers import CLIPTokenizer
+    from tools.train_reference_text import write_word_tokenizer
 
-    tok_dir = Path(folder)
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    chars = sorted(set("".join(words)))
-    vocab = {c: i for i, c in enumerate(chars)}
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges = ["#version: 0.2"]
-    for w in words:  # merge each word left to right into one token
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(parts) > 1:
-            a, b = parts[0], parts[1]
-            if f"{a} {b}" not in merges:
-                merges.append(f"{a} {b}")
-            vocab.setdefault(a + b, len(vocab))
-            parts = [a + b] + parts[2:]
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("\n".join(merges) + "\n")
-    CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=max_length).save_pretrained(
-        str(tok_dir))
-    return vocab
+    return write_word_tokenizer(Path(folder), words, max_length).get_vocab()
 
 
 def _clip_text_config(vocab: dict[str, int], width: int, max_length: int, layers: int = 1, **extra):
@@ -112,19 +91,20 @@ def _clip_text_config(vocab: dict[str, int], width: int, max_length: int, layers
                           pad_token_id=vocab["<|endoftext|>"], **extra)
 
 
-def _save_vae_and_scheduler(folder, clip_sample: bool) -> None:
+def _save_vae_and_scheduler(folder, clip_sample: bool, vae_blocks: int = 2) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 8),
-                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                  norm_num_groups=4, sample_size=32).save_pretrained(str(folder / "vae"))
+    AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8,) * vae_blocks,
+                  down_block_types=("DownEncoderBlock2D",) * vae_blocks, up_block_types=("UpDecoderBlock2D",) * vae_blocks,
+                  norm_num_groups=4, sample_size=16 * 2 ** (vae_blocks - 1)).save_pretrained(str(folder / "vae"))
     DDPMScheduler(num_train_timesteps=1000, clip_sample=clip_sample).save_pretrained(str(folder / "scheduler"))
 
 
 def save_text_pipeline(folder, max_length: int = 8, text_width: int = 24, words=TEXT_WORDS, seed: int = 0,
-                       clip_sample: bool = True):
+                       clip_sample: bool = True, vae_blocks: int = 2):
     """A tiny Stable-Diffusion-layout pipeline folder: a CLIP BPE tokenizer written here (each word one
-    token), a tiny CLIPTextModel, the tiny cross-attention UNet, a tiny AutoencoderKL, a DDPM scheduler."""
+    token), a tiny CLIPTextModel, the tiny cross-attention UNet, a tiny AutoencoderKL (vae_blocks=1:
+    no upsampling, 16x16 1-channel images like the digits classifier's), a DDPM scheduler."""
     import json
     from pathlib import Path
 
@@ -135,7 +115,7 @@ def save_text_pipeline(folder, max_length: int = 8, text_width: int = 24, words=
     torch.manual_seed(seed)
     CLIPTextModel(_clip_text_config(vocab, text_width, max_length)).eval().save_pretrained(str(folder / "text_encoder"))
     tiny_cond_unet(seed).save_pretrained(str(folder / "unet"))
-    _save_vae_and_scheduler(folder, clip_sample)
+    _save_vae_and_scheduler(folder, clip_sample, vae_blocks)
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],

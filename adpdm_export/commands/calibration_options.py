@@ -28,8 +28,8 @@ PromptEmbeds = Annotated[
 ]
 Prompts = Annotated[
     Optional[Path],
-    typer.Option("--prompts", help="Text pipelines: a file with one prompt a line, used in turn (default: a shipped "
-                                   "set of generic captions)."),
+    typer.Option("--prompts", help="Text pipelines: a file with one prompt a line, used in turn (default: the pipeline's "
+                                   "own prompt file (its adpdm.json), else a shipped set of generic captions)."),
 ]
 NegativePrompt = Annotated[
     Optional[str], typer.Option("--negative-prompt", help="Text pipelines: the unconditional half of guidance (default ''; SDXL pipelines that force zeros: zeros).")
@@ -37,7 +37,8 @@ NegativePrompt = Annotated[
 GuidanceScale = Annotated[
     Optional[float],
     typer.Option("--guidance-scale", help="Text pipelines: classifier-free guidance of the calibration trajectories "
-                                          "(>= 1; default 7.5; 1 = none)."),
+                                          "(>= 1; default: the pipeline's own (its adpdm.json), else 7.5; "
+                                          "1 = none)."),
 ]
 CalibBudgetMinutes = Annotated[
     Optional[float],

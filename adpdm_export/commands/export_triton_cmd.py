@@ -24,6 +24,7 @@ def export_triton(
     from engines.errors import AdpdmError
     import json
 
+    from adpdm_export.model_loading import bundled_pipeline_of_build
     from engines.triton_repository import GENERATE_CONFIG, GENERATE_MODEL, write_repository
 
     if instances < 1 or max_n < 1 or max_steps < 1:
@@ -31,7 +32,7 @@ def export_triton(
     repo = write_repository(
         build_dir, out, platform=platform, max_batch=max_batch, cuda_graphs=cuda_graphs, instances=instances,
         limits={"max_n": max_n, "max_steps": max_steps}, overwrite=overwrite,
-        pipeline="auto" if pipeline is None else pipeline,
+        pipeline=pipeline or bundled_pipeline_of_build(build_dir) or "auto",
     )
     models = sorted(p.name for p in repo.iterdir() if p.is_dir())
     typer.echo(f"wrote {repo}: models {', '.join(models)} (config.pbtxt validated with Triton's ModelConfig)")

@@ -30,11 +30,14 @@ def sample_images(
     scale: int = typer.Option(4, "--scale", help="Upscale factor of the PNG (nearest neighbour)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Text pipelines (or builds of one): the prompt of every image."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="With --prompt: the unconditional half (default ''; SDXL pipelines that force zeros: zeros)."),
-    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="With --prompt: classifier-free guidance (>= 1; default 7.5)."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="With --prompt: classifier-free guidance (>= 1; default: the pipeline's own (adpdm.json), else 7.5)."),
 ) -> None:
     """Sample N images from a model or a build and write them as a PNG grid."""
+    import dataclasses
+
     from adpdm_export.progress import console, stage_progress
     from adpdm_export.sampling import check_request, generate, open_source, text_to_image_parts
+    from adpdm_export.text_prompts import default_guidance_scale
     from engines.conditioning import default_condition
     from engines.errors import AdpdmError
     from engines.file_io import check_output_folder
@@ -49,9 +52,12 @@ def sample_images(
     check_output_folder(out.parent, f"--out {out}: its folder")  # below a file or unwritable: before sampling
     text = request = None
     if prompt is not None:
+        # checked before anything loads; the default guidance is the pipeline's own (its adpdm.json)
         request = PromptRequest(prompt, negative_prompt,
                                 DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale)
         text = text_to_image_parts(model)  # before the UNet or build is loaded
+        if guidance_scale is None:
+            request = dataclasses.replace(request, guidance_scale=default_guidance_scale(text.folder))
     elif negative_prompt is not None or guidance_scale is not None:
         raise AdpdmError("--negative-prompt and --guidance-scale go with --prompt")
     src = open_source(model, backend, threads=threads or None, ort_sessions=ort_sessions)

@@ -31,6 +31,7 @@ def serve(
     """
     import logging
 
+    from adpdm_export.model_loading import bundled_pipeline_of_build
     from engines.serving import AdpdmServer, ServeLimits
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -41,7 +42,7 @@ def serve(
     server = AdpdmServer(
         build_dir, backend=backend, threads=threads or None, host=host, http_port=http_port, grpc_port=grpc_port,
         metrics_port=metrics_port, limits=limits, allow_remote=allow_remote, log_verbose=verbose,
-        pipeline="auto" if pipeline is None else pipeline,
+        pipeline=pipeline or bundled_pipeline_of_build(build_dir) or "auto",
     )
     prompts = f", prompts through {server.text.folder}" if server.text is not None else ""
     typer.echo(f"serving {build_dir}: models unet, generate{prompts} on {server.http_url} and {server.grpc_url} "
