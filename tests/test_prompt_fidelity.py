@@ -12,7 +12,7 @@ import torch
 import adpdm_export as adpdm
 from adpdm_export.cli import main
 from adpdm_export.text_prompts import (DEFAULT_GUIDANCE_SCALE, DEFAULT_PROMPTS_FILE, default_guidance_scale,
-                                       default_prompts, prompt_conditions, read_prompts)
+                                       calibration_conditions, default_prompts, read_prompts)
 from calibration.metrics import evaluate, sample_like
 from calibration.prompt_fidelity import compare_fidelity, digit_of_prompt, fidelity_from_probs, prompt_fidelity
 from calibration.trajectories import generate_trajectories
@@ -91,8 +91,8 @@ def test_a_pipeline_folders_own_prompts_and_guidance_are_the_defaults(digits_pip
     assert default_prompts(None) == read_prompts(DEFAULT_PROMPTS_FILE)
     assert default_guidance_scale(tmp_path) == DEFAULT_GUIDANCE_SCALE  # no adpdm.json
     loaded = adpdm.load_model(str(digits_pipe))
-    pc = prompt_conditions(loaded)
-    assert pc.guidance_scale == 3.0 and pc.num_prompts == 3
+    pc = calibration_conditions(loaded, 3)
+    assert pc.guidance_scale == 3.0 and pc.cond["encoder_hidden_states"].shape[0] == 3
     assert torch.equal(pc.cond["encoder_hidden_states"], loaded.text_encoder.encode(default_prompts(digits_pipe))[0])
     for bad, message in [({"guidance_scale": 0.5}, "guidance scale must be"), ({"guidance_scale": "7"}, "must be a number"),
                          ({"prompts": "../x.txt"}, "inside the folder"), ([1], "JSON object")]:
@@ -103,7 +103,7 @@ def test_a_pipeline_folders_own_prompts_and_guidance_are_the_defaults(digits_pip
 
 def test_guided_held_out_samples_are_what_the_fp_model_sampled(digits_pipe):
     loaded = adpdm.load_model(str(digits_pipe))
-    pc = prompt_conditions(loaded)
+    pc = calibration_conditions(loaded, 3)
     traj = generate_trajectories(loaded.unet, loaded.scheduler_config, num_samples=3, num_steps=3, seed=5,
                                  cond=pc.cond, guidance_scale=pc.guidance_scale, uncond=pc.uncond)
     assert traj.guided and traj.num_samples == 6

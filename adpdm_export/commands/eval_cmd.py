@@ -32,14 +32,16 @@ def text_eval_inputs(loaded, samples: int, prompts: Optional[Path], negative_pro
     labels: the digit each seed's prompt names, None (with the reason) when a prompt names none."""
     import torch
 
-    from adpdm_export.commands.calibrate_cmd import calibration_conditions
-    from adpdm_export.text_prompts import default_prompts, load_latent_decoder, read_prompts
+    from adpdm_export.text_prompts import calibration_conditions, default_prompts, read_prompts
     from calibration.prompt_fidelity import digits_of_prompts
     from engines.errors import AdpdmError
+    from engines.text_pipeline import load_latent_decoder
 
     folder = loaded.text_encoder.folder
     texts = read_prompts(prompts) if prompts is not None else default_prompts(folder)
-    cond, uncond, _ = calibration_conditions(loaded, samples, None, None, prompts, negative_prompt, guidance)
+    conds = calibration_conditions(loaded, samples, prompts=texts, negative_prompt=negative_prompt,
+                                   guidance_scale=guidance)
+    cond, uncond = conds.cond, conds.uncond
     decoder = load_latent_decoder(folder)
     decode = None if decoder is None else decoder.decode
     image_shape = tuple(loaded.sample_shape)
