@@ -143,7 +143,8 @@ def _timed(fn: Callable[[], Any]) -> float:
 def probe_seconds(qmodel: nn.Module, example: Callable[[int], tuple[torch.Tensor, torch.Tensor, Mapping[str, Any]]],
                   batch: int = 16, train_batch: int = 16, batch_seconds: float = 2.0) -> ProbeSeconds:
     """Seconds per item of an FP forward and a fake-quantized forward (at up to `batch` items) and
-    of a fake-quantized forward+backward (at up to `train_batch`, the search's batch).
+    of a fake-quantized forward+backward (at up to `train_batch`, the search's batch; 0: not timed,
+    for methods without a search).
 
     A one-item FP forward (untimed warm-up) sizes the timed batches so that each takes about
     `batch_seconds` at most: per-item time falls with the batch on a CPU (the reference model:
@@ -167,17 +168,36 @@ def probe_seconds(qmodel: nn.Module, example: Callable[[int], tuple[torch.Tensor
         fp = _timed(lambda: forward_eps(qmodel, xb, tt, **cb))
     with quant_mode(qmodel):
         quant = _timed(lambda: forward_eps(qmodel, xb, tt, **cb))
-        xg, tg, cg = part(tb)
-        train = float("inf")
-        for rep in range(2):
-            xr = xg.clone().requires_grad_(True)
-            t0 = time.perf_counter()
-            with torch.enable_grad():
-                forward_eps(qmodel, xr, tg, **cg).float().square().mean().backward()
-            train = min(train, time.perf_counter() - t0)
-            if train > batch_seconds / 2:
-                break
-    return ProbeSeconds(fp=fp / b, quant=quant / b, train=train / tb, probe_s=time.perf_counter() - t_all)
+    train = 0.0
+    if int(train_batch) > 0:
+        train = _time_backward(qmodel, *part(tb), repeat_below=batch_seconds / 2) / tb
+    return ProbeSeconds(fp=fp / b, quant=quant / b, train=train, probe_s=time.perf_counter() - t_all)
+
+
+def _time_backward(qmodel: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any],
+                   repeat_below: float) -> float:
+    """Seconds of one fake-quantized forward+backward, gradients to the input only: the model's
+    parameters are frozen meanwhile, as in the search (which learns scales, never weights), so no
+    weight gradient is computed or left allocated. Timed twice when under `repeat_below` (the first
+    backward also allocates its buffers)."""
+    params = [p for p in qmodel.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        best = float("inf")
+        with quant_mode(qmodel):
+            for _ in range(2):
+                xr = x.clone().requires_grad_(True)
+                t0 = time.perf_counter()
+                with torch.enable_grad():
+                    forward_eps(qmodel, xr, t, **cond).float().square().mean().backward()
+                best = min(best, time.perf_counter() - t0)
+                if best > repeat_below:
+                    break
+        return best
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _cap(obj: Any, **caps: int) -> Any:

@@ -148,7 +148,7 @@ def _estimate(qmodel, unet, method, data, seed, cond, batch_size, budget_minutes
         t = torch.randint(0, t_count, (b,), generator=gen).to(dev)
         return x, t, {k: v.to(dev) for k, v in expand_cond(cond, b).items()}
 
-    train_batch = method.search_batch if isinstance(method, ADPDMConfig) else 1
+    train_batch = method.search_batch if isinstance(method, ADPDMConfig) else 0  # no search: no backward
     probe = probe_seconds(qmodel, example, batch=min(int(batch_size), PROBE_BATCH_CAP),
                           train_batch=min(train_batch, PROBE_BATCH_CAP))
     if budget_minutes is None:

@@ -135,3 +135,20 @@ def test_build_engine_prints_the_estimate_and_refuses_a_bad_budget(tmp_path, cap
     assert "calibration estimate: 6 UNet item passes (trajectories 6)" in printed
     settings = json.loads((out / "calibration" / "calibration.json").read_text())["config"]
     assert settings["calibration"]["budget_minutes"] == 30.0
+
+
+def test_the_probe_leaves_no_weight_gradients_and_skips_the_backward_without_a_search():
+    from calibration.cost_estimate import probe_seconds
+    from calibration.quant_unet import quantize_model
+
+    qmodel = quantize_model(tiny_unet2d())
+    before = {n: p.requires_grad for n, p in qmodel.named_parameters()}
+
+    def example(b):
+        return torch.randn(b, 1, 16, 16), torch.randint(0, 1000, (b,)), {}
+
+    probe = probe_seconds(qmodel, example, batch=4, train_batch=4)
+    assert probe.train > 0 and probe.fp > 0
+    assert all(p.grad is None for p in qmodel.parameters())  # no weight gradient held through calibration
+    assert {n: p.requires_grad for n, p in qmodel.named_parameters()} == before
+    assert probe_seconds(qmodel, example, batch=4, train_batch=0).train == 0.0

@@ -253,6 +253,12 @@ def write_bundle(out: Path, unet: UNet2DModel, sched: DDPMScheduler, clf: Digits
         str(cdir / "real_features.safetensors"),
         metadata={"what": "mean/cov (float64) of classifier features over all 1797 sklearn digits"},
     )
+    return install_folder(tmp, out)
+
+
+def install_folder(tmp: Path, out: Path) -> int:
+    """Move everything written into `tmp` over the same names in `out` (a finished model replaces the
+    shipped one entry by entry, nothing half-written); returns the bytes now in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     for entry in sorted(tmp.iterdir()):
         dest = out / entry.name

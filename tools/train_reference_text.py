@@ -48,6 +48,7 @@ from calibration.digits_classifier import prepare_digits  # noqa: E402
 from calibration.metrics import frechet_of  # noqa: E402
 from calibration.prompt_fidelity import DIGIT_WORDS, digits_of_prompts, prompt_fidelity  # noqa: E402
 from engines.images import save_grid  # noqa: E402
+from tools.train_reference import install_folder  # noqa: E402
 from engines.sampler import initial_noise, sample  # noqa: E402
 from engines.scheduling import make_scheduler  # noqa: E402
 from engines.torch_predictor import TorchNoisePredictor  # noqa: E402
@@ -265,16 +266,7 @@ def write_bundle(out: Path, tok_tmp: Path, unet, text, vae, sched, settings: dic
     (tmp / "prompts_heldout.txt").write_text("\n".join(prompt_file_order(HELDOUT_TEMPLATES)) + "\n")
     (tmp / MODEL_SETTINGS_FILE).write_text(json.dumps({**settings, "transformers": transformers.__version__},
                                                       indent=2) + "\n")
-    out.mkdir(parents=True, exist_ok=True)
-    for entry in sorted(tmp.iterdir()):
-        dest = out / entry.name
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        elif dest.exists():
-            dest.unlink()
-        entry.rename(dest)
-    tmp.rmdir()
-    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return install_folder(tmp, out)
 
 
 def main(argv=None) -> int:
