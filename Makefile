@@ -34,7 +34,7 @@ run: $(STAMP)
 
 test: $(STAMP) $(SERVE_STAMP)
 	$(PY) -m pytest -q
-	$(SERVE_VENV)/bin/python -m pytest -q tests/test_serving.py tests/test_triton_repository.py
+	$(SERVE_VENV)/bin/python -m pytest -q tests/test_serving.py tests/test_serving_text.py tests/test_serving_sdxl.py tests/test_triton_repository.py
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) build

@@ -31,7 +31,6 @@ whose values the high precision could not represent anyway. The report counts th
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 import ml_dtypes

@@ -90,6 +90,30 @@ def _dynamic_axes(names: list[str]) -> dict[str, dict[int, str]]:
     return axes
 
 
+def trace_to_onnx(
+    unet: torch.nn.Module, raw_path: str | os.PathLike, inputs: Mapping[str, torch.Tensor], opset: int = DEFAULT_OPSET
+) -> None:
+    """Trace `unet` on `inputs` into `raw_path` as the TorchScript exporter writes it: weights inline,
+    or, for a model over protobuf's 2 GB, one external file per large tensor next to the graph (the
+    caller reads them as it needs them and removes them)."""
+    check_opset(opset)
+    names = list(inputs)
+    module = UNetForExport(unet, tuple(names[2:])).eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            tuple(inputs.values()),
+            str(raw_path),
+            input_names=names,
+            output_names=[OUTPUT_NAME],
+            dynamic_axes=_dynamic_axes(names),
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+
+
 def export_onnx(
     unet: torch.nn.Module,
     graph_path: str | os.PathLike,
@@ -107,22 +131,9 @@ def export_onnx(
     graph_path.parent.mkdir(parents=True, exist_ok=True)
     weights_name = weights_name or graph_path.name + ".data"
     names = list(inputs)
-    module = UNetForExport(unet, tuple(names[2:])).eval()
     with tempfile.TemporaryDirectory(dir=graph_path.parent, prefix=".export-") as tmp:
         raw = Path(tmp) / "raw.onnx"
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                tuple(inputs.values()),
-                str(raw),
-                input_names=names,
-                output_names=[OUTPUT_NAME],
-                dynamic_axes=_dynamic_axes(names),
-                opset_version=opset,
-                dynamo=False,
-                do_constant_folding=True,
-            )
+        trace_to_onnx(unet, raw, inputs, opset)
         model = onnx.load(str(raw))
         staged = Path(tmp) / graph_path.name
         onnx.save_model(

@@ -25,11 +25,11 @@ import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from adpdm_export.qdq_graph_passes import ACT_ZERO_POINT, SCALE_SUFFIX, GraphIndex, module_path_of
 from engines.errors import AdpdmError

@@ -229,33 +229,39 @@ def build_trt_template(
     `scale_to_quantizer` (activation scale initializer -> quantizer name), folded weights,
     merged pairs.
     """
-    from adpdm_export.onnx_export import export_onnx
+    from adpdm_export.onnx_export import trace_to_onnx
     from calibration.quant_unet import activation_quantizers, export_mode, quantizer_aliases, weight_quantizers
 
     t_count = int(result.num_train_timesteps)
     inputs = _example_inputs(sample_shape, conditioning, 2, 0, t_count)
-    raw = workdir / "traced.onnx"
+    traced = workdir / "traced"  # the tracer's graph and, over 2 GB, its external tensor files
+    traced.mkdir()
     traced_opset = min(int(opset), TORCHSCRIPT_MAX_OPSET)
-    with export_mode(qmodel, group=0, target="trt", zero_point="int8"), _weight_bits_for_trace(qmodel):
-        export_onnx(qmodel, raw, inputs, opset=traced_opset, weights_name="traced.onnx.data")
-    model = onnx.load(str(raw))
-    for f in (raw, workdir / "traced.onnx.data"):
-        f.unlink(missing_ok=True)
+    try:
+        with export_mode(qmodel, group=0, target="trt", zero_point="int8"), _weight_bits_for_trace(qmodel):
+            trace_to_onnx(qmodel, traced / "traced.onnx", inputs, opset=traced_opset)
+        # Over 2 GB the tracer stores the weights outside the graph: the fold below reads each FP32
+        # weight from its file and puts only the integers into the message (no FP32 copy of the
+        # weights in memory beside the model's own); what is left outside is loaded after it.
+        model = onnx.load(str(traced / "traced.onnx"), load_external_data=False)
 
-    acts = activation_quantizers(qmodel)
-    canon = {n: n for n in acts}
-    canon.update(quantizer_aliases(qmodel))
-    wqs = weight_quantizers(qmodel)
+        acts = activation_quantizers(qmodel)
+        canon = {n: n for n in acts}
+        canon.update(quantizer_aliases(qmodel))
+        wqs = weight_quantizers(qmodel)
 
-    P.constants_to_initializers(model)
+        P.constants_to_initializers(model, base_dir=traced)
 
-    def weight_scale_name(dq: onnx.NodeProto) -> str:
-        qn = P.resolve_quantizer(dq.name, wqs)
-        if qn is None:
-            raise AdpdmError(f"cannot tell which weight quantizer made {dq.name}")
-        return qn + P.SCALE_SUFFIX
+        def weight_scale_name(dq: onnx.NodeProto) -> str:
+            qn = P.resolve_quantizer(dq.name, wqs)
+            if qn is None:
+                raise AdpdmError(f"cannot tell which weight quantizer made {dq.name}")
+            return qn + P.SCALE_SUFFIX
 
-    folded = P.fold_weight_quantizers(model, int(result.w_bits), name_scale=weight_scale_name)
+        folded = P.fold_weight_quantizers(model, int(result.w_bits), name_scale=weight_scale_name, base_dir=traced)
+        P.load_external_tensors(model, traced)
+    finally:
+        shutil.rmtree(traced, ignore_errors=True)
     named = P.name_activation_qdq(model, canon)
     scale_to_q = {a.scale: a.quantizer for a in named}
     roles = {n: q.role for n, q in acts.items()}

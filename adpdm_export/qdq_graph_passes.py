@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from engines.errors import AdpdmError
 
@@ -52,12 +52,42 @@ REPORT_NAME = "qdq_report.json"  # the export's checks (parity, lint, fusion), l
 # --------------------------------------------------------------------------- graph index
 
 
+def read_tensor(t: TensorProto, base_dir: str | os.PathLike | None = None) -> np.ndarray:
+    """The value of `t`; one stored outside the message is read from `base_dir` without being
+    loaded into it (the message stays as small as it was)."""
+    if not external_data_helper.uses_external_data(t):
+        return numpy_helper.to_array(t)
+    if base_dir is None:
+        raise AdpdmError(f"initializer {t.name} is stored outside the graph and no folder was given to read it from")
+    copy = TensorProto()
+    copy.CopyFrom(t)  # metadata only: the bytes are in the file
+    external_data_helper.load_external_data_for_tensor(copy, str(base_dir))
+    copy.data_location = TensorProto.DEFAULT
+    del copy.external_data[:]
+    return numpy_helper.to_array(copy)
+
+
+def load_external_tensors(model: onnx.ModelProto, base_dir: str | os.PathLike) -> int:
+    """Read every tensor of `model` still stored outside it (initializers and Constant nodes) into it;
+    the loaded tensors serialize exactly as tensors that were never outside (no `data_location`)."""
+    n = 0
+    g = model.graph
+    tensors = list(g.initializer) + [a.t for node in g.node for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
+    for t in tensors:
+        if external_data_helper.uses_external_data(t):
+            external_data_helper.load_external_data_for_tensor(t, str(base_dir))
+            t.ClearField("data_location")
+            n += 1
+    return n
+
+
 class GraphIndex:
     """Producers, consumers and initializers of one graph (rebuild after edits)."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, base_dir: str | os.PathLike | None = None):
         g = model.graph
         self.model = model
+        self.base_dir = base_dir  # where initializers stored outside the message are read from
         self.inits: dict[str, TensorProto] = {t.name: t for t in g.initializer}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -74,12 +104,12 @@ class GraphIndex:
     def const_value(self, name: str) -> np.ndarray | None:
         """The value of an initializer or Constant-node output (None if not constant)."""
         if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
+            return read_tensor(self.inits[name], self.base_dir)
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value":
-                    return numpy_helper.to_array(a.t)
+                    return read_tensor(a.t, self.base_dir)
                 if a.name == "value_float":
                     return np.array(a.f, np.float32)
                 if a.name == "value_int":
@@ -219,9 +249,10 @@ def resolve_quantizer(node_name: str, known: Iterable[str], root: str = EXPORT_R
 # --------------------------------------------------------------------------- passes
 
 
-def constants_to_initializers(model: onnx.ModelProto) -> int:
-    """Turn Constant nodes that feed Q/DQ scale / zero-point inputs into initializers."""
-    ix = GraphIndex(model)
+def constants_to_initializers(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> int:
+    """Turn Constant nodes that feed Q/DQ scale / zero-point inputs into initializers (values stored
+    outside `model` are read from `base_dir`)."""
+    ix = GraphIndex(model, base_dir)
     wanted: dict[str, onnx.NodeProto] = {}
     for n in model.graph.node:
         if n.op_type in QDQ_OPS:
@@ -280,6 +311,7 @@ def fold_weight_quantizers(
     model: onnx.ModelProto,
     bits_of: Callable[[str], int] | int = 8,
     name_scale: Callable[[onnx.NodeProto], str] | None = None,
+    base_dir: str | os.PathLike | None = None,
 ) -> list[FoldedWeight]:
     """Fold every QuantizeLinear of a constant weight into an integer initializer.
 
@@ -288,8 +320,10 @@ def fold_weight_quantizers(
     The DQ keeps its per-channel float scale (renamed by `name_scale(dq)`), gets an integer
     zero point of zeros of the same shape, and axis 0. A weight whose scale is per-tensor
     keeps a scalar scale. Raises if a weight Q is per-channel on an axis other than 0.
+    base_dir: where weights stored outside `model` are read from, one at a time: the FP32 weights
+    never enter the message, only their integers do.
     """
-    ix = GraphIndex(model)
+    ix = GraphIndex(model, base_dir)
     folded: list[FoldedWeight] = []
     dead: list[onnx.NodeProto] = []
     new_inits: list[TensorProto] = []

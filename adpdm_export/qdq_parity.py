@@ -148,10 +148,21 @@ def _split(inputs: Mapping[str, torch.Tensor]):
     return vals[0], vals[1], dict(zip(list(inputs)[2:], vals[2:]))
 
 
-def _run_probe(graph: Path, points, inputs) -> dict[str, np.ndarray]:
-    """onnxruntime (optimizations off) on `graph` with every probed tensor made a graph output."""
+def _parity_session(graph: Path, optimize: bool):
+    """A one-run CPU session without onnxruntime's memory arena: an arena keeps the largest set of
+    tensors a run held (in the unoptimized graphs, every weight's dequantized copy) until the session
+    is freed; without it each is returned as soon as its consumer has run."""
+    import onnxruntime as ort
+
     from engines.ort_backend import make_session
 
+    so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = False
+    return make_session(graph, providers=["CPUExecutionProvider"], optimize=optimize, session_options=so)
+
+
+def _run_probe(graph: Path, points, inputs) -> dict[str, np.ndarray]:
+    """onnxruntime (optimizations off) on `graph` with every probed tensor made a graph output."""
     model = onnx.load(str(graph), load_external_data=False)
     types = {vi.name: vi.type.tensor_type.elem_type
              for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
@@ -167,7 +178,7 @@ def _run_probe(graph: Path, points, inputs) -> dict[str, np.ndarray]:
     probe = graph.with_name(f".probe-{os.getpid()}-{graph.name}")  # beside the graph: same external data
     try:
         probe.write_bytes(model.SerializeToString())
-        sess = make_session(probe, providers=["CPUExecutionProvider"], optimize=False)
+        sess = _parity_session(probe, optimize=False)
         names = [o.name for o in sess.get_outputs()]
         feed = {i.name: np.ascontiguousarray(feeds[i.name].numpy()) for i in sess.get_inputs()}
         return dict(zip(names, sess.run(names, feed)))
@@ -379,11 +390,11 @@ def check_group_graph(
     many values across INT8 rounding boundaries, so the first divergence is rarely one exact tie).
     """
     from calibration.quant_unet import quant_mode
-    from engines.ort_backend import OrtNoisePredictor, make_session
+    from engines.ort_backend import OrtNoisePredictor
 
     ts, inputs = _parity_inputs(result, group, sample_shape, conditioning, seed)
     sample, timestep, cond = _split(inputs)
-    got = OrtNoisePredictor(make_session(graph, providers=["CPUExecutionProvider"], optimize=False))(sample, timestep, **cond)
+    got = OrtNoisePredictor(_parity_session(graph, optimize=False))(sample, timestep, **cond)
     captured: dict = {}
     with torch.no_grad():
         with _capture_quantizers(qmodel, captured), quant_mode(qmodel, target=target):
@@ -433,7 +444,7 @@ def check_group_graph(
     else:
         check.verdict = "ties" if first == "ties" else "mismatch"
     if optimized:
-        opt = OrtNoisePredictor(make_session(graph, providers=["CPUExecutionProvider"], optimize=True))(sample, timestep, **cond)
+        opt = OrtNoisePredictor(_parity_session(graph, optimize=True))(sample, timestep, **cond)
         check.optimized_rel_l2 = _rel_l2(opt, sim)
         check.optimized_fp_rel_l2 = _rel_l2(opt, fp)
     return check

@@ -97,7 +97,7 @@ def test_search_with_more_groups_never_straddles_a_switch():
 
 def test_search_beats_uniform_groups_on_planted_model():
     qm, data = planted_setup()
-    out = search_groups(qm, data, GroupSearchConfig(num_groups=3, **SEARCH))
+    search_groups(qm, data, GroupSearchConfig(num_groups=3, **SEARCH))
     searched = float(step_errors(qm, data).mean())
     qm2, _ = planted_setup()
     base = search_groups(qm2, data, GroupSearchConfig(num_groups=3, search_iters=0, refine_iters=0, partition="search"))

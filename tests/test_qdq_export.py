@@ -172,6 +172,52 @@ def test_fold_weight_quantizer_matches_torch_rounding():
     np.testing.assert_array_equal(q.astype(np.float32) * s.reshape(-1, 1, 1, 1), ref.numpy())
 
 
+def test_tracer_external_tensors_give_the_same_export(tmp_path, monkeypatch):
+    """Over 2 GB the tracer stores large tensors in files of their own: the fold reads each weight
+    from its file (the FP32 weights never enter the message) and the export is byte for byte the
+    one from an inline trace; the tracer's files are gone afterwards."""
+    from adpdm_export import onnx_export
+
+    unet = tiny_unet2d()
+    result = quick_result(unet, groups=2, **U2D)
+    inline = export_qdq(unet, result, tmp_path / "inline", target="both", check=False, **U2D)
+
+    real_trace = onnx_export.trace_to_onnx
+    read_from_files = []
+
+    def trace_like_over_2gb(module, raw_path, inputs, opset):
+        real_trace(module, raw_path, inputs, opset)
+        m = onnx.load(str(raw_path))
+        onnx.save_model(m, str(raw_path), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=64,
+                        convert_attribute=True)  # Constant nodes' tensors too, as the tracer stores them
+        assert len(list(raw_path.parent.iterdir())) > 10  # one file per large tensor, as the tracer writes them
+
+    real_read = P.read_tensor
+
+    def spy_read(t, base_dir=None):
+        if onnx.external_data_helper.uses_external_data(t):
+            read_from_files.append(t.name)
+        return real_read(t, base_dir)
+
+    monkeypatch.setattr(onnx_export, "trace_to_onnx", trace_like_over_2gb)
+    monkeypatch.setattr(P, "read_tensor", spy_read)
+    external = export_qdq(unet, result, tmp_path / "external", target="both", check=False, **U2D)
+    assert len(read_from_files) >= external.folded_weights == inline.folded_weights > 0
+    for f in sorted(p.name for p in (tmp_path / "inline").iterdir()):
+        if f != REPORT_NAME:
+            assert (tmp_path / "external" / f).read_bytes() == (tmp_path / "inline" / f).read_bytes(), f
+    assert sorted(p.name for p in (tmp_path / "external").iterdir()) == sorted(p.name for p in (tmp_path / "inline").iterdir())
+
+
+def test_external_initializer_needs_a_folder():
+    t = nh.from_array(np.zeros(4, np.float32), "w")
+    t.data_location = TensorProto.EXTERNAL
+    t.ClearField("raw_data")
+    t.external_data.add(key="location", value="w.bin")
+    with pytest.raises(AdpdmError, match="stored outside the graph"):
+        P.read_tensor(t)
+
+
 def test_rerun_replaces_stale_group_graphs(tmp_path):
     """A second export with fewer groups into the same folder leaves no stale group graph."""
     unet = tiny_unet2d()

@@ -38,6 +38,16 @@ LAYOUTS: dict[str, dict[str, Any]] = {
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     ),
+    # SDXL base's UNet2DConditionModel config (2.57B parameters: text_time added conditions, 10-layer
+    # transformers in the lowest resolution), 32x32 latents (issue 15)
+    "sdxl": dict(
+        conditional=True, sample_size=32, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
+        layers_per_block=2, transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20), norm_num_groups=32, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    ),
     # the same SD-1.5 structure at 1/5 of the width (35M parameters): what fits a 2-core machine's time
     "sd15-w64": dict(
         conditional=True, sample_size=32, in_channels=4, out_channels=4, block_out_channels=(64, 128, 256, 256),
@@ -59,7 +69,7 @@ def load_bench_model(name: str):
     import torch
     from diffusers import UNet2DModel
 
-    from adpdm_export.model_loading import DEFAULT_SCHEDULER_CONFIG, LoadedModel, load_model
+    from adpdm_export.model_loading import DEFAULT_SCHEDULER_CONFIG, LoadedModel, load_model, unet_conditioning
 
     if name == "reference":
         return load_model("reference")
@@ -71,8 +81,10 @@ def load_bench_model(name: str):
     if conditional:
         from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel(**cfg).eval()
-        cond = {"encoder_hidden_states": {"dim": int(cfg["cross_attention_dim"])}}  # any text length
+        from engines.conditioning import accept_added_cond_inputs
+
+        unet = accept_added_cond_inputs(UNet2DConditionModel(**cfg).eval())  # SDXL: flat text_embeds / time_ids
+        cond = unet_conditioning(type(unet).__name__, dict(unet.config), None)  # any text length; SDXL: + added
     else:
         unet = UNet2DModel(**cfg).eval()
         cond = {}
