@@ -48,7 +48,14 @@ from adpdm_export.build_stages import STAGING_PREFIX, STAGING_RE
 from adpdm_export.ort_target import MIN_FUSED_RATIO, fusion_counts, make_ort_target
 from adpdm_export.qdq_lint import lint_model, raise_on_violations
 from adpdm_export.qdq_manifest import write_qdq_manifest
-from adpdm_export.qdq_parity import PARITY_TOL, GraphCheck, check_group_graph, parity_tolerance, sim_in_precision
+from adpdm_export.qdq_parity import (
+    PARITY_TOL,
+    GraphCheck,
+    check_group_graph,
+    parity_sample_shape,
+    parity_tolerance,
+    sim_in_precision,
+)
 from adpdm_export.qdq_report import report_to_disk
 from engines.errors import AdpdmError
 from engines.group_graph_stamp import stamp, stamp_values
@@ -127,6 +134,7 @@ class QdqExport:
     graph_precision: dict[str, str] = field(default_factory=dict)
     precision: dict[str, dict] = field(default_factory=dict)  # target -> high_precision.Conversion.to_dict()
     parity_skipped: dict[str, str] = field(default_factory=dict)  # target -> why its graphs were not run
+    parity_sample_shape: Optional[list[int]] = None  # (C, H, W) of the parity inputs (qdq_parity.PARITY_MAX_SIDE)
 
     def report(self) -> dict[str, Any]:
         """The content of qdq_report.json, with its on-disk key names (`adpdm_export.qdq_report`)."""
@@ -157,6 +165,7 @@ class QdqExport:
             "precision": self.precision,
             "parity_tolerance_by_target": {p: parity_tolerance(self.graph_precision.get(p, "fp32")) for p in self.targets},
             "parity_skipped": self.parity_skipped,
+            "parity_sample_shape": self.parity_sample_shape,
         })
 
     def summary_lines(self) -> list[str]:
@@ -244,6 +253,7 @@ def build_trt_template(
         # weight from its file and puts only the integers into the message (no FP32 copy of the
         # weights in memory beside the model's own); what is left outside is loaded after it.
         model = onnx.load(str(traced / "traced.onnx"), load_external_data=False)
+        inline = not any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
 
         acts = activation_quantizers(qmodel)
         canon = {n: n for n in acts}
@@ -299,6 +309,8 @@ def build_trt_template(
     if target != traced_opset:
         P.set_opset(model, target)
     info = {"scale_to_quantizer": scale_to_q, "folded": folded, "merged": merged}
+    if not inline:  # the FP32 weights never entered this message: nothing to shed
+        return model, info
     # Re-parsed into a fresh message: protobuf keeps the bytes of every replaced tensor (the traced FP32
     # weights, now INT8) in the message's arena until the message is freed: a few times the template.
     data = model.SerializeToString()
@@ -499,8 +511,14 @@ def export_qdq(
             timings["lint_s"] = time.perf_counter() - t1
             release_heap()
 
+        check_shape = parity_sample_shape(sample_shape, unet)
+        if check or one_session:
+            exp.parity_sample_shape = list(check_shape)
         if check:
             t1 = time.perf_counter()
+            if tuple(check_shape) != tuple(sample_shape):
+                say(f"parity inputs at {check_shape[1]}x{check_shape[2]} latents (the model's {sample_shape[1]}x"
+                    f"{sample_shape[2]}): the same graphs, at a bounded memory")
             sims = {"fp32": qmodel}
             for prof, fs in files.items():
                 prec = exp.graph_precision[prof]
@@ -514,7 +532,7 @@ def export_qdq(
                 for k, f in enumerate(fs):
                     say(f"parity: {f.name} vs the {prof} simulation of group {k}")
                     c = check_group_graph(
-                        f, sims[prec], unet, result, k, prof, sample_shape, conditioning or {},
+                        f, sims[prec], unet, result, k, prof, check_shape, conditioning or {},
                         optimized=(prof == "ort"), parity_tol=parity_tolerance(prec, parity_tol), precision=prec,
                     )
                     exp.checks.append(c)
@@ -550,7 +568,7 @@ def export_qdq(
         if one_session and "ort" in files:
             t1 = time.perf_counter()
             say("the CPU-target groups as one onnxruntime session (shared graph, group constants as inputs)")
-            exp.one_session = derive_shared_session(files["ort"], stage, result, sample_shape, conditioning or {})
+            exp.one_session = derive_shared_session(files["ort"], stage, result, check_shape, conditioning or {})
             if exp.one_session.get("status") == "ok":
                 extra_names = [exp.one_session[k] for k in ("graph", "weights", "constants")]
             else:

@@ -40,6 +40,27 @@ TIE_MAX_FRACTION = 1e-3
 TOL_EPS_MULTIPLE = 16
 TIE_EPS_MULTIPLE = 4
 EPS = {"fp32": 2.0 ** -23, "fp16": 2.0 ** -10, "bf16": 2.0 ** -7}
+# Largest latent side of the parity inputs. The checks compare the graph with the simulation quantizer by
+# quantizer, so they keep every quantizer's (input, output) from both: at SD-1.5's 32x32 latents that was
+# 6 GB, most of it self-attention maps (tokens squared). The graphs and the simulation are the same
+# function at every size, so a larger model is checked on inputs of at most this side.
+PARITY_MAX_SIDE = 16
+
+
+def parity_sample_shape(sample_shape: Sequence[int], unet: torch.nn.Module) -> tuple[int, ...]:
+    """`sample_shape` (C, H, W) with H and W capped at PARITY_MAX_SIDE, kept multiples of the UNet's
+    downsampling factor (unchanged where the cap would leave less than one factor)."""
+    c, h, w = (int(v) for v in sample_shape)
+    levels = len(getattr(getattr(unet, "config", None), "block_out_channels", ()) or ()) - 1
+    factor = 2 ** max(levels, 0)
+    cap = (PARITY_MAX_SIDE // factor) * factor
+
+    def side(n: int) -> int:
+        return cap if n > PARITY_MAX_SIDE and cap >= factor else n
+
+    return (c, side(h), side(w))
+
+
 SIM_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -455,6 +476,8 @@ def _eps(out):
 
 
 __all__ = [
+    "PARITY_MAX_SIDE",
+    "parity_sample_shape",
     "GraphCheck",
     "PARITY_TOL",
     "TIE_MAX_FRACTION",

@@ -137,3 +137,46 @@ def test_sim_in_precision_equals_a_cast_copy(tiny_unet):
     for n in want:
         assert got[n].dtype == want[n].dtype and torch.equal(got[n], want[n]), n
     assert all(torch.equal(v, before[n]) and v.dtype == before[n].dtype for n, v in q.state_dict().items())
+
+
+# --------------------------------------------------------------------------- bounded parity inputs
+
+
+def test_parity_sample_shape_caps_large_latents():
+    from types import SimpleNamespace
+
+    from adpdm_export.qdq_parity import PARITY_MAX_SIDE, parity_sample_shape
+
+    def unet(levels):
+        return SimpleNamespace(config=SimpleNamespace(block_out_channels=(8,) * levels))
+
+    assert PARITY_MAX_SIDE == 16
+    assert parity_sample_shape((4, 64, 64), unet(4)) == (4, 16, 16)  # SD-1.5: factor 8
+    assert parity_sample_shape((4, 128, 96), unet(3)) == (4, 16, 16)  # SDXL: factor 4
+    assert parity_sample_shape((4, 32, 8), unet(4)) == (4, 16, 8)  # a small side stays
+    assert parity_sample_shape((1, 16, 16), unet(2)) == (1, 16, 16)
+    assert parity_sample_shape((4, 64, 64), unet(6)) == (4, 64, 64)  # factor 32: no smaller valid side
+
+
+def test_large_latents_checked_at_the_capped_side(tmp_path, monkeypatch):
+    """An export for 32x32 latents runs its parity checks (and the one-session check) at 16x16, says so
+    in the report, and the checks hold there."""
+    from adpdm_export import qdq_export
+    from tiny_models import tiny_unet2d
+
+    unet = tiny_unet2d()
+    shape = dict(sample_shape=(1, 32, 32), conditioning={})
+    result = quick_result(unet, groups=2, **shape)
+    seen = []
+    real = qdq_export.check_group_graph
+
+    def spy(graph, qmodel, fp_unet, result, group, target, sample_shape, *a, **kw):
+        seen.append(tuple(sample_shape))
+        return real(graph, qmodel, fp_unet, result, group, target, sample_shape, *a, **kw)
+
+    monkeypatch.setattr(qdq_export, "check_group_graph", spy)
+    exp = export_qdq(unet, result, tmp_path, target="ort", **shape)
+    assert seen == [(1, 16, 16)] * 2
+    assert exp.report()["parity_sample_shape"] == [1, 16, 16]
+    assert exp.one_session["status"] == "ok"
+    assert all(c.verdict in ("exact", "within-tolerance", "ties") for c in exp.checks)
