@@ -166,11 +166,11 @@ def prune_unused_initializers(model: onnx.ModelProto) -> int:
         remove_nodes(model, dead_consts)
         removed += len(dead_consts)
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    removed += len(model.graph.initializer) - len(keep)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    return removed
+    # deleted in place: re-adding the kept ones would copy every weight into protobuf's arena again
+    dead = [i for i, t in enumerate(model.graph.initializer) if t.name not in used]
+    for i in reversed(dead):
+        del model.graph.initializer[i]
+    return removed + len(dead)
 
 
 def opset_version(model: onnx.ModelProto) -> int:
@@ -326,14 +326,25 @@ def fold_weight_quantizers(
     ix = GraphIndex(model, base_dir)
     folded: list[FoldedWeight] = []
     dead: list[onnx.NodeProto] = []
-    new_inits: list[TensorProto] = []
     taken = set(ix.inits)
+    done: set[str] = set()
+
+    def put(t: TensorProto) -> None:
+        """Into the graph in place (the FP32 tensor's slot takes the integers): one copy in the message."""
+        if t.name in ix.inits:
+            ix.inits[t.name].CopyFrom(t)
+        else:
+            model.graph.initializer.append(t)
+            ix.inits[t.name] = model.graph.initializer[-1]
+
     for pair in qdq_pairs(model, ix):
         if not pair.is_weight or pair.q is None:
             continue
         q, dq = pair.q, pair.dq
         if len(ix.consumers.get(q.output[0], [])) != 1:
             raise AdpdmError(f"weight QuantizeLinear {q.name} feeds more than one node")
+        if q.input[0] in done:
+            raise AdpdmError(f"weight {q.input[0]} is quantized by more than one QuantizeLinear ({q.name})")
         w = ix.const_value(q.input[0])
         scale = ix.const_value(q.input[1])
         if w is None or scale is None:
@@ -351,10 +362,12 @@ def fold_weight_quantizers(
         for nm in (scale_name, zp_name):
             if nm in taken and nm not in (dq.input[1], q.input[1]):
                 raise AdpdmError(f"initializer name clash while folding {q.name}: {nm}")
-        new_inits.append(numpy_helper.from_array(qw.astype(np_dtype), wname))
-        new_inits.append(numpy_helper.from_array(scale, scale_name))
-        new_inits.append(numpy_helper.from_array(np.zeros(scale.shape, np_dtype), zp_name))
+        put(numpy_helper.from_array(qw.astype(np_dtype), wname))
+        del w, qw
+        put(numpy_helper.from_array(scale, scale_name))
+        put(numpy_helper.from_array(np.zeros(scale.shape, np_dtype), zp_name))
         taken.update((scale_name, zp_name))
+        done.add(wname)
         del dq.input[:]
         dq.input.extend([wname, scale_name, zp_name])
         set_attr(dq, "axis", 0)
@@ -365,10 +378,6 @@ def fold_weight_quantizers(
         folded.append(
             FoldedWeight(wname, scale_name, dq.name, consumer.name if consumer is not None else "", bits, int(scale.size))
         )
-    replaced = {t.name for t in new_inits}
-    keep = [t for t in model.graph.initializer if t.name not in replaced]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep + new_inits)
     remove_nodes(model, dead)
     prune_unused_initializers(model)
     return folded
