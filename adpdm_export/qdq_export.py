@@ -438,36 +438,45 @@ def export_qdq(
         templates: dict[str, onnx.ModelProto] = {}
         scale_maps: dict[str, dict[str, str]] = {}
         conversion = None
-        if "trt" in targets:
-            if precision != "fp32":
-                say(f"converting the TensorRT target to {precision} outside the INT8 layers")
-            templates["trt"], conversion = HP.convert(trt_template, precision)
-            scale_maps["trt"] = scale_to_q
-            conversion.lifted_activation_scales = sum(
-                HP.normal_scale(v, precision) != v for q in set(scale_to_q.values())
-                for v in result.activation_scales[q].tolist())
-        if "ort" in targets:
-            def out_scale(qname: str) -> float:
-                s = result.activation_scales.get(qname)
-                if s is None:
-                    raise AdpdmError(f"the calibration has no output scales for {qname}")
-                return float(s[0])
-
-            ort_template, out_names = make_ort_target(trt_template, out_scale)
-            templates["ort"] = ort_template
-            scale_maps["ort"] = {**scale_to_q, **{n + P.SCALE_SUFFIX: n for n in out_names}}
-            del ort_template
-        graph_opset = P.opset_version(templates.get("trt", trt_template))
-        del trt_template  # the targets are copies; its weights would stay inline until the end
-
         t1 = time.perf_counter()
+        with P.SharedWeights(stage / WEIGHTS_NAME) as weights:
+
+            def stored(tmpl: onnx.ModelProto, inline: Collection[str]) -> onnx.ModelProto:
+                """`tmpl` with its weights moved to the weights file, as a fresh message: protobuf frees
+                a message's bytes only with the message, so each target leaves memory before the next."""
+                P.externalize(tmpl, weights, list(inline) + [P.ACT_ZERO_POINT])
+                small = onnx.ModelProto()
+                small.CopyFrom(tmpl)
+                return small
+
+            if "trt" in targets:
+                if precision != "fp32":
+                    say(f"converting the TensorRT target to {precision} outside the INT8 layers")
+                converted, conversion = HP.convert(trt_template, precision)
+                templates["trt"] = stored(converted, scale_to_q)
+                del converted
+                scale_maps["trt"] = scale_to_q
+                conversion.lifted_activation_scales = sum(
+                    HP.normal_scale(v, precision) != v for q in set(scale_to_q.values())
+                    for v in result.activation_scales[q].tolist())
+            if "ort" in targets:
+                def out_scale(qname: str) -> float:
+                    s = result.activation_scales.get(qname)
+                    if s is None:
+                        raise AdpdmError(f"the calibration has no output scales for {qname}")
+                    return float(s[0])
+
+                ort_template, out_names = make_ort_target(trt_template, out_scale)
+                scale_maps["ort"] = {**scale_to_q, **{n + P.SCALE_SUFFIX: n for n in out_names}}
+                templates["ort"] = stored(ort_template, scale_maps["ort"])
+                del ort_template
+            graph_opset = P.opset_version(templates.get("trt", trt_template))
+            del trt_template  # the targets are copies
+        release_heap()  # the templates' inline weights, now in the weights file
+
         g_count = int(result.num_groups)
         table = [int(x) for x in result.timestep_to_group.tolist()]
         files: dict[str, list[Path]] = {}
-        with P.SharedWeights(stage / WEIGHTS_NAME) as weights:
-            for prof, tmpl in templates.items():
-                P.externalize(tmpl, weights, list(scale_maps[prof]) + [P.ACT_ZERO_POINT])
-        release_heap()  # the templates' inline weights, now in the weights file
         while templates:  # each template dropped once its group graphs are written
             prof, tmpl = next(iter(templates.items()))
             del templates[prof]

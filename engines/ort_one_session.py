@@ -42,6 +42,7 @@ import torch
 
 from engines.errors import AdpdmError
 from engines.group_backend import InputSpec
+from engines.heap import release_heap
 from engines.ort_backend import INPUT_NAMES, OUTPUT_NAME, _import_ort
 
 SHARED_GRAPH_NAME = "unet.shared.ort.onnx"
@@ -230,15 +231,18 @@ def parity_vs_group_sessions(
     """Group k's output from the one session vs from its own session (each at `optimization`, the
     runner's level for CPU-target builds) on `feeds[k]`: max |diff|, relative L2, exact or not."""
     ort = _import_ort()
-    one = OrtOneSessionBackend(graph, constants, len(group_graphs), threads, optimization=optimization)
-    out = []
-    for k, (g, f) in enumerate(zip(group_graphs, feeds)):
+    refs = []  # every group session's output first, one session at a time: one set of pre-packed weights in memory
+    for g, f in zip(group_graphs, feeds):
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.graph_optimization_level = _level(ort, optimization)
         if threads:
             so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
-        ref = ort.InferenceSession(str(g), so, providers=["CPUExecutionProvider"]).run([OUTPUT_NAME], dict(f))[0]
+        refs.append(ort.InferenceSession(str(g), so, providers=["CPUExecutionProvider"]).run([OUTPUT_NAME], dict(f))[0])
+        release_heap()
+    one = OrtOneSessionBackend(graph, constants, len(group_graphs), threads, optimization=optimization)
+    out = []
+    for k, (ref, f) in enumerate(zip(refs, feeds)):
         got = one.run(k, {n: torch.from_numpy(np.asarray(v)) for n, v in f.items()}).numpy()
         d = np.abs(got.astype(np.float64) - ref)
         rel = float(np.linalg.norm(got.astype(np.float64) - ref) / max(np.linalg.norm(ref.astype(np.float64)), 1e-30))
