@@ -69,3 +69,24 @@ def test_bench_speed_quick(tmp_path):
     assert data["targets"] and all("met" in t for t in data["targets"])
     md = out.with_suffix(".md").read_text()
     assert "## Speed" in md and "Quick run" in md
+
+
+def test_stage_memory_table(tmp_path):
+    """The docs' per-stage table from several runs: the newest run's row order, "-" for a label a run
+    did not report, the high-water mark against the FP32 weights."""
+    sys.path.insert(0, str(ROOT))
+    from tools.stage_memory import markdown_table
+
+    def run(name, stages, peak):
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps({"stages": [{"label": k, "peak_rss_mib": v, "seconds": 1.0} for k, v in stages],
+                                 "peak_rss_mib": peak, "params_m": 2 ** 20 / 4e6 * 1000, "wall_s": 9.0}))
+        return str(p)
+
+    old = run("old", [("load", 10.0), ("export: tracing", 30.0)], 4000.0)
+    new = run("new", [("load", 11.0), ("export: parity inputs", 12.0), ("export: tracing", 20.0)], 2000.0)
+    rows = markdown_table([old, new]).splitlines()
+    assert rows[0] == "| stage | old: peak MiB / s | new: peak MiB / s |"
+    assert [r.split(" | ")[0] for r in rows[2:5]] == ["| load", "| export: parity inputs", "| export: tracing"]
+    assert rows[3] == "| export: parity inputs | - | 12 / 1.0 |"
+    assert "**4000** (4.0x the FP32 weights)" in rows[5] and "**2000** (2.0x the FP32 weights)" in rows[5]

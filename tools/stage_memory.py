@@ -8,7 +8,8 @@ progress stage (calibration: trajectories, weights, srm, data, init, search, ref
 ("export: tracing", "export: converting to fp16", "export: writing trt graphs", "export: linting",
 "export: parity unet.g0.onnx", "export: fusions", "export: one session") the build reported. Printed and
 written: per label the peak RSS and the seconds spent, the process's high-water mark, and the
-build's own stage times. docs/benchmarks.md ("Memory of build-engine by stage") records the runs.
+build's own stage times. docs/benchmarks.md ("Memory and time of build-engine by stage") records the
+runs (their JSON in docs/stage_memory/; `--table A.json B.json` prints that table).
 """
 
 from __future__ import annotations
@@ -132,7 +133,36 @@ def load_model_for(name: str, sample_size, width_div: int):
     return models.load_bench_model(key)
 
 
+def markdown_table(paths: list[str]) -> str:
+    """One markdown table of peak RSS (MiB) and seconds per stage label from several runs' JSON (the
+    columns in the order given, the rows in the last run's order; a label a run did not report reads "-")."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    labels: list[str] = []
+    for r in reversed(runs):  # the newest run's order first
+        for st in r["stages"]:
+            if st["label"] not in labels:
+                labels.append(st["label"])
+    head = "| stage | " + " | ".join(f"{Path(p).stem}: peak MiB / s" for p in paths) + " |"
+    rows = [head, "|---|" + "---:|" * len(runs)]
+    for label in labels:
+        cells = []
+        for r in runs:
+            st = next((x for x in r["stages"] if x["label"] == label), None)
+            cells.append(f"{st['peak_rss_mib']:.0f} / {st['seconds']:.1f}" if st else "-")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    rows.append("| **process high-water mark (VmHWM)** | " + " | ".join(
+        f"**{r['peak_rss_mib']:.0f}** ({r['peak_rss_mib'] / (r['params_m'] * 4e6 / 2**20):.1f}x the FP32 weights)"
+        for r in runs) + " |")
+    rows.append("| wall time (s) | " + " | ".join(f"{r['wall_s']:.0f}" for r in runs) + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--table":  # python tools/stage_memory.py --table RUN.json ...: the docs' table
+        print(markdown_table(argv[1:]))
+        return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="reference")
     p.add_argument("--method", default="adpdm")
