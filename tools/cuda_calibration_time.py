@@ -1,0 +1,108 @@
+"""Calibration on the GPU (`--device cuda`) against the CPU: wall time per stage, peak GPU memory, and
+how far the two calibrations differ (issue 15: the CUDA path). Needs a CUDA GPU and a CUDA build of
+torch; elsewhere it says why and exits with status 2. The record goes to docs/cuda_calibration_time.json.
+
+    .venv/bin/python tools/cuda_calibration_time.py --model ddpm-cifar10 --samples 16 --steps 20
+    .venv/bin/python tools/cuda_calibration_time.py --model sd15 --method uniform-groups --skip-cpu
+
+Models: tools/bench_speed/models.py (random weights: timing does not need a trained model). The GPU
+tests of the same path: tests/test_cuda_calibration.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_JSON = ROOT / "docs" / "cuda_calibration_time.json"
+
+
+def run_one(model: str, device: str, method, data, threads: int) -> tuple[dict, object]:
+    import torch
+
+    from calibration.pipeline import calibrate
+    from tools.bench_speed.calib_time import Progress
+    from tools.bench_speed.models import load_bench_model, params_m
+
+    torch.set_num_threads(threads)
+    loaded = load_bench_model(model)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    prog = Progress(t0)
+    result = calibrate(loaded.unet, loaded.scheduler_config, method, data=data, seed=0,
+                       cond=loaded.default_condition(data.samples), device=device, progress=prog)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    rec = {"device": device, "params_m": params_m(loaded.unet), "wall_s": round(wall, 2),
+           "timings": {k: round(float(v), 2) for k, v in result.timings.items()}, "stages": prog.stages}
+    if device == "cuda":
+        rec["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    print(f"{model} on {device}: {wall:.1f} s", flush=True)
+    return rec, result
+
+
+def compare(cpu, gpu) -> dict:
+    """Same timestep table or not, and the median / largest relative difference of the activation scales."""
+    import torch
+
+    rel = []
+    for name, s in cpu.activation_scales.items():
+        g = gpu.activation_scales[name].cpu().double()
+        c = s.cpu().double()
+        rel.append(((g - c).abs() / c.clamp_min(1e-12)))
+    rel = torch.cat(rel) if rel else torch.zeros(1)
+    return {"same_table": bool(torch.equal(cpu.timestep_to_group.cpu(), gpu.timestep_to_group.cpu())),
+            "scale_rel_diff_median": float(rel.median()), "scale_rel_diff_max": float(rel.max())}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="ddpm-cifar10")
+    p.add_argument("--method", default="adpdm")
+    p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--option", action="append", default=[], help="KEY=VALUE of the method config")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (the CPU run and the GPU run's host side)")
+    p.add_argument("--skip-cpu", action="store_true", help="time the GPU only (a model too slow for this CPU)")
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    args = p.parse_args(argv)
+
+    from engines.platform import cuda_status
+
+    ok, why = cuda_status()
+    if not ok:
+        print(f"cuda_calibration_time: needs a CUDA GPU: {why}", file=sys.stderr)
+        return 2
+    from calibration.configs import DataFreeConfig, method_config
+
+    values = dict(kv.split("=", 1) for kv in args.option)
+    if args.method in ("adpdm", "uniform-groups"):
+        values.setdefault("groups", args.groups)
+    data = DataFreeConfig(samples=args.samples, steps=args.steps)
+    runs, results = [], {}
+    for device in ("cuda",) if args.skip_cpu else ("cuda", "cpu"):
+        rec, results[device] = run_one(args.model, device, method_config(args.method, dict(values)), data, args.threads)
+        runs.append(rec)
+    out = {"model": args.model, "gpu": why, "method": args.method, "options": values, "data": data.to_dict(),
+           "runs": runs, "command": "python tools/cuda_calibration_time.py " + " ".join(argv or sys.argv[1:])}
+    if "cpu" in results:
+        out["cpu_vs_cuda"] = compare(results["cpu"], results["cuda"])
+        out["speedup"] = round(runs[1]["wall_s"] / runs[0]["wall_s"], 2)
+    text = json.dumps(out, indent=1)
+    print(text)
+    args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
