@@ -90,3 +90,18 @@ def test_stage_memory_table(tmp_path):
     assert [r.split(" | ")[0] for r in rows[2:5]] == ["| load", "| export: parity inputs", "| export: tracing"]
     assert rows[3] == "| export: parity inputs | - | 12 / 1.0 |"
     assert "**4000** (4.0x the FP32 weights)" in rows[5] and "**2000** (2.0x the FP32 weights)" in rows[5]
+
+
+def test_stage_memory_reports_every_stage_as_it_starts():
+    """on_mark sees the record after every new stage, so a run killed for memory leaves its stages."""
+    sys.path.insert(0, str(ROOT))
+    from tools.stage_memory import StageMemory
+
+    seen = []
+    with StageMemory(interval=0.01, on_mark=lambda m: seen.append([s["label"] for s in m.stages()])) as mem:
+        mem.say("calibrate: running")
+        mem.say("export: tracing the quantized UNet (group 0) and building the QDQ template")
+    assert seen[0] == ["load"]
+    assert seen[1] == ["load", "calibrate"]
+    assert seen[2] == ["load", "calibrate", "export: tracing"]
+    assert all(s["peak_rss_mib"] > 0 for s in mem.stages())

@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -40,7 +41,8 @@ def rss_mib(field: str = "VmRSS") -> float:
 class StageMemory:
     """Peak RSS and time per stage label, sampled from a background thread."""
 
-    def __init__(self, interval: float = 0.1):
+    def __init__(self, interval: float = 0.1, on_mark: Optional[Callable[["StageMemory"], None]] = None):
+        self.on_mark = on_mark  # called after every new stage (the partial record: a killed run leaves it)
         self.label = "load"
         self.peaks: dict[str, float] = {}
         self.seconds: dict[str, float] = {}
@@ -70,6 +72,13 @@ class StageMemory:
             if label not in self.order:
                 self.order.append(label)
             self._sample()
+        if self.on_mark is not None:
+            self.on_mark(self)
+
+    def stages(self) -> list[dict]:
+        with self._lock:
+            return [{"label": k, "peak_rss_mib": round(self.peaks.get(k, 0.0), 1),
+                     "seconds": round(self.seconds.get(k, 0.0), 1)} for k in self.order if k != "done"]
 
     def _sample(self) -> None:
         r = rss_mib()
@@ -150,10 +159,14 @@ def markdown_table(paths: list[str]) -> str:
             st = next((x for x in r["stages"] if x["label"] == label), None)
             cells.append(f"{st['peak_rss_mib']:.0f} / {st['seconds']:.1f}" if st else "-")
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
-    rows.append("| **process high-water mark (VmHWM)** | " + " | ".join(
-        f"**{r['peak_rss_mib']:.0f}** ({r['peak_rss_mib'] / (r['params_m'] * 4e6 / 2**20):.1f}x the FP32 weights)"
-        for r in runs) + " |")
+    def hwm(r: dict) -> str:
+        x = f" ({r['peak_rss_mib'] / (r['params_m'] * 4e6 / 2**20):.1f}x the FP32 weights)" if r.get("params_m") else ""
+        return f"**{r['peak_rss_mib']:.0f}**{x}"
+
+    rows.append("| **process high-water mark (VmHWM)** | " + " | ".join(hwm(r) for r in runs) + " |")
     rows.append("| wall time (s) | " + " | ".join(f"{r['wall_s']:.0f}" for r in runs) + " |")
+    if any(r.get("status", "done") != "done" for r in runs):  # a partial record: the run was killed
+        rows.append("| status | " + " | ".join(r.get("status", "done").replace("running", "killed") for r in runs) + " |")
     return "\n".join(rows)
 
 
@@ -192,9 +205,20 @@ def main(argv=None) -> None:
     method = method_config(args.method, values)
     data = DataFreeConfig(samples=args.samples, steps=args.steps)
     t0 = time.perf_counter()
-    with StageMemory() as mem, tempfile.TemporaryDirectory(prefix="stage-memory-") as tmp:
+    command = "python tools/stage_memory.py " + " ".join(argv)
+    head = {"model": args.model, "method": method.to_dict(), "data": data.to_dict(), "targets": args.targets,
+            "threads": args.threads, "command": command}
+
+    def partial(m: StageMemory) -> None:  # rewritten at every stage: what a run killed for memory leaves
+        if args.json:
+            Path(args.json).write_text(json.dumps({**head, "status": f"running (last stage: {m.label})",
+                                                   "peak_rss_mib": round(rss_mib("VmHWM"), 1), "stages": m.stages(),
+                                                   "wall_s": round(time.perf_counter() - t0, 1)}, indent=1) + "\n")
+
+    with StageMemory(on_mark=partial) as mem, tempfile.TemporaryDirectory(prefix="stage-memory-") as tmp:
         out_dir = Path(args.keep) if args.keep else Path(tmp) / "out"
         loaded = load_model_for(args.model, args.sample_size, args.width_div)
+        head["params_m"] = params_m(loaded.unet)
         mem.mark("build")
         summary = build_engine(loaded, out_dir, method, data=data, backend="ort",
                                targets=tuple(args.targets.split(",")), cache_dir=None, progress=mem.progress,
@@ -203,13 +227,12 @@ def main(argv=None) -> None:
     wall = time.perf_counter() - t0
     out = {
         "model": args.model, "params_m": params_m(loaded.unet), "method": method.to_dict(), "data": data.to_dict(),
-        "targets": args.targets, "threads": args.threads, "wall_s": round(wall, 1),
+        "targets": args.targets, "threads": args.threads, "status": "done", "wall_s": round(wall, 1),
         "peak_rss_mib": round(rss_mib("VmHWM"), 1),
-        "stages": [{"label": k, "peak_rss_mib": round(mem.peaks.get(k, 0.0), 1),
-                    "seconds": round(mem.seconds.get(k, 0.0), 1)} for k in mem.order if k != "done"],
+        "stages": mem.stages(),
         "build_stages": [{"name": s.name, "seconds": round(s.seconds, 1)} for s in summary.stages],
         "files_mib": {k: round(v / 2**20, 2) for k, v in sorted(files.items())},
-        "command": "python tools/stage_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
     }
     text = json.dumps(out, indent=1)
     print(text)
