@@ -76,7 +76,8 @@ def load_external_tensors(model: onnx.ModelProto, base_dir: str | os.PathLike) -
     for t in tensors:
         if external_data_helper.uses_external_data(t):
             external_data_helper.load_external_data_for_tensor(t, str(base_dir))
-            t.ClearField("data_location")
+            t.ClearField("data_location")  # (older onnx leaves both set; newer sets DEFAULT explicitly)
+            del t.external_data[:]
             n += 1
     return n
 

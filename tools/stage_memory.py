@@ -142,6 +142,29 @@ def load_model_for(name: str, sample_size, width_div: int):
     return models.load_bench_model(key)
 
 
+def export_only(loaded, out_dir: Path, method, data, targets, mem: StageMemory) -> list[dict]:
+    """build-engine's calibrate and export stages without its engine stage (the commands `adpdm calibrate`
+    and `adpdm export` run), for TensorRT-target graphs on a machine without TensorRT."""
+    from adpdm_export.qdq_export import export_qdq_for
+    from calibration.pipeline import calibrate
+    from engines.heap import release_heap
+
+    stages = []
+    t0 = time.perf_counter()
+    mem.say("calibrate: running")
+    result = calibrate(loaded.unet, loaded.scheduler_config, method, data=data, progress=mem.progress)
+    release_heap()
+    mem.say(f"calibrate: done ({result.method}, {result.num_groups} group(s))")
+    stages.append({"name": "calibrate", "seconds": round(time.perf_counter() - t0, 1)})
+    t0 = time.perf_counter()
+    mem.say("export: running")
+    export_qdq_for(loaded, result, out_dir, target=targets, say=lambda msg: mem.say(f"export: {msg}"))
+    release_heap()
+    mem.say("export: done")
+    stages.append({"name": "export", "seconds": round(time.perf_counter() - t0, 1)})
+    return stages
+
+
 def markdown_table(paths: list[str]) -> str:
     """One markdown table of peak RSS (MiB) and seconds per stage label from several runs' JSON (the
     columns in the order given, the rows in the last run's order; a label a run did not report reads "-")."""
@@ -220,9 +243,13 @@ def main(argv=None) -> None:
         loaded = load_model_for(args.model, args.sample_size, args.width_div)
         head["params_m"] = params_m(loaded.unet)
         mem.mark("build")
-        summary = build_engine(loaded, out_dir, method, data=data, backend="ort",
-                               targets=tuple(args.targets.split(",")), cache_dir=None, progress=mem.progress,
-                               say=mem.say)
+        targets = tuple(args.targets.split(","))
+        if "ort" in targets:
+            summary = build_engine(loaded, out_dir, method, data=data, backend="ort", targets=targets, cache_dir=None,
+                                   progress=mem.progress, say=mem.say)
+            build_stages = [{"name": s.name, "seconds": round(s.seconds, 1)} for s in summary.stages]
+        else:  # TensorRT graphs only, where no TensorRT is: `adpdm calibrate`, then `adpdm export --target trt`
+            build_stages = export_only(loaded, out_dir, method, data, targets, mem)
         files = {f.name: f.stat().st_size for f in out_dir.iterdir() if f.is_file()}
     wall = time.perf_counter() - t0
     out = {
@@ -230,7 +257,7 @@ def main(argv=None) -> None:
         "targets": args.targets, "threads": args.threads, "status": "done", "wall_s": round(wall, 1),
         "peak_rss_mib": round(rss_mib("VmHWM"), 1),
         "stages": mem.stages(),
-        "build_stages": [{"name": s.name, "seconds": round(s.seconds, 1)} for s in summary.stages],
+        "build_stages": build_stages,
         "files_mib": {k: round(v / 2**20, 2) for k, v in sorted(files.items())},
         "command": command,
     }
