@@ -152,7 +152,8 @@ def export_only(loaded, out_dir: Path, method, data, targets, mem: StageMemory) 
     stages = []
     t0 = time.perf_counter()
     mem.say("calibrate: running")
-    result = calibrate(loaded.unet, loaded.scheduler_config, method, data=data, progress=mem.progress)
+    result = calibrate(loaded.unet, loaded.scheduler_config, method, data=data, progress=mem.progress,
+                       cond=loaded.default_condition(data.samples))
     release_heap()
     mem.say(f"calibrate: done ({result.method}, {result.num_groups} group(s))")
     stages.append({"name": "calibrate", "seconds": round(time.perf_counter() - t0, 1)})
