@@ -173,13 +173,9 @@ def _parity_session(graph: Path, optimize: bool):
     """A one-run CPU session without onnxruntime's memory arena: an arena keeps the largest set of
     tensors a run held (in the unoptimized graphs, every weight's dequantized copy) until the session
     is freed; without it each is returned as soon as its consumer has run."""
-    import onnxruntime as ort
-
     from engines.ort_backend import make_session
 
-    so = ort.SessionOptions()
-    so.enable_cpu_mem_arena = False
-    return make_session(graph, providers=["CPUExecutionProvider"], optimize=optimize, session_options=so)
+    return make_session(graph, providers=["CPUExecutionProvider"], optimize=optimize, arena=False)
 
 
 def _run_probe(graph: Path, points, inputs) -> dict[str, np.ndarray]:

@@ -43,8 +43,11 @@ def make_session(
     threads: int | None = None,
     optimize: bool = True,
     session_options=None,
+    arena: bool = True,
 ):
-    """An InferenceSession for `path`; `optimize=False` disables graph optimizations (parity checks)."""
+    """An InferenceSession for `path`; `optimize=False` disables graph optimizations (parity checks);
+    `arena=False` returns each tensor as soon as it is dead instead of keeping a run's largest set
+    (one-run sessions over large weights: the parity checks)."""
     ort = _import_ort()
     path = Path(path)
     if not path.is_file():
@@ -55,6 +58,8 @@ def make_session(
         so.inter_op_num_threads = 1
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not arena:
+        so.enable_cpu_mem_arena = False
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=so, providers=list(providers or default_providers()))
 

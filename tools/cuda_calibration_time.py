@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tools.stage_memory import add_method_args, method_from_args  # noqa: E402  (after the path setup)
+
 DEFAULT_JSON = ROOT / "docs" / "cuda_calibration_time.json"
 
 
@@ -67,11 +69,10 @@ def compare(cpu, gpu) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="ddpm-cifar10")
-    p.add_argument("--method", default="adpdm")
-    p.add_argument("--groups", type=int, default=4)
+    add_method_args(p)
+    p.set_defaults(groups=4)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--option", action="append", default=[], help="KEY=VALUE of the method config")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (the CPU run and the GPU run's host side)")
     p.add_argument("--skip-cpu", action="store_true", help="time the GPU only (a model too slow for this CPU)")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
@@ -83,17 +84,14 @@ def main(argv=None) -> int:
     if not ok:
         print(f"cuda_calibration_time: needs a CUDA GPU: {why}", file=sys.stderr)
         return 2
-    from calibration.configs import DataFreeConfig, method_config
+    from calibration.configs import DataFreeConfig
 
-    values = dict(kv.split("=", 1) for kv in args.option)
-    if args.method in ("adpdm", "uniform-groups"):
-        values.setdefault("groups", args.groups)
     data = DataFreeConfig(samples=args.samples, steps=args.steps)
     runs, results = [], {}
     for device in ("cuda",) if args.skip_cpu else ("cuda", "cpu"):
-        rec, results[device] = run_one(args.model, device, method_config(args.method, dict(values)), data, args.threads)
+        rec, results[device] = run_one(args.model, device, method_from_args(args), data, args.threads)
         runs.append(rec)
-    out = {"model": args.model, "gpu": why, "method": args.method, "options": values, "data": data.to_dict(),
+    out = {"model": args.model, "gpu": why, "method": method_from_args(args).to_dict(), "data": data.to_dict(),
            "runs": runs, "command": "python tools/cuda_calibration_time.py " + " ".join(argv or sys.argv[1:])}
     if "cpu" in results:
         out["cpu_vs_cuda"] = compare(results["cpu"], results["cuda"])

@@ -142,6 +142,23 @@ def load_model_for(name: str, sample_size, width_div: int):
     return models.load_bench_model(key)
 
 
+def add_method_args(p: argparse.ArgumentParser, method: str = "adpdm") -> None:
+    """--method, --groups, --option KEY=VALUE (read back by `method_from_args`)."""
+    p.add_argument("--method", default=method)
+    p.add_argument("--groups", type=int, default=2)
+    p.add_argument("--option", action="append", default=[], help="KEY=VALUE of the method config")
+
+
+def method_from_args(args):
+    """The method config of `add_method_args`'s flags (--groups for the methods that have groups)."""
+    from calibration.configs import method_config
+
+    values = dict(kv.split("=", 1) for kv in args.option)
+    if args.method in ("adpdm", "uniform-groups"):
+        values.setdefault("groups", args.groups)
+    return method_config(args.method, values)
+
+
 def export_only(loaded, out_dir: Path, method, data, targets, mem: StageMemory) -> list[dict]:
     """build-engine's calibrate and export stages without its engine stage (the commands `adpdm calibrate`
     and `adpdm export` run), for TensorRT-target graphs on a machine without TensorRT."""
@@ -202,11 +219,9 @@ def main(argv=None) -> None:
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="reference")
-    p.add_argument("--method", default="adpdm")
-    p.add_argument("--groups", type=int, default=2)
+    add_method_args(p)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--option", action="append", default=[], help="KEY=VALUE of the method config")
     p.add_argument("--targets", default="ort,trt")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
@@ -219,14 +234,11 @@ def main(argv=None) -> None:
     import torch
 
     from adpdm_export.build_pipeline import build_engine
-    from calibration.configs import DataFreeConfig, method_config
+    from calibration.configs import DataFreeConfig
     from tools.bench_speed.models import params_m
 
     torch.set_num_threads(args.threads)
-    values = dict(kv.split("=", 1) for kv in args.option)
-    if args.method in ("adpdm", "uniform-groups"):
-        values.setdefault("groups", args.groups)
-    method = method_config(args.method, values)
+    method = method_from_args(args)
     data = DataFreeConfig(samples=args.samples, steps=args.steps)
     t0 = time.perf_counter()
     command = "python tools/stage_memory.py " + " ".join(argv)

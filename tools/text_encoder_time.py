@@ -49,22 +49,6 @@ def encoders():
     yield "clip-vit-l (SD-1.5 config, random)", clip, torch.randint(0, CLIP_L["vocab_size"], (2, 77))
 
 
-def _last_hidden_state_module():
-    import torch
-
-    class LastHiddenState(torch.nn.Module):
-        """The encoder's last hidden state (what StableDiffusionPipeline conditions on) as a plain output."""
-
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids):
-            return self.model(input_ids=input_ids).last_hidden_state
-
-    return LastHiddenState
-
-
 def median_s(fn, reps: int) -> float:
     fn()  # warm-up
     times = []
@@ -87,7 +71,17 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    LastHiddenState = _last_hidden_state_module()
+
+    class LastHiddenState(torch.nn.Module):
+        """The encoder's last hidden state (what StableDiffusionPipeline conditions on) as a plain output."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.model(input_ids=input_ids).last_hidden_state
+
     rows = []
     for name, model, ids in encoders():
         with torch.no_grad():
