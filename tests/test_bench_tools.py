@@ -53,6 +53,42 @@ def test_bench_quality_quick(tmp_path):
     assert (tmp_path / "img" / "bench-quality-per-timestep.png").is_file()
 
 
+REFERENCE_TEXT = ROOT / "adpdm_export" / "assets" / "reference_text" / "model_index.json"
+
+
+@pytest.mark.skipif(not REFERENCE_TEXT.is_file(), reason="bundled reference-text model not built yet")
+def test_bench_quality_quick_text_path(tmp_path):
+    """--model reference-text: calibration on the guided trajectories (both halves), rows scored with
+    prompt fidelity, kept in their own section of the JSON beside the reference rows, and its table."""
+    out, page = tmp_path / "bench_quality_quick.json", tmp_path / "page.md"
+    kept = {"bits": "W8A8", "family": "ours", "variant": "percentile", "conv_in_fp": True, "own_scope": None,
+            "error": "a reference row already there"}
+    out.write_text(json.dumps({"rows": {"W8A8/ours:percentile": kept}, "meta": {"model": "reference"}}))
+    r = _run("bench_quality.py", "--quick", "--model", "reference-text", "--threads", "1", "--json", str(out),
+             "--md", str(page), "--cache-dir", str(tmp_path / "cache"), "--peers", "ort-static")
+    assert r.returncode == 0, r.stderr[-3000:]
+    whole = json.loads(out.read_text())
+    assert whole["rows"] == {"W8A8/ours:percentile": kept}  # the reference rows untouched
+    sec = whole["models"]["reference-text"]
+    m = sec["meta"]
+    assert m["guidance_scale"] == 5.0  # the model's own
+    assert m["calib_items_per_step"] == 16 and m["calib_forward_passes"] == 16 * 10  # 8 seeds x both halves
+    rows = sec["rows"]
+    assert {"W8A8/ours:percentile", "W8A8/ours:adpdm-G4"} <= set(rows)
+    for key, rec in rows.items():
+        if rec["family"] == "ort-static" and sec.get("unavailable"):
+            continue
+        assert rec["error"] is None, (key, rec["error"])
+        assert rec["prompt_fidelity_samples"] == 8 and rec["num_seeds"] == 8 and rec["num_samples"] == 16
+        assert 0 <= rec["prompt_fidelity"] <= 1 and 0 <= rec["prompt_agreement"] <= 1
+        assert 0 < rec["noise_rel_l2_median"] <= rec["noise_rel_l2_max"] < 0.5
+        assert rec["psnr_vs_fp_db_min"] <= rec["psnr_vs_fp_db_median"] < 60
+    assert "W8A8/ort-static:minmax" in rows or "ort-static" in sec.get("unavailable", {})
+    text = page.read_text()
+    assert "### reference-text: the text-to-image path (guidance 5)" in text and "| ours:adpdm-G4 | shared |" in text
+    assert "failed: a reference row already there" in text  # both models on the page
+
+
 def test_bench_speed_quick(tmp_path):
     out = tmp_path / "bench_speed_quick.json"
     r = _run("tools.bench_speed", "--quick", "--out-json", str(out), "--no-docs", "--workdir", str(tmp_path / "work"))

@@ -21,8 +21,16 @@ the pooled value, and per timestep bucket; the count of FP held-out trajectories
 per-sample median); Frechet distance change vs FP; calibration wall time (trajectories excluded:
 every method is handed the same precomputed budget).
 
-Results go to --json (docs/bench_quality.json; a row already there is skipped unless --force) and
-docs/benchmarks.md is redrawn (tools/bench_report.py) unless --no-docs.
+Text-to-image path (`--model reference-text`): every method calibrates on the guided calibration
+trajectories `adpdm calibrate reference-text` samples (the shipped prompts in turn, negative prompt "",
+the model's own guidance unless --guidance-scale; both guidance halves with their encoder_hidden_states,
+128 UNet items per step for 64 seeds) and is scored as `adpdm eval` scores it (same held-out seeds,
+prompts and guidance; VAE decode; prompt fidelity and agreement with FP by the digits classifier, PSNR
+vs FP per decoded sample, FD, noise rel-L2 per sample: tools/quality_harness.evaluate_text_model).
+
+Results go to --json (docs/bench_quality.json; a row already there is skipped unless --force; models
+other than `reference` in their own section of it, "models") and docs/benchmarks.md is redrawn
+(tools/bench_report.py) unless --no-docs.
 """
 
 from __future__ import annotations
@@ -43,7 +51,8 @@ for p in (ROOT, ROOT / "tools"):
         sys.path.insert(0, str(p))
 
 import torch  # noqa: E402
-from quality_harness import add_setup_arguments, evaluate_model, fmt, log, parse_bits, prepare, quant_config  # noqa: E402
+from quality_harness import (add_setup_arguments, evaluate_model, evaluate_text_model, fmt, log, parse_bits,  # noqa: E402
+                             prepare, quant_config)
 
 OURS = ["percentile", "uniform-groups-G4", "adpdm-G1", "adpdm-G4", "per-step"]
 # "<variant>@ort": our CPU-target graph (what the runner serves with onnxruntime), for the wide-scope rows;
@@ -128,6 +137,23 @@ def plan(args) -> list[dict[str, Any]]:
     return rows
 
 
+def model_section(data: dict[str, Any], model: str, fresh: bool = False) -> dict[str, Any]:
+    """Where `model`'s rows live in the JSON: the top level for `reference` (the benchmark's own model),
+    data["models"][model] for any other (e.g. the text path's `reference-text`). fresh: emptied."""
+    if model == "reference":
+        if fresh:
+            for k in ("rows", "meta", "unavailable"):
+                data.pop(k, None)
+        sec = data
+    else:
+        models = data.setdefault("models", {})
+        if fresh:
+            models.pop(model, None)
+        sec = models.setdefault(model, {})
+    sec.setdefault("rows", {})
+    return sec
+
+
 def run(args) -> dict[str, Any]:
     from bench_report import machine_info
 
@@ -136,10 +162,10 @@ def run(args) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     store = Path(args.json)
-    data = json.loads(store.read_text()) if store.is_file() and not args.fresh else {}
-    data.setdefault("rows", {})
+    whole = json.loads(store.read_text()) if store.is_file() else {}
+    data = model_section(whole, args.model, fresh=args.fresh)
     setup = prepare(args.model, args.calib_samples, args.calib_steps, args.samples, args.eval_steps, args.seed,
-                    str(Path(args.cache_dir)))
+                    str(Path(args.cache_dir)), guidance_scale=args.guidance_scale)
     loaded = setup.loaded
     calib = CalibData(setup.calib, batch_size=args.batch_size)
     unavailable = {}
@@ -160,6 +186,9 @@ def run(args) -> dict[str, Any]:
         "calib_trajectories_s": setup.calib_trajectories_s, "buckets": BUCKETS,
         "machine": machine_info(args.threads),
     }
+    if setup.text is not None:
+        data["meta"].update(guidance_scale=setup.guidance_scale, calib_items_per_step=setup.calib.num_samples,
+                            text_note=setup.text.note)
     workroot = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     for row in plan(args):
         bits, family, variant, conv_in_fp, peer = row["bits"], row["family"], row["variant"], row["conv_in_fp"], row["peer"]
@@ -184,24 +213,30 @@ def run(args) -> dict[str, Any]:
                 model, t_cal, extra, notes = pm.model, pm.calibration_s, dict(pm.extra), list(pm.notes)
             log(f"   calibrated in {t_cal:.1f} s; evaluating")
             t0 = time.perf_counter()
-            metrics, _ = evaluate_model(model, loaded.scheduler_config, setup.heldout, setup.feature_fn,
-                                        setup.real_stats, args.batch_size)
+            if setup.text is not None:
+                metrics = evaluate_text_model(model, setup, args.batch_size)
+            else:
+                metrics, _ = evaluate_model(model, loaded.scheduler_config, setup.heldout, setup.feature_fn,
+                                            setup.real_stats, args.batch_size)
             rec.update(calibration_s=t_cal, eval_s=time.perf_counter() - t0, extra=extra, notes=notes, **metrics)
             rec["noise_rel_l2_buckets"] = bucket_errors(metrics["noise_rel_l2_per_timestep"])
-            log(f"   {key}: rel-L2 {rec['noise_rel_l2']:.4f}  PSNR {rec['psnr_vs_fp_db']:.2f} dB "
-                f"(chunk std {rec['psnr_chunk_std_db']:.2f})  FD change {fmt(rec['fd_delta_pct'], '+.1f')}%  "
-                f"calib {t_cal:.1f} s")
+            log(f"   {key}: rel-L2 per sample median {rec['noise_rel_l2_median']:.4f}  PSNR per sample median "
+                f"{fmt(rec.get('psnr_vs_fp_db_median', rec.get('psnr_per_sample_median_db')), '.2f')} dB  "
+                f"fidelity {fmt(rec.get('prompt_fidelity'))}  calib {t_cal:.1f} s")
         except Exception as e:  # a peer that breaks is a result too: recorded, and the rest goes on
             rec["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:400]
             log(f"   {key} FAILED: {rec['error']}")
             if args.verbose:
                 traceback.print_exc()
         data["rows"][key] = rec
-        store.parent.mkdir(parents=True, exist_ok=True)
-        store.write_text(json.dumps(data, indent=1))
+        save(store, whole)
+    save(store, whole)
+    return whole
+
+
+def save(store: Path, whole: dict) -> None:
     store.parent.mkdir(parents=True, exist_ok=True)
-    store.write_text(json.dumps(data, indent=1))
-    return data
+    store.write_text(json.dumps(whole, indent=1))
 
 
 # ----------------------------------------------------------------------------------------
@@ -286,23 +321,57 @@ def findings(data: dict) -> list[str]:
 
 
 def render_markdown(data: dict, img_dir: Path, rel: str) -> str:
-    """The "## Quality" section of docs/benchmarks.md (and its plot, written to img_dir)."""
+    """The "## Quality" section of docs/benchmarks.md (and its plot, written to img_dir): the
+    `reference` rows, then each other model's (data["models"]; the text path's table)."""
+    parts = ["## Quality", ""]
+    if data.get("rows"):
+        parts.append(render_reference(data, img_dir, rel))
+    for name, sec in (data.get("models") or {}).items():
+        parts.append(render_text_model(name, sec))
+    return "\n".join(parts)
+
+
+def _commands_and_machine(m: dict) -> list[str]:
     from bench_report import machine_markdown
 
+    return ["Commands (in order; each adds the rows not yet in the JSON):", "",
+            *[f"    {c}" for c in m.get("commands", [m.get("command")])], "",
+            *(["(quick mode: a smoke run, not a result)", ""] if m.get("quick") else [])], \
+        [f"Machine: {machine_markdown(m.get('machine', {}))}", ""]
+
+
+def _peer_notes(sec: dict) -> list[str]:
+    """Peers not run, and what each peer needed (its modules' notes), for one model's rows."""
+    lines = []
+    if sec.get("unavailable"):
+        lines += ["Peers not run:", ""] + [f"- {k}: {v}" for k, v in sec["unavailable"].items()] + [""]
+    notes: dict[str, list[str]] = {}
+    for r in sec.get("rows", {}).values():
+        for n in r.get("notes") or []:
+            notes.setdefault(r["family"], [])
+            if n not in notes[r["family"]]:
+                notes[r["family"]].append(n)
+    if notes:
+        lines += ["What the peers needed (traps hit, as each peer module recorded them):", ""]
+        for fam, ns in notes.items():
+            lines += [f"- **{fam}**"] + [f"  - {n.rstrip('.')}." for n in ns]
+        lines.append("")
+    return lines
+
+
+def render_reference(data: dict, img_dir: Path, rel: str) -> str:
+    """The `reference` model's tables, findings and plot."""
     m = data.get("meta", {})
+    commands, machine = _commands_and_machine(m)
     lines = [
-        "## Quality", "",
-        "Commands (in order; each adds the rows not yet in the JSON):", "",
-        *[f"    {c}" for c in m.get("commands", [m.get("command")])],
-        "",
-        *(["(quick mode: a smoke run, not a result)", ""] if m.get("quick") else []),
+        *commands,
         f"Model `{m.get('model')}` (sha256 {str(m.get('model_sha256'))[:12]}). Calibration budget for every method: "
         f"{m.get('calib_samples')} seeds x {m.get('calib_steps')} DDIM steps = {m.get('calib_forward_passes')} FP "
         f"forward passes (computed once, {fmt(m.get('calib_trajectories_s'), '.0f')} s, not counted in the calibration "
         f"times). Evaluation: {m.get('eval_samples')} held-out seeds (seed {m.get('heldout_seed')}), DDIM "
         f"{m.get('eval_steps')} steps. Scope for all: per-tensor inputs of Conv2d/Linear, per-channel weights, "
         "conv_out / time embedding / time_emb_proj FP; conv_in FP or quantized as the column says.", "",
-        f"Machine: {machine_markdown(m.get('machine', {}))}", "",
+        *machine,
     ]
     old = [r for r in data.get("rows", {}).values() if not r.get("error") and "noise_rel_l2_median" not in r]
     if old:
@@ -339,19 +408,77 @@ def render_markdown(data: dict, img_dir: Path, rel: str) -> str:
     name = plot(data, img_dir)
     if name:
         lines += [f"![noise-prediction error per timestep]({rel}/{name})", ""]
-    if data.get("unavailable"):
-        lines += ["Peers not run:", ""] + [f"- {k}: {v}" for k, v in data["unavailable"].items()] + [""]
-    notes: dict[str, list[str]] = {}
-    for r in data.get("rows", {}).values():
-        for n in r.get("notes") or []:
-            notes.setdefault(r["family"], [])
-            if n not in notes[r["family"]]:
-                notes[r["family"]].append(n)
-    if notes:
-        lines += ["What the peers needed (traps hit, as each peer module recorded them):", ""]
-        for fam, ns in notes.items():
-            lines += [f"- **{fam}**"] + [f"  - {n.rstrip('.')}." for n in ns]
+    lines += _peer_notes(data)
+    return "\n".join(lines)
+
+
+def text_findings(sec: dict) -> list[str]:
+    """Per bit width: adpdm-G4 against the best peer on the shared scope, per sample (noise error median
+    and max, worst-seed PSNR, prompt fidelity and agreement with FP)."""
+    out = []
+    rows = [r for r in sec.get("rows", {}).values() if not r.get("error") and r["conv_in_fp"]]
+    for bits in BITS:
+        same = [r for r in rows if r["bits"] == bits]
+        ours = next((r for r in same if r["family"] == "ours" and r["variant"] == "adpdm-G4"), None)
+        peers = [r for r in same if r["family"] != "ours" and not r.get("own_scope")]
+        if not ours or not peers:
+            continue
+        best = min(peers, key=lambda r: r["noise_rel_l2_median"])
+        out.append(
+            f"{bits}: adpdm-G4 noise rel-L2 per sample median {ours['noise_rel_l2_median']:.4f} / max "
+            f"{ours['noise_rel_l2_max']:.4f} vs the best peer on the same scope, {_label(best)}, "
+            f"{best['noise_rel_l2_median']:.4f} / {best['noise_rel_l2_max']:.4f}; worst-seed PSNR vs FP "
+            f"{ours['psnr_vs_fp_db_min']:.2f} vs {best['psnr_vs_fp_db_min']:.2f} dB; prompt fidelity "
+            f"{fmt(ours.get('prompt_fidelity'))} vs {fmt(best.get('prompt_fidelity'))} (FP {fmt(ours.get('prompt_fidelity_fp'))}), "
+            f"agreement with FP {fmt(ours.get('prompt_agreement'))} vs {fmt(best.get('prompt_agreement'))}."
+        )
+    return out
+
+
+def render_text_model(name: str, sec: dict) -> str:
+    """A text-to-image model's tables (the metrics of `adpdm eval`, per sample), one per bit width."""
+    m = sec.get("meta", {})
+    commands, machine = _commands_and_machine(m)
+    lines = [
+        f"### {name}: the text-to-image path (guidance {fmt(m.get('guidance_scale'), 'g')})", "",
+        *commands,
+        f"Model `{m.get('model')}` (sha256 {str(m.get('model_sha256'))[:12]}). Calibration for every method: the "
+        f"guided trajectories of `adpdm calibrate {name}` ({m.get('calib_samples')} seeds x {m.get('calib_steps')} "
+        f"DDIM steps, the shipped prompts in turn, negative prompt \"\", guidance {fmt(m.get('guidance_scale'), 'g')}; "
+        f"{m.get('calib_items_per_step')} UNet items per step, both guidance halves with their encoder_hidden_states: "
+        f"{m.get('calib_forward_passes')} items). Evaluation as `adpdm eval`: {m.get('eval_samples')} held-out seeds "
+        f"(from {m.get('heldout_seed')}), the same prompts in turn and the same guidance, DDIM {m.get('eval_steps')}, "
+        "decoded by the VAE; prompt fidelity = the digits classifier reads the asked digit; agreement = the "
+        "same digit as the FP sample from the same noise. Scope: per-tensor inputs of Conv2d/Linear, per-channel "
+        "weights, conv_in / conv_out / time embedding FP (our default)."
+        + (f" Note: {m['text_note']}." if m.get("text_note") else ""), "",
+        *machine,
+    ]
+    lines += [f"- {f}" for f in text_findings(sec)]
+    lines.append("")
+    for bits in BITS:
+        rows = [r for r in _sorted_rows(sec.get("rows", {})) if r["bits"] == bits]
+        if not rows:
+            continue
+        lines += [f"#### {name}, {bits}", "",
+                  "| method | scope | conv_in | prompt fidelity (FP) | agreement with FP | p(asked) median / p10 | "
+                  "PSNR vs FP per sample: median / min (dB) | FD (FP) | noise rel-L2 per sample: median / max | calib s |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            ci = "FP" if r["conv_in_fp"] else "quant"
+            sc = r.get("own_scope") or "shared"
+            if r.get("error"):
+                lines.append(f"| {_label(r)} | {sc} | {ci} | failed: {r['error']} |" + " |" * 6)
+                continue
+            lines.append(
+                f"| {_label(r)} | {sc} | {ci} | {fmt(r.get('prompt_fidelity'))} ({fmt(r.get('prompt_fidelity_fp'))}) | "
+                f"{fmt(r.get('prompt_agreement'))} | {fmt(r.get('prompt_prob_median'))} / {fmt(r.get('prompt_prob_p10'))} | "
+                f"{r['psnr_vs_fp_db_median']:.2f} / {r['psnr_vs_fp_db_min']:.2f} | {fmt(r.get('fd'), '.1f')} "
+                f"({fmt(r.get('fd_fp'), '.1f')}) | {r['noise_rel_l2_median']:.4f} / {r['noise_rel_l2_max']:.4f} | "
+                f"{r['calibration_s']:.0f} |"
+            )
         lines.append("")
+    lines += _peer_notes(sec)
     return "\n".join(lines)
 
 
@@ -359,7 +486,9 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny budget, W8A8, conv_in FP, one variant per peer")
-    p.add_argument("--model", default="reference")
+    p.add_argument("--model", default="reference", help="reference, or reference-text (the text-to-image path)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="text-to-image pipelines: guidance of calibration and evaluation (default: the model's own)")
     p.add_argument("--bits", default=",".join(BITS))
     p.add_argument("--ours", default=",".join(OURS), help="our methods (tools/eval_quality.py variant names; "
                    "<name>@ort: the CPU target, Conv/MatMul outputs quantized too)")
@@ -369,7 +498,7 @@ def main(argv=None) -> None:
     add_setup_arguments(p)
     p.add_argument("--json", default=None, help="results (default docs/bench_quality.json; quick: runs/bench-quality-quick.json)")
     p.add_argument("--force", action="store_true", help="recompute rows already in --json")
-    p.add_argument("--fresh", action="store_true", help="start a new --json instead of adding to it")
+    p.add_argument("--fresh", action="store_true", help="start the model's rows in --json afresh instead of adding to them")
     p.add_argument("--md", default=None, help="the page to redraw (default docs/benchmarks.md; quick: runs/benchmarks-quick.md)")
     p.add_argument("--no-docs", action="store_true", help="do not redraw the page")
     p.add_argument("--report", action="store_true", help="only redraw docs/benchmarks.md from the JSON")

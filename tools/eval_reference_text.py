@@ -1,10 +1,12 @@
 """Quantized quality of the bundled text-conditional model `reference-text`, through the CLI.
 
     .venv/bin/python tools/eval_reference_text.py --samples 20 --json /tmp/reftext/quant.json
+    .venv/bin/python tools/eval_reference_text.py --guidance-scale 1 --json /tmp/reftext/g1.json
 
 For each variant: `adpdm calibrate reference-text` (its defaults: the shipped held-out prompts,
-the model's own guidance scale, 64 calibration seeds x 100 DDIM steps) and `adpdm eval --json`
-on held-out seeds (DDIM 50, guided like the calibration): prompt fidelity of the quantized model
+the model's own guidance scale unless --guidance-scale, 64 calibration seeds x 100 DDIM steps) and
+`adpdm eval --json` on held-out seeds (DDIM 50; `adpdm eval` has no guidance flag of its own: it
+samples at the calibration's guidance scale): prompt fidelity of the quantized model
 and of FP from the same noise, PSNR vs FP per sample, FD in classifier features, noise rel-L2 per
 sample. Calibration trajectories and held-out FP samples are cached and shared by the variants.
 Prints a markdown table (docs/results.md, "reference-text").
@@ -39,18 +41,25 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=20, help="held-out seeds of `adpdm eval`")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of `adpdm eval`")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of " + "; ".join(VARIANTS))
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="guidance of calibration and evaluation (default: the model's own)")
     p.add_argument("--work", type=Path, default=Path("/tmp/adpdm-reftext-eval"), help="calibration folders")
     p.add_argument("--json", type=Path, default=None, help="results (accumulated: variants there are skipped)")
     args = p.parse_args(argv)
     results = json.loads(args.json.read_text()) if args.json and args.json.is_file() else {}
+    guidance = [] if args.guidance_scale is None else ["--guidance-scale", f"{args.guidance_scale:g}"]
+    if guidance:
+        other = {n: m.get("guidance_scale") for n, m in results.items() if m.get("guidance_scale") != args.guidance_scale}
+        if other:
+            p.error(f"{args.json} holds results at another guidance scale ({other}); give another --json")
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
         if name not in VARIANTS:
             p.error(f"unknown variant {name!r}")
         if name in results:
             continue
-        out = args.work / name.replace(" ", "_")
+        out = args.work / (name.replace(" ", "_") + (f"_g{args.guidance_scale:g}" if guidance else ""))
         t0 = time.time()
-        r = cli("calibrate", "reference-text", "--out", str(out), "--no-progress", *VARIANTS[name])
+        r = cli("calibrate", "reference-text", "--out", str(out), "--no-progress", *guidance, *VARIANTS[name])
         if r.returncode:
             print(r.stderr, file=sys.stderr)
             return 1
@@ -62,8 +71,9 @@ def main(argv=None) -> int:
         m = json.loads(r.stdout)
         m.update(calibrate_seconds=round(t1 - t0, 1), eval_seconds=round(time.time() - t1, 1))
         results[name] = m
-        print(f"{name}: fidelity {m['prompt_fidelity']:.3f} (FP {m['prompt_fidelity_fp']:.3f}), PSNR median "
-              f"{m['psnr_vs_fp_db_median']:.2f}, calibrate {t1 - t0:.0f}s", flush=True)
+        print(f"{name}: guidance {m['guidance_scale']:g}, fidelity {m['prompt_fidelity']:.3f} (FP "
+              f"{m['prompt_fidelity_fp']:.3f}), PSNR median {m['psnr_vs_fp_db_median']:.2f}, calibrate {t1 - t0:.0f}s",
+              flush=True)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=1) + "\n")

@@ -2,7 +2,10 @@
 config, the calibration / held-out trajectories and the metrics of one quantized model.
 
 Both scripts score every method the same way on the same held-out seeds, so their numbers can
-be read side by side.
+be read side by side. A text-to-image pipeline (`reference-text`) is set up as `adpdm calibrate`
+and `adpdm eval` set it up (guided calibration trajectories holding both guidance halves, held-out
+seeds with the same prompts and guidance, VAE decode, the digits classifier for prompt fidelity)
+and scored by `adpdm eval`'s own metrics (`evaluate_text_model`).
 """
 
 from __future__ import annotations
@@ -56,6 +59,18 @@ def quant_config(w: int, a: int, quantize_conv_in: bool):
 
 
 @dataclass
+class TextEval:
+    """What scoring a text-to-image pipeline adds (adpdm_export.commands.eval_cmd.text_eval_inputs):
+    the VAE decode (None: pixel space), the digits classifier and the digit each held-out seed's
+    prompt asks for (None, with `note`, when there is no prompt fidelity)."""
+
+    decode: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    classifier: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    labels: Optional[list[int]]
+    note: Optional[str]
+
+
+@dataclass
 class QualitySetup:
     """The FP model, its calibration trajectories (the calibration budget) and the held-out ones."""
 
@@ -65,11 +80,15 @@ class QualitySetup:
     feature_fn: Optional[Callable[[torch.Tensor], torch.Tensor]]
     real_stats: Optional[tuple]
     calib_trajectories_s: float
+    guidance_scale: float = 1.0
+    text: Optional[TextEval] = None  # text-to-image pipelines only
 
 
 def prepare(model: str, calib_samples: int, calib_steps: int, eval_samples: int, eval_steps: int,
-            seed: int, cache_dir: str) -> QualitySetup:
-    """Load `model`, the digits classifier (for the Frechet distance) and both trajectory sets (cached)."""
+            seed: int, cache_dir: str, guidance_scale: Optional[float] = None) -> QualitySetup:
+    """Load `model`, the digits classifier (for the Frechet distance) and both trajectory sets (cached).
+
+    guidance_scale: text-to-image pipelines only (default: the pipeline's own, as `adpdm calibrate`)."""
     import time
 
     from adpdm_export.model_loading import load_model
@@ -77,6 +96,11 @@ def prepare(model: str, calib_samples: int, calib_steps: int, eval_samples: int,
     from calibration.trajectories import generate_trajectories, heldout_seed
 
     loaded = load_model(model)
+    if loaded.text_encoder is not None:
+        return prepare_text(loaded, calib_samples, calib_steps, eval_samples, eval_steps, seed, cache_dir,
+                            guidance_scale)
+    if guidance_scale is not None:
+        raise SystemExit(f"--guidance-scale needs a text-to-image pipeline; {model} has no text encoder")
     unet, sc = loaded.unet, loaded.scheduler_config
     try:
         clf = load_reference_classifier()
@@ -92,6 +116,49 @@ def prepare(model: str, calib_samples: int, calib_steps: int, eval_samples: int,
                                     seed=heldout_seed(seed), cond=loaded.default_condition(eval_samples),
                                     cache_dir=cache_dir, model_sha=loaded.sha256)
     return QualitySetup(loaded, calib, heldout, feature_fn, real_stats, t_traj)
+
+
+def prepare_text(loaded, calib_samples: int, calib_steps: int, eval_samples: int, eval_steps: int, seed: int,
+                 cache_dir: str, guidance_scale: Optional[float] = None) -> QualitySetup:
+    """The setup of a text-to-image pipeline, as the CLI makes it: calibration trajectories from
+    `adpdm calibrate PIPE [--guidance-scale S]`'s conditions (the pipeline's default prompts in turn,
+    negative prompt "", both guidance halves per seed) and the held-out set of `adpdm eval` (same
+    prompts in turn, same guidance, held-out seeds), decoded by the VAE and judged by the digits classifier."""
+    import time
+
+    from adpdm_export.commands.eval_cmd import reference_classifier_inputs, text_eval_inputs
+    from adpdm_export.text_prompts import calibration_conditions
+    from calibration.trajectories import generate_trajectories, heldout_seed
+
+    unet, sc = loaded.unet, loaded.scheduler_config
+    conds = calibration_conditions(loaded, calib_samples, guidance_scale=guidance_scale)
+    scale = conds.guidance_scale
+    t0 = time.perf_counter()
+    calib = generate_trajectories(unet, sc, num_samples=calib_samples, num_steps=calib_steps, seed=seed,
+                                  cond=conds.cond, uncond=conds.uncond, guidance_scale=scale,
+                                  cache_dir=cache_dir, model_sha=loaded.sha256)
+    t_traj = time.perf_counter() - t0
+    cond, uncond, decode, image_shape, labels, prompt_note = text_eval_inputs(loaded, eval_samples, None, None, scale)
+    heldout = generate_trajectories(unet, sc, num_samples=eval_samples, num_steps=eval_steps,
+                                    seed=heldout_seed(seed), cond=cond, uncond=uncond, guidance_scale=scale,
+                                    cache_dir=cache_dir, model_sha=loaded.sha256)
+    clf, real_stats, why = reference_classifier_inputs(image_shape)
+    if why:
+        log(f"no Frechet distance or prompt fidelity: {why}")
+    text = TextEval(decode, None if labels is None else clf, labels, why or prompt_note)
+    return QualitySetup(loaded, calib, heldout, None if clf is None else clf.features, real_stats, t_traj,
+                        scale, text)
+
+
+def evaluate_text_model(qmodel, setup: QualitySetup, batch_size: int) -> dict:
+    """The metrics `adpdm eval` reports for a text pipeline (calibration.metrics.evaluate): noise rel-L2
+    per sample, PSNR vs FP per decoded sample, FD, prompt fidelity of both models and their agreement."""
+    from calibration.metrics import evaluate
+
+    t = setup.text
+    return evaluate(qmodel, setup.loaded.scheduler_config, setup.heldout, feature_fn=setup.feature_fn,
+                    real_stats=setup.real_stats, batch_size=batch_size, decode=t.decode, classifier=t.classifier,
+                    labels=t.labels)
 
 
 def per_sample_psnr(images: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:

@@ -174,7 +174,10 @@ def quantize(unet: nn.Module, calib: CalibData, scope: Scope, variant: str = "x8
     tic = time.perf_counter()
     batch = Dim("batch", min=MIN_BATCH, max=MAX_BATCH)
     try:
-        gm = export(wrapper, ex, dynamic_shapes=tuple({0: batch} for _ in ex)).module()
+        # forward(sample, timestep, *cond): the conditions' specs are one nested tuple, as the signature's
+        # *cond (a flat tuple fails on conditional UNets, and fell back to a fixed batch); none without conditions
+        dims = ({0: batch}, {0: batch}) + ((tuple({0: batch} for _ in cond_keys),) if cond_keys else ())
+        gm = export(wrapper, ex, dynamic_shapes=dims).module()
         lo, hi = MIN_BATCH, MAX_BATCH
     except Exception as e:  # a UNet whose batch cannot be dynamic: fixed batch, pad / split at run time
         notes.append(f"dynamic-batch export failed ({type(e).__name__}: {(str(e) or '?').splitlines()[0][:120]}); "
