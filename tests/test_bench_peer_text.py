@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -33,18 +32,35 @@ SEEDS, STEPS, TOKENS, WIDTH = 3, 3, 5, 24
 UNCOND_VALUE = 3.0  # the unconditional half's embedding: far larger than the prompts', so its range shows
 
 
-@pytest.fixture(scope="module")
-def guided():
-    """A tiny cross-attention UNet, guided calibration trajectories (2 prompts, a constant 'negative
-    prompt' embedding) and the embeddings themselves."""
+def guided_setup(uncond_value: float = UNCOND_VALUE):
+    """A tiny cross-attention UNet, guided calibration trajectories (2 prompts in turn, a constant
+    'negative prompt' embedding) and the embeddings themselves (also test_bench_peer_torchao_quanto's)."""
     unet = tiny_cond_unet()
     g = torch.Generator().manual_seed(0)
     prompts = 0.1 * torch.randn(2, TOKENS, WIDTH, generator=g)
-    negative = torch.full((1, TOKENS, WIDTH), UNCOND_VALUE)
+    negative = torch.full((1, TOKENS, WIDTH), uncond_value)
     traj = generate_trajectories(unet, SCHED, num_samples=SEEDS, num_steps=STEPS, seed=0,
                                  cond={"encoder_hidden_states": prompts},
                                  uncond={"encoder_hidden_states": negative}, guidance_scale=5.0)
     return unet, traj, prompts, negative
+
+
+def check_uses_conditioning(model, unet, traj, prompts, negative) -> None:
+    """A peer's quantized `model` is near the FP UNet with the prompts, and another embedding changes
+    its output (the conditioning reaches it, not a constant baked in at export)."""
+    x = traj.x_t[1, :2].float()
+    t = torch.full((2,), int(traj.timesteps[1]), dtype=torch.int64)
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=prompts[:2]).sample
+    got = model(x, t, encoder_hidden_states=prompts[:2])
+    assert float((got - ref).norm() / ref.norm()) < 0.2
+    other = model(x, t, encoder_hidden_states=negative.expand(2, -1, -1).contiguous())
+    assert float((other - got).norm() / got.norm()) > 0.01
+
+
+@pytest.fixture(scope="module")
+def guided():
+    return guided_setup()
 
 
 def test_calib_batches_carry_both_guidance_halves(guided):
@@ -85,16 +101,7 @@ def test_ort_static_takes_and_calibrates_encoder_hidden_states(guided, tmp_path)
     ehs_q = {n.output[0] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q[0].output[0]}
     readers = [n.name for n in m.graph.node if any(i in ehs_q for i in n.input)]
     assert readers and all("attn2/to_k" in r or "attn2/to_v" in r for r in readers), readers
-    # the session uses the conditioning: near FP with the prompt, and another prompt changes the output
-    x = traj.x_t[1, :2].float()
-    t = torch.full((2,), int(traj.timesteps[1]), dtype=torch.int64)
-    ehs = prompts[:2]
-    with torch.no_grad():
-        ref = unet(x, t, encoder_hidden_states=ehs).sample
-    got = pm.model(x, t, encoder_hidden_states=ehs)
-    assert float((got - ref).norm() / ref.norm()) < 0.2
-    other = pm.model(x, t, encoder_hidden_states=negative.expand(2, -1, -1).contiguous())
-    assert float((other - got).norm() / got.norm()) > 0.01
+    check_uses_conditioning(pm.model, unet, traj, prompts, negative)
 
 
 def test_model_section_keeps_models_apart():

@@ -111,23 +111,12 @@ def test_torchao_pt2e_dynamic_batch_with_conditioning():
     """A cross-attention UNet fed guided calibration (both halves' encoder_hidden_states): the export keeps a
     dynamic batch (its *cond specs nested as the signature's; a flat spec failed and fell back to a fixed
     batch), every pass is calibrated, and the converted graph uses the conditioning."""
-    from tests.tiny_models import tiny_cond_unet
+    from tests.test_bench_peer_text import check_uses_conditioning, guided_setup
 
-    unet = tiny_cond_unet()
-    prompts = 0.1 * torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(0))
-    negative = torch.zeros(1, 5, 24)
-    traj = generate_trajectories(unet, SCHED, num_samples=3, num_steps=3, seed=0,
-                                 cond={"encoder_hidden_states": prompts},
-                                 uncond={"encoder_hidden_states": negative}, guidance_scale=5.0)
+    unet, traj, prompts, negative = guided_setup(uncond_value=0.0)
     calib = CalibData(traj, batch_size=4)
     pm = _quantize_on_a_copy(torchao_pt2e, "torchao", unet, calib, _scope(True), "x86-inductor")
     assert not any("dynamic-batch export failed" in n for n in pm.notes), pm.notes
     assert pm.extra["batch_range"] == [torchao_pt2e.MIN_BATCH, torchao_pt2e.MAX_BATCH]
     assert pm.extra["calibration_passes"] == calib.num_forward_passes == 3 * 2 * 3
-    x, t = traj.x_t[1, :2].float(), torch.full((2,), int(traj.timesteps[1]), dtype=torch.int64)
-    with torch.no_grad():
-        ref = unet(x, t, encoder_hidden_states=prompts).sample
-    got = pm.model(x, t, encoder_hidden_states=prompts)
-    assert float((got - ref).norm() / ref.norm()) < 0.2
-    other = pm.model(x, t, encoder_hidden_states=negative.expand(2, -1, -1).contiguous())
-    assert float((other - got).norm() / got.norm()) > 0.01
+    check_uses_conditioning(pm.model, unet, traj, prompts, negative)
