@@ -18,6 +18,7 @@ from engines.sampler import check_guidance
 STATS = ("minmax", "percentile")
 PARTITIONS = ("scale-dp", "search", "per-step")
 INITS = ("kmeans", "uniform")
+SAMPLING_PRECISIONS = ("fp32", "fp16", "bf16")  # calibration.sampling_precision
 DEFAULT_GROUPS = 4
 DEFAULT_PERCENTILE = 99.99
 DEFAULT_SAMPLES = 64
@@ -200,21 +201,27 @@ class DataFreeConfig:
     """The data-free calibration data: `samples` seeds sampled by the FP model with `steps` DDIM
     steps (item i from seed + i; the seed is `calibrate`'s). guidance_scale > 1: classifier-free
     guidance (needs `calibrate(uncond=...)`, e.g. the negative prompt's embeddings); the data then
-    holds both halves the UNet sees at every step, the conditional and the unconditional one."""
+    holds both halves the UNet sees at every step, the conditional and the unconditional one.
+    precision: what the FP model samples in (fp32; fp16 / bf16 under torch.autocast, checked on
+    the model first: calibration.sampling_precision)."""
 
     samples: int = DEFAULT_SAMPLES
     steps: int = DEFAULT_STEPS
     guidance_scale: float = 1.0
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         _int(self, "samples", 1)
         _int(self, "steps", 1)
         _set(self, "guidance_scale", check_guidance(self.guidance_scale))  # the sampler's rule, one message
+        _choice(self, "precision", SAMPLING_PRECISIONS)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if d["guidance_scale"] == 1.0:
             d.pop("guidance_scale")  # only guided plans carry the key
+        if d["precision"] == "fp32":
+            d.pop("precision")  # nor do FP32 ones this one
         return d
 
     def check_for(self, num_train_timesteps: int) -> "DataFreeConfig":

@@ -3,7 +3,8 @@
 The cost is counted in *item passes* of the UNet, in three kinds that cost differently:
 FP forwards (sampling the trajectories, SRM's and the search's targets and statistics),
 fake-quantized forwards (SRM's risks, the search's step errors) and fake-quantized
-forward+backward passes (the Adam steps of the search and the refinement). The counts follow
+forward+backward passes (the Adam steps of the search and the refinement); trajectories sampled
+in half precision (`DataFreeConfig.precision`) are a fourth kind, `sample`, timed under autocast. The counts follow
 the code of each phase (`count_passes`, using the same `srm_config`/`search_config` mapping
 the method runs with); a timed probe on the model itself (`probe_seconds`: one batch of each
 kind) turns them into seconds on this device.
@@ -26,12 +27,13 @@ from torch import nn
 
 from calibration.adpdm import search_config, srm_config
 from calibration.configs import ADPDMConfig, DataFreeConfig, MethodConfig
-
-PROBE_BATCH_CAP = 16
 from calibration.quant_unet import forward_eps, fp_mode, quant_mode
+from calibration.sampling_precision import autocast
 from engines.errors import AdpdmError
 
-KINDS = ("fp", "quant", "train")
+PROBE_BATCH_CAP = 16
+
+KINDS = ("fp", "quant", "train", "sample")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,11 @@ class PhaseCost:
     fp: int = 0
     quant: int = 0
     train: int = 0
+    sample: int = 0  # FP forwards in a half sampling precision
+
+    @property
+    def passes(self) -> int:
+        return self.fp + self.quant + self.train + self.sample
 
 
 @dataclass(frozen=True)
@@ -52,9 +59,11 @@ class ProbeSeconds:
     quant: float
     train: float
     probe_s: float = 0.0  # what the probe itself took
+    sample: Optional[float] = None  # an FP forward under the sampling precision's autocast (None: fp32)
 
     def of(self, phase: PhaseCost) -> float:
-        return phase.fp * self.fp + phase.quant * self.quant + phase.train * self.train
+        sample = self.fp if self.sample is None else self.sample
+        return phase.fp * self.fp + phase.quant * self.quant + phase.train * self.train + phase.sample * sample
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,7 @@ class CostEstimate:
 
     @property
     def passes(self) -> int:
-        return sum(p.fp + p.quant + p.train for p in self.phases)
+        return sum(p.passes for p in self.phases)
 
     @property
     def seconds(self) -> Optional[float]:
@@ -75,14 +84,14 @@ class CostEstimate:
         d: dict[str, Any] = {"passes": self.passes, "phases": [dataclasses.asdict(p) for p in self.phases]}
         if self.probe is not None:
             d["seconds"] = round(float(self.seconds or 0.0), 3)
-            d["probe_seconds_per_item"] = {k: getattr(self.probe, k) for k in KINDS}
+            d["probe_seconds_per_item"] = {k: getattr(self.probe, k) for k in KINDS if getattr(self.probe, k) is not None}
             d["probe_s"] = round(self.probe.probe_s, 3)
         if self.levels:
             d["budget_levels"] = list(self.levels)
         return d
 
     def summary(self) -> str:
-        parts = ", ".join(f"{p.phase} {p.fp + p.quant + p.train:,}" for p in self.phases if p.fp + p.quant + p.train)
+        parts = ", ".join(f"{p.phase} {p.passes:,}" for p in self.phases if p.passes)
         line = f"calibration estimate: {self.passes:,} UNet item passes ({parts})"
         if self.seconds is not None:
             line += f", about {_duration(self.seconds)} on this device (probe {self.probe.probe_s:.1f} s)"
@@ -106,7 +115,8 @@ def count_passes(method: MethodConfig, data: DataFreeConfig, *, seed: int = 0, b
     guided = data.guidance_scale > 1.0
     items = data.samples * (2 if guided else 1)  # UNet items per step: both halves under guidance
     n = data.steps
-    phases = [PhaseCost("trajectories", fp=items * n)]  # sampled in observe mode: statistics included
+    # sampled in observe mode: statistics included
+    phases = [PhaseCost("trajectories", **{"fp" if data.precision == "fp32" else "sample": items * n})]
     if not isinstance(method, ADPDMConfig):  # statistics come with the sampling (observe mode)
         return tuple(phases)
     if method.calib_step is None:
@@ -141,7 +151,8 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 def probe_seconds(qmodel: nn.Module, example: Callable[[int], tuple[torch.Tensor, torch.Tensor, Mapping[str, Any]]],
-                  batch: int = 16, train_batch: int = 16, batch_seconds: float = 2.0) -> ProbeSeconds:
+                  batch: int = 16, train_batch: int = 16, batch_seconds: float = 2.0,
+                  precision: str = "fp32") -> ProbeSeconds:
     """Seconds per item of an FP forward and a fake-quantized forward (at up to `batch` items) and
     of a fake-quantized forward+backward (at up to `train_batch`, the search's batch; 0: not timed,
     for methods without a search).
@@ -152,7 +163,8 @@ def probe_seconds(qmodel: nn.Module, example: Callable[[int], tuple[torch.Tensor
     calibration uses, and big ones (an SD-class UNet on a CPU) still probe in seconds, at a small
     batch whose per-item time errs high. The backward is timed twice when that is cheap (the
     first one allocates its buffers). `example(b)` gives (x, t, cond) for b items on the model's
-    device; unset activation scales cost the same as calibrated ones."""
+    device; unset activation scales cost the same as calibrated ones. A half sampling `precision`
+    also times the FP forward under its autocast (`sample`)."""
     t_all = time.perf_counter()
     x, t, cond = example(max(1, int(batch), int(train_batch)))
 
@@ -166,12 +178,17 @@ def probe_seconds(qmodel: nn.Module, example: Callable[[int], tuple[torch.Tensor
         b, tb = max(1, min(int(batch), fits)), max(1, min(int(train_batch), fits // 3 or 1))
         xb, tt, cb = part(b)
         fp = _timed(lambda: forward_eps(qmodel, xb, tt, **cb))
+        sample = None
+        if precision != "fp32":
+            with autocast(precision, xb.device):
+                forward_eps(qmodel, x1, t1, **c1)  # warm-up: the half kernels' first call
+                sample = _timed(lambda: forward_eps(qmodel, xb, tt, **cb)) / b
     with quant_mode(qmodel):
         quant = _timed(lambda: forward_eps(qmodel, xb, tt, **cb))
     train = 0.0
     if int(train_batch) > 0:
         train = _time_backward(qmodel, *part(tb), repeat_below=batch_seconds / 2) / tb
-    return ProbeSeconds(fp=fp / b, quant=quant / b, train=train, probe_s=time.perf_counter() - t_all)
+    return ProbeSeconds(fp=fp / b, quant=quant / b, train=train, probe_s=time.perf_counter() - t_all, sample=sample)
 
 
 def _time_backward(qmodel: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any],

@@ -13,6 +13,7 @@ timestep->group table.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -43,6 +44,7 @@ from calibration.progress import Progress, stage_steps
 from calibration.qconfig import QuantConfig
 from calibration.quant_unet import get_state, observe_mode, quantize_model, set_table
 from calibration.result import CalibrationResult, result_from_model
+from calibration.sampling_precision import PROBE_ITEMS, PrecisionCheck, check_precision
 from calibration.timestep_tables import calib_timesteps_by_group, per_step_table, single_group_table, uniform_table
 from calibration.trajectories import (
     DEFAULT_BATCH_SIZE,
@@ -54,6 +56,7 @@ from calibration.trajectories import (
 from calibration.user_data import UserData, trajectories_from_batches
 from calibration.weight_clipping import calibrate_weights
 from engines.errors import AdpdmError
+from engines.sampler import interleave
 from engines.scheduling import make_scheduler, num_train_timesteps
 
 Data = Union[None, DataFreeConfig, TrajectorySet, UserData]
@@ -150,12 +153,30 @@ def _estimate(qmodel, unet, method, data, seed, cond, batch_size, budget_minutes
 
     train_batch = method.search_batch if isinstance(method, ADPDMConfig) else 0  # no search: no backward
     probe = probe_seconds(qmodel, example, batch=min(int(batch_size), PROBE_BATCH_CAP),
-                          train_batch=min(train_batch, PROBE_BATCH_CAP))
+                          train_batch=min(train_batch, PROBE_BATCH_CAP), precision=data.precision)
     if budget_minutes is None:
         return method, data, CostEstimate(count_passes(method, data, seed=seed, batch_size=batch_size, target=target),
                                           probe)
     return fit_budget(method, data, float(budget_minutes) * 60.0, probe, seed=seed, batch_size=batch_size,
                       target=target)
+
+
+def _sampling_precision(unet, data: DataFreeConfig, t_count: int, seed: int, cond, uncond,
+                        log: Optional[Callable[[str], None]]) -> PrecisionCheck:
+    """The precision the trajectories are sampled in: the one asked for if the probe on this model
+    allows it (calibration.sampling_precision), else fp32; said on `log` either way."""
+    if data.precision == "fp32":
+        return PrecisionCheck("fp32", "fp32")
+    if data.guidance_scale > 1.0:  # the probe sees both halves the guided sampler feeds the UNet
+        half = PROBE_ITEMS // 2
+        u, c = expand_cond(uncond, half), expand_cond(cond, half)
+        probe_cond = {k: interleave(u[k], v) for k, v in c.items()}
+    else:
+        probe_cond = expand_cond(cond, PROBE_ITEMS)
+    check = check_precision(unet, data.precision, t_count, unet_sample_shape(unet), seed=seed, cond=probe_cond)
+    if log is not None:
+        log(check.reason)
+    return check
 
 
 def calibrate(
@@ -219,6 +240,10 @@ def calibrate(
     # The wrapper shares the UNet's weights: calibration learns quantizer scales, never weights, so a
     # second copy (1x the weights: 3.4 GB on SD-1.5) would only cost memory.
     qmodel = quantize_model(unet, quant, table=single_group_table(t_count), share_weights=True)
+    precision = None
+    if isinstance(data, DataFreeConfig):  # before the estimate, which times sampling in the precision used
+        precision = _sampling_precision(unet, data, t_count, seed, cond, uncond, log)
+        data = dataclasses.replace(data, precision=precision.used)
     estimate = None
     if isinstance(data, DataFreeConfig) and (budget_minutes is not None or on_estimate is not None):
         method, data, estimate = _estimate(qmodel, unet, method, data, seed, cond, batch_size, budget_minutes,
@@ -241,6 +266,7 @@ def calibrate(
                 qmodel, scheduler_config, num_samples=data.samples, num_steps=data.steps, seed=seed, cond=cond,
                 batch_size=batch_size, cache_dir=cache_dir, model_sha=sha,
                 progress=stage_steps(progress, "trajectories"), guidance_scale=data.guidance_scale, uncond=uncond,
+                precision=data.precision,
             )
         set_table(qmodel, single_group_table(t_count))
         if not trajectories.from_cache:
@@ -296,6 +322,10 @@ def calibrate(
         "trajectories_cached": bool(trajectories.from_cache),
         "observed_while_sampling": step_stats is not None,
         "device": str(dev),
+        # what the FP model sampled in: the cache's own key for a cached set, else this run's check
+        "sampling_precision": str(trajectories.settings.get("precision", "fp32")),
+        **({"sampling_precision_check": precision.to_dict()} if precision is not None and precision.requested != "fp32"
+           else {}),
         "method_config": method.to_dict(),
         "data": source,
         **({"estimate": estimate.to_dict()} if estimate is not None else {}),

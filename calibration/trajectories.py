@@ -26,11 +26,12 @@ from torch import nn
 
 from calibration.configs import DEFAULT_SAMPLES, DEFAULT_STEPS
 from calibration.fingerprint import model_sha256
+from calibration.sampling_precision import autocast
 from engines.errors import AdpdmError
 from engines.file_io import atomic_write, sha256_json
 from engines.sampler import check_guidance, initial_noise, interleave, sample
 from engines.scheduling import make_scheduler
-from engines.torch_predictor import TorchNoisePredictor
+from engines.torch_predictor import TorchNoisePredictor, module_device
 
 FORMAT_VERSION = 2  # 2: DDIM re-derives eps from a clipped x0 (engines.sampler.scheduler_step_kwargs)
 SAMPLER = "ddim"
@@ -181,12 +182,15 @@ def generate_trajectories(
     progress: Optional[Callable[[int, int], None]] = None,
     guidance_scale: float = 1.0,
     uncond: Optional[Mapping[str, Any]] = None,
+    precision: str = "fp32",
 ) -> TrajectorySet:
     """Sample `num_samples` seeds with the FP `unet` (on its own device) and DDIM `num_steps`.
 
     `cond`: user conditions (see `expand_cond`) or None (unconditional / null). With
     guidance_scale > 1, `uncond` (e.g. the negative prompt's embeddings, cycled like `cond`)
     gives classifier-free guidance and the set holds both halves the UNet sees (TrajectorySet.guided).
+    precision: the FP model's forward in fp32, or fp16 / bf16 under autocast (check it on the
+    model first: calibration.sampling_precision.check_precision); the stored set is FP32.
     With `cache_dir`, a matching cached set is returned instead of sampling again.
     `progress(done, total)` counts UNet calls.
     """
@@ -207,6 +211,9 @@ def generate_trajectories(
     if scale > 1.0:  # unguided keys stay as they were (existing caches remain valid)
         settings["guidance_scale"] = scale
         settings["uncond"] = {k: tensor_digest(v) for k, v in sorted(unconds.items())}
+    with_autocast = autocast(precision, module_device(unet))  # checks the name too
+    if precision != "fp32":  # as guidance: FP32 keys stay as they were
+        settings["precision"] = precision
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"trajectories-{settings_key(settings)[:32]}.safetensors"
@@ -228,18 +235,19 @@ def generate_trajectories(
         on_step = None
         if progress is not None:
             on_step = lambda i, n, b=b: progress(b * num_steps + i, total)  # noqa: E731
-        out = sample(
-            predictor,
-            scheduler,
-            noise[sl],
-            num_steps,
-            cond={k: v[sl] for k, v in conds.items()},
-            keep_trajectory=True,
-            seed=int(seed),
-            on_step=on_step,
-            guidance_scale=scale,
-            uncond={k: v[sl] for k, v in unconds.items()} or None,
-        )
+        with with_autocast:
+            out = sample(
+                predictor,
+                scheduler,
+                noise[sl],
+                num_steps,
+                cond={k: v[sl] for k, v in conds.items()},
+                keep_trajectory=True,
+                seed=int(seed),
+                on_step=on_step,
+                guidance_scale=scale,
+                uncond={k: v[sl] for k, v in unconds.items()} or None,
+            )
         parts.append(out)
     trajs = [p.trajectory for p in parts]
     ts = TrajectorySet(

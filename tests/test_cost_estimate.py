@@ -152,3 +152,19 @@ def test_the_probe_leaves_no_weight_gradients_and_skips_the_backward_without_a_s
     assert all(p.grad is None for p in qmodel.parameters())  # no weight gradient held through calibration
     assert {n: p.requires_grad for n, p in qmodel.named_parameters()} == before
     assert probe_seconds(qmodel, example, batch=4, train_batch=0).train == 0.0
+
+
+def test_half_precision_sampling_is_its_own_kind_timed_under_autocast():
+    data = DataFreeConfig(samples=6, steps=5, precision="bf16")
+    phases = count_passes(MinMaxConfig(), data)
+    assert (phases[0].phase, phases[0].sample, phases[0].fp) == ("trajectories", 30, 0)
+    assert CostEstimate(phases, ProbeSeconds(fp=1.0, quant=2.0, train=3.0, sample=0.25)).seconds == 30 * 0.25
+    assert CostEstimate(phases, ProbeSeconds(fp=1.0, quant=2.0, train=3.0)).seconds == 30 * 1.0  # untimed: as FP32
+    seen = []
+    calibrate(tiny_unet2d(), SCHEDULER, MinMaxConfig(), data=data, on_estimate=seen.append)
+    d = seen[0].to_dict()
+    assert d["phases"][0]["sample"] == 30 and d["probe_seconds_per_item"]["sample"] > 0
+    seen.clear()
+    calibrate(tiny_unet2d(), SCHEDULER, MinMaxConfig(), data=dataclasses.replace(data, precision="fp32"),
+              on_estimate=seen.append)
+    assert "sample" not in seen[0].to_dict()["probe_seconds_per_item"]

@@ -41,6 +41,7 @@ def build_engine(
     calib_budget_minutes: opt.CalibBudgetMinutes = None,
     seed: opt.Seed = 0,
     device: opt.Device = "cpu",
+    sampling_precision: opt.SamplingPrecision = "fp32",
     stat: opt.Stat = None,
     percentile: opt.Percentile = None,
     class_labels: opt.ClassLabels = None,
@@ -74,7 +75,7 @@ def build_engine(
     config = opt.method_from_flags(method, groups, stat, percentile, options)
     quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, quantize_residual=quantize_residual,
                         quantize_attention_bmm=quantize_attention_bmm)
-    data = DataFreeConfig(samples=calib_samples, steps=calib_steps)
+    data = DataFreeConfig(samples=calib_samples, steps=calib_steps, precision=sampling_precision)
     if calib_budget_minutes is not None:
         check_budget_minutes(calib_budget_minutes)
     resolve_device(device)

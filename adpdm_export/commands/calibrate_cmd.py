@@ -104,6 +104,7 @@ def calibrate(
     calib_budget_minutes: opt.CalibBudgetMinutes = None,
     seed: opt.Seed = 0,
     device: opt.Device = "cpu",
+    sampling_precision: opt.SamplingPrecision = "fp32",
     target: str = typer.Option("trt", "--target", "--profile", help="Graph target: trt (Q/DQ on inputs) or ort (also on Conv/MatMul outputs). --profile: old name."),
     stat: opt.Stat = None,
     percentile: opt.Percentile = None,
@@ -133,7 +134,7 @@ def calibrate(
     config = opt.method_from_flags(method, groups, stat, percentile, options)
     quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, target=target, quantize_residual=quantize_residual,
                         quantize_attention_bmm=quantize_attention_bmm)
-    data = DataFreeConfig(samples=calib_samples, steps=calib_steps)
+    data = DataFreeConfig(samples=calib_samples, steps=calib_steps, precision=sampling_precision)
     if batch_size < 1:
         raise AdpdmError(f"--batch-size must be >= 1, got {batch_size}")
     if calib_budget_minutes is not None:

@@ -18,6 +18,12 @@ CalibSamples = Annotated[int, typer.Option("--calib-samples", help="Seeds sample
 CalibSteps = Annotated[int, typer.Option("--calib-steps", help="DDIM steps of the calibration trajectories.")]
 Seed = Annotated[int, typer.Option("--seed", help="First calibration seed (item i uses seed + i).")]
 Device = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+SamplingPrecision = Annotated[
+    str,
+    typer.Option("--sampling-precision", help="What the FP model samples the calibration trajectories in: fp32 | bf16 | "
+                                              "fp16 (torch.autocast; probed on the model first, fp32 where it is off; "
+                                              "docs/method.md)."),
+]
 Stat = Annotated[Optional[str], typer.Option("--stat", help="Range statistic of uniform-groups / per-step: minmax | percentile.")]
 Percentile = Annotated[Optional[float], typer.Option("--percentile", help="Percentile of |x| for the percentile statistic (default 99.99).")]
 ClassLabels = Annotated[
