@@ -154,3 +154,18 @@ def test_eval_reference_text_refuses_mixing_guidance(tmp_path):
                        timeout=120)
     assert r.returncode == 2 and "another guidance scale" in r.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_peers_filter_by_name_or_variant_and_sections_by_guidance():
+    """--peers NAME keeps every variant, NAME:VARIANT one; a run at another guidance has its own section."""
+    import argparse
+
+    from bench_quality import plan, section_name
+
+    args = argparse.Namespace(no_peers=False, bits=["W8A8", "W8A6"], conv_in=[True], ours=["adpdm-G4"], quick=False,
+                              peers=["ort-static:percentile", "modelopt"])
+    got = {(r["bits"], r["family"], r["variant"]) for r in plan(args) if r["family"] != "ours"}
+    assert got == {("W8A8", "ort-static", "percentile"), ("W8A8", "modelopt", "max"), ("W8A8", "modelopt", "percentile"),
+                   ("W8A6", "modelopt", "max"), ("W8A6", "modelopt", "percentile")}
+    assert section_name("reference-text", None) == "reference-text"
+    assert section_name("reference-text", 1.0) == "reference-text@guidance1"

@@ -124,11 +124,10 @@ def plan(args) -> list[dict[str, Any]]:
                 rows.append({"bits": bits, "family": "ours", "variant": name, "conv_in_fp": conv_in_fp, "peer": None,
                              "own_scope": OURS_TARGET_SCOPE if name.endswith("@ort") else None})
             for peer in peers:
-                if args.peers and peer.NAME not in args.peers:
-                    continue
                 if bits not in peer.BITS:
                     continue
-                variants = list(peer.VARIANTS)
+                variants = [v for v in peer.VARIANTS
+                            if not args.peers or peer.NAME in args.peers or f"{peer.NAME}:{v}" in args.peers]
                 if args.quick:
                     variants = variants[:1]
                 for v in variants:
@@ -137,9 +136,15 @@ def plan(args) -> list[dict[str, Any]]:
     return rows
 
 
+def section_name(model: str, guidance_scale: float | None) -> str:
+    """The JSON section of a run: the model's name, with the guidance when not the model's own."""
+    return model if guidance_scale is None else f"{model}@guidance{guidance_scale:g}"
+
+
 def model_section(data: dict[str, Any], model: str, fresh: bool = False) -> dict[str, Any]:
-    """Where `model`'s rows live in the JSON: the top level for `reference` (the benchmark's own model),
-    data["models"][model] for any other (e.g. the text path's `reference-text`). fresh: emptied."""
+    """Where `model`'s rows live in the JSON (model: a section_name): the top level for `reference` (the
+    benchmark's own model), data["models"][model] for any other (e.g. the text path's `reference-text`).
+    fresh: emptied."""
     if model == "reference":
         if fresh:
             for k in ("rows", "meta", "unavailable"):
@@ -163,7 +168,7 @@ def run(args) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     store = Path(args.json)
     whole = json.loads(store.read_text()) if store.is_file() else {}
-    data = model_section(whole, args.model, fresh=args.fresh)
+    data = model_section(whole, section_name(args.model, args.guidance_scale), fresh=args.fresh)
     setup = prepare(args.model, args.calib_samples, args.calib_steps, args.samples, args.eval_steps, args.seed,
                     str(Path(args.cache_dir)), guidance_scale=args.guidance_scale)
     loaded = setup.loaded
@@ -443,10 +448,11 @@ def render_text_model(name: str, sec: dict) -> str:
         f"### {name}: the text-to-image path (guidance {fmt(m.get('guidance_scale'), 'g')})", "",
         *commands,
         f"Model `{m.get('model')}` (sha256 {str(m.get('model_sha256'))[:12]}). Calibration for every method: the "
-        f"guided trajectories of `adpdm calibrate {name}` ({m.get('calib_samples')} seeds x {m.get('calib_steps')} "
-        f"DDIM steps, the shipped prompts in turn, negative prompt \"\", guidance {fmt(m.get('guidance_scale'), 'g')}; "
-        f"{m.get('calib_items_per_step')} UNet items per step, both guidance halves with their encoder_hidden_states: "
-        f"{m.get('calib_forward_passes')} items). Evaluation as `adpdm eval`: {m.get('eval_samples')} held-out seeds "
+        f"trajectories of `adpdm calibrate {m.get('model')} --guidance-scale {fmt(m.get('guidance_scale'), 'g')}` "
+        f"({m.get('calib_samples')} seeds x {m.get('calib_steps')} DDIM steps, the shipped prompts in turn"
+        + (f", negative prompt \"\"; {m.get('calib_items_per_step')} UNet items per step, both guidance halves with "
+           "their encoder_hidden_states" if (m.get("guidance_scale") or 1) > 1 else "; unguided: one UNet item per seed")
+        + f": {m.get('calib_forward_passes')} items). Evaluation as `adpdm eval`: {m.get('eval_samples')} held-out seeds "
         f"(from {m.get('heldout_seed')}), the same prompts in turn and the same guidance, DDIM {m.get('eval_steps')}, "
         "decoded by the VAE; prompt fidelity = the digits classifier reads the asked digit; agreement = the "
         "same digit as the FP sample from the same noise. Scope: per-tensor inputs of Conv2d/Linear, per-channel "
@@ -492,7 +498,8 @@ def main(argv=None) -> None:
     p.add_argument("--bits", default=",".join(BITS))
     p.add_argument("--ours", default=",".join(OURS), help="our methods (tools/eval_quality.py variant names; "
                    "<name>@ort: the CPU target, Conv/MatMul outputs quantized too)")
-    p.add_argument("--peers", default="", help="only these peers (comma separated NAMEs); default: all")
+    p.add_argument("--peers", default="", help="only these peers (comma separated NAMEs, or NAME:VARIANT for one "
+                   "variant); default: all")
     p.add_argument("--no-peers", action="store_true", help="ours only")
     p.add_argument("--conv-in", default="fp,quant", help="fp, quant or both (conv_in's input FP / quantized)")
     add_setup_arguments(p)
