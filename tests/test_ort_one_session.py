@@ -123,6 +123,21 @@ def test_one_session_equals_per_group_sessions_on_every_group(which, request):
         assert torch.allclose(single[0], a[i], atol=1e-5)
 
 
+def test_threads_calling_at_once_get_their_own_outputs(u2d_build):
+    """The constants are bound once per group and thread (IOBinding): calls from several threads, on
+    different groups and batch sizes at the same time, each get what a lone call gets."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    one, per = _runners(u2d_build)
+    cases = [_inputs(one, ts, seed=i) for i, ts in enumerate([[999], [0, 1, 2], [500, 501], [250] * 5])]
+    expected = [per(x, t, **c) for x, t, c in cases]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda case: one(case[0], case[1], **case[2]), cases * 3))
+            for i, out in enumerate(got):
+                assert torch.equal(out, expected[i % len(cases)]), i
+
+
 def test_per_group_option_and_unknown_mode(u2d_build):
     with pytest.raises(AdpdmError, match="sessions"):
         TimestepDispatchRunner(u2d_build, backend="ort", ort_options={"sessions": "two"})

@@ -20,38 +20,68 @@ class _NullSession:
         return [self._out]
 
 
-class _NullOneSession:
-    """Stands in for the one-session backend's session: returns a precomputed OrtValue."""
+class _NullBinding:
+    """Stands in for an IOBinding of the null one-session: binds nothing, holds the precomputed output."""
 
     def __init__(self, out):
         self._out = out
 
-    def run_with_ort_values(self, names, feeds):
+    def bind_ortvalue_input(self, name, value):
+        pass
+
+    def bind_cpu_input(self, name, array):
+        pass
+
+    def bind_output(self, name, device):
+        pass
+
+    def clear_binding_outputs(self):
+        pass
+
+    def get_outputs(self):
         return [self._out]
 
 
+class _NullOneSession:
+    """Stands in for the one-session backend's session: its runs return a precomputed OrtValue."""
+
+    def __init__(self, out):
+        self._out = out
+
+    def io_binding(self):
+        return _NullBinding(self._out)
+
+    def run_with_iobinding(self, binding):
+        pass
+
+
 def _one_session_row(mb: ModelBench, runner, batch: int, args) -> dict:
-    """The one-session runner (engines/ort_one_session.py) vs a bare `run_with_ort_values` of its session with the
-    same group constants, and the runner's own cost with the session swapped for a null one."""
-    import onnxruntime as ort
+    """The one-session runner (engines/ort_one_session.py) vs a bare `run_with_iobinding` of its session with
+    the same group constants bound, and the runner's own cost with the session swapped for a null one."""
+    import threading
 
     be = runner.group_backend
     x, ts = make_inputs(mb, batch)
     t = ts[0]
     k = int(runner.group_of(t)[0])
-    feeds = dict(be._constants[k])
-    feeds["sample"] = ort.OrtValue.ortvalue_from_numpy(x.numpy())
-    feeds["timestep"] = ort.OrtValue.ortvalue_from_numpy(t.numpy())
     sess, out_name = be.session, be.output_name
+    io = sess.io_binding()
+    for name, value in be._constants[k].items():
+        io.bind_ortvalue_input(name, value)
+    x_np, t_np = x.numpy(), t.numpy()
+    io.bind_cpu_input("sample", x_np)
+    io.bind_cpu_input("timestep", t_np)
+    io.bind_output(out_name, "cpu")
     fns = {"runner": lambda i, r=runner, x=x, t=t: r(x, t),
-           "bare": lambda i, s=sess, o=out_name, f=feeds: s.run_with_ort_values([o], f)}
+           "bare": lambda i, s=sess, b=io: s.run_with_iobinding(b)}
     times = interleaved(fns, args.rounds, args.iters, args.warmup, {})
-    out = sess.run_with_ort_values([out_name], feeds)[0]
-    be.session = _NullOneSession(out)
+    out = io.get_outputs()[0]
+    local = be._local
+    be.session, be._local = _NullOneSession(out), threading.local()  # fresh bindings, made by the null session
     try:
         null_t = interleaved({"runner-null": lambda i, r=runner, x=x, t=t: r(x, t)}, 1, args.null_reps, 5, {})["runner-null"]
     finally:
-        be.session = sess
+        be.session, be._local = sess, local
     return _row(mb, batch, k, t, times, null_t, "one session")
 
 
