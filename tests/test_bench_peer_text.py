@@ -169,3 +169,15 @@ def test_peers_filter_by_name_or_variant_and_sections_by_guidance():
                    ("W8A6", "modelopt", "max"), ("W8A6", "modelopt", "percentile")}
     assert section_name("reference-text", None) == "reference-text"
     assert section_name("reference-text", 1.0) == "reference-text@guidance1"
+
+
+def test_other_unconditional_model_keeps_the_reference_tables(tmp_path):
+    """A section of another unconditional model (no guidance in its meta) is drawn with the reference
+    tables under its own heading, not the text table (whose per-sample keys it lacks)."""
+    from bench_quality import render_markdown
+
+    row = {"bits": "W8A6", "family": "ours", "variant": "percentile", "conv_in_fp": True, "own_scope": None,
+           "error": "RuntimeError: no", "notes": []}
+    page = render_markdown({"models": {"my-unet": {"meta": {"model": "my-unet"}, "rows": {"k": row}}}}, tmp_path, "img")
+    assert "### my-unet" in page and "### W8A6" in page and "| ours:percentile | shared | FP | failed: RuntimeError: no |" in page
+    assert "text-to-image path" not in page

@@ -257,7 +257,7 @@ def _sorted_rows(rows: dict) -> list[dict]:
     return sorted(rows.values(), key=order)
 
 
-def plot(data: dict, img_dir: Path) -> str | None:
+def plot(data: dict, img_dir: Path, name: str = "bench-quality-per-timestep.png") -> str | None:
     """Per-timestep error per method (conv_in FP rows), one panel per bit width; the PNG's name."""
     try:
         import matplotlib
@@ -288,7 +288,6 @@ def plot(data: dict, img_dir: Path) -> str | None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     img_dir.mkdir(parents=True, exist_ok=True)
-    name = "bench-quality-per-timestep.png"
     fig.savefig(img_dir / name, dpi=100)
     plt.close(fig)
     return name
@@ -332,7 +331,10 @@ def render_markdown(data: dict, img_dir: Path, rel: str) -> str:
     if data.get("rows"):
         parts.append(render_reference(data, img_dir, rel))
     for name, sec in (data.get("models") or {}).items():
-        parts.append(render_text_model(name, sec))
+        if "guidance_scale" in sec.get("meta", {}):  # a text-to-image pipeline's rows
+            parts.append(render_text_model(name, sec))
+        else:  # another unconditional model: the reference tables, under its name
+            parts += [f"### {name}", "", render_reference(sec, img_dir, rel, f"bench-quality-per-timestep-{name}.png")]
     return "\n".join(parts)
 
 
@@ -364,8 +366,8 @@ def _peer_notes(sec: dict) -> list[str]:
     return lines
 
 
-def render_reference(data: dict, img_dir: Path, rel: str) -> str:
-    """The `reference` model's tables, findings and plot."""
+def render_reference(data: dict, img_dir: Path, rel: str, plot_name: str = "bench-quality-per-timestep.png") -> str:
+    """The `reference` model's tables, findings and plot (or another unconditional model's)."""
     m = data.get("meta", {})
     commands, machine = _commands_and_machine(m)
     lines = [
@@ -410,7 +412,7 @@ def render_reference(data: dict, img_dir: Path, rel: str) -> str:
                 f"{fmt(r['fd_delta_pct'], '+.1f')}% | {r['calibration_s']:.0f} |"
             )
         lines.append("")
-    name = plot(data, img_dir)
+    name = plot(data, img_dir, plot_name)
     if name:
         lines += [f"![noise-prediction error per timestep]({rel}/{name})", ""]
     lines += _peer_notes(data)
