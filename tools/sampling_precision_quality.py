@@ -3,7 +3,7 @@
     .venv/bin/python tools/sampling_precision_quality.py --bits W8A6 --json docs/sampling_precision.json
 
 For each precision (`DataFreeConfig.precision`: fp32, bf16, fp16), ADP-DM is calibrated data-free
-at its defaults on the bundled reference model (trajectories sampled each time, no cache), on the
+at its defaults (or `--adpdm-option KEY=VALUE`) on the bundled reference model (trajectories sampled each time, no cache), on the
 CPU this runs on (torch.autocast on the CPU: bf16 uses the CPU's bf16 instructions where it has
 them; fp16 is mostly emulated there, so its time says nothing about a GPU). Each result is judged
 on held-out seeds (never used in calibration; DDIM 50, sampled in FP32) per sample: noise relative
@@ -32,7 +32,15 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from tools.quality_harness import evaluate_model, fmt, log, parse_bits, prepare, quant_config  # noqa: E402
+from tools.quality_harness import (  # noqa: E402
+    add_setup_arguments,
+    evaluate_model,
+    fmt,
+    log,
+    parse_bits,
+    prepare,
+    quant_config,
+)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -46,7 +54,7 @@ def scale_shift(result, base) -> dict[str, float]:
 
 def run(args) -> dict:
     from calibration import pipeline
-    from calibration.configs import ADPDMConfig, DataFreeConfig
+    from calibration.configs import DataFreeConfig, method_config
     from calibration.quant_unet import quantize_model
 
     torch.set_num_threads(args.threads)
@@ -69,7 +77,8 @@ def run(args) -> dict:
         data = DataFreeConfig(samples=args.calib_samples, steps=args.calib_steps, precision=precision)
         lines: list[str] = []
         t0 = time.perf_counter()
-        result = pipeline.calibrate(loaded.unet, loaded.scheduler_config, ADPDMConfig(), quant_config(w, a, False),
+        method = method_config("adpdm", dict(kv.split("=", 1) for kv in args.adpdm_option))
+        result = pipeline.calibrate(loaded.unet, loaded.scheduler_config, method, quant_config(w, a, False),
                                     data=data, seed=calib_seed, cond=loaded.default_condition(data.samples),
                                     batch_size=args.batch_size, log=lines.append)
         calib_s = time.perf_counter() - t0
@@ -160,14 +169,7 @@ def main(argv=None) -> None:
     p.add_argument("--bits", default="W8A6")
     p.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated; fp32 first (the reference)")
     p.add_argument("--json", default=str(ROOT / "docs" / "sampling_precision.json"))
-    p.add_argument("--samples", type=int, default=64, help="held-out seeds")
-    p.add_argument("--eval-steps", type=int, default=50)
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--calib-steps", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--cache-dir", default=str(ROOT / "runs" / "cache"), help="held-out trajectory cache")
+    add_setup_arguments(p)
     p.add_argument("--control-seed", type=int, default=None,
                    help="also calibrate in FP32 from this calibration seed (the held-out set is unchanged)")
     p.add_argument("--time-reps", type=int, default=3, help="interleaved timings of the sampling alone (0: none)")
