@@ -180,6 +180,7 @@ FLAG_CHANGES = {
     "quantize_attention_bmm": {"quant": QuantConfig(quantize_attention_bmm=True)},
     "calib_samples": {"data": DataFreeConfig(samples=3, steps=2)},
     "calib_steps": {"data": DataFreeConfig(samples=2, steps=3)},
+    "sampling_precision": {"data": DataFreeConfig(samples=2, steps=2, precision="bf16")},
     "seed": {"seed": 1},
     "device": {"device": "cpu:0"},
     # keyed on the budget asked for (not on the probe-timed fit), so the rebuild below is reused
