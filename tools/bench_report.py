@@ -92,9 +92,11 @@ def write_benchmarks_md(quality_json: Path = QUALITY_JSON, speed_json: Path = SP
         "",
         "Written by `tools/bench_report.py` from the JSON that `tools/bench_quality.py` and "
         "`python -m tools.bench_speed` save (do not edit by hand: rerun the commands below). "
-        "Peers are optional dependencies of the benchmarks only: "
-        "`.venv/bin/pip install -c constraints.txt -e '.[cpu,tools,bench]'`; a peer that is not "
-        "installed is reported as missing and the rest runs.",
+        "Peers are optional dependencies of the benchmarks only, installed in an environment of their own "
+        "so the test environment stays as CI builds it: `python3 -m venv .venv-bench && .venv-bench/bin/pip "
+        "install -c constraints.txt -e '.[cpu,tools,bench]'` (check that torch stays at the pinned CPU build), "
+        "then run the benchmarks with `.venv-bench/bin/python`; a peer that is not installed is reported as "
+        "missing and the rest runs.",
         "",
     ]
     q = load_json(quality_json)
