@@ -3,9 +3,10 @@
 Sampling the trajectories is most of the FP model's work in a data-free calibration (64 seeds x
 100 steps by default). `fp16` / `bf16` run it under `torch.autocast`: convolutions and matmuls in
 half precision, and what torch's autocast lists keep in FP32 on that device (on CUDA the
-normalisations, softmax, exp/log and the reductions) stays there. Only the sampling changes: the
-scheduler's arithmetic, the stored trajectories, the range statistics' bookkeeping and every
-fake-quantized forward of the method (SRM, the search) stay FP32.
+normalisations, softmax, exp/log and the reductions) stays there. Only the sampling changes (the
+range statistics observed while sampling see its half-precision activations): the scheduler's
+arithmetic, the stored trajectories and every fake-quantized forward of the method (SRM, the
+search) stay FP32.
 
 "Where it is safe" is decided per model, before any sampling: `check_precision` runs a probe
 batch (seeded noise at timesteps spread over [0, T), the calibration's own conditions) in FP32 and
@@ -76,8 +77,8 @@ def check_precision(unet: nn.Module, precision: str, num_train_timesteps: int, s
         return PrecisionCheck("fp32", "fp32")
     dev = module_device(unet)
     if precision == "fp16" and dev.type == "cpu":
-        # allowed (and checked), but slow on most CPUs: say so rather than surprise
-        note = "fp16 on the CPU is emulated on most CPUs (bf16 is the CPU's fast half type); "
+        # allowed (and checked), but slower than FP32 on the CPU measured: say so rather than surprise
+        note = "fp16 was slower than fp32 on the CPU measured (docs/method.md; bf16 is the CPU's half type); "
     else:
         note = ""
     predictor = TorchNoisePredictor(unet)

@@ -27,9 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-
-from tools.quality_harness import evaluate_model, fmt, log, parse_bits, prepare, quant_config  # noqa: E402
+from tools.quality_harness import evaluate_model, fmt, log, quant_config, reference_sweep  # noqa: E402
 
 
 def levels_config(k: int):
@@ -47,12 +45,8 @@ def run(args) -> dict:
     from calibration.cost_estimate import BUDGET_LEVELS
     from calibration.quant_unet import quantize_model
 
-    torch.set_num_threads(args.threads)
-    store = Path(args.json)
-    out = json.loads(store.read_text()) if store.is_file() else {"runs": {}}
-    setup = prepare("reference", 8, 10, args.samples, args.eval_steps, args.seed, args.cache_dir)
+    store, out, setup, (w, a) = reference_sweep(args)
     loaded = setup.loaded
-    w, a = parse_bits(args.bits)
     for k in range(len(BUDGET_LEVELS) + 1):
         key = f"{args.bits}/L{k}"
         if key in out["runs"] and not args.force:

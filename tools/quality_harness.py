@@ -118,6 +118,19 @@ def prepare(model: str, calib_samples: int, calib_steps: int, eval_samples: int,
     return QualitySetup(loaded, calib, heldout, feature_fn, real_stats, t_traj)
 
 
+def reference_sweep(args) -> tuple[Path, dict, QualitySetup, tuple[int, int]]:
+    """What a sweep of calibrations on the reference model starts from (tools/budget_levels.py,
+    tools/sampling_precision_quality.py): torch's threads set, the JSON record so far (`args.json`;
+    runs already there are kept), the held-out setup and the bit widths of `args.bits`."""
+    import json
+
+    torch.set_num_threads(args.threads)
+    store = Path(args.json)
+    out = json.loads(store.read_text()) if store.is_file() else {"runs": {}}
+    setup = prepare("reference", 8, 10, args.samples, args.eval_steps, args.seed, args.cache_dir)
+    return store, out, setup, parse_bits(args.bits)
+
+
 def prepare_text(loaded, calib_samples: int, calib_steps: int, eval_samples: int, eval_steps: int, seed: int,
                  cache_dir: str, guidance_scale: Optional[float] = None) -> QualitySetup:
     """The setup of a text-to-image pipeline, as the CLI makes it: calibration trajectories from

@@ -37,9 +37,8 @@ from tools.quality_harness import (  # noqa: E402
     evaluate_model,
     fmt,
     log,
-    parse_bits,
-    prepare,
     quant_config,
+    reference_sweep,
 )
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -57,12 +56,8 @@ def run(args) -> dict:
     from calibration.configs import DataFreeConfig, method_config
     from calibration.quant_unet import quantize_model
 
-    torch.set_num_threads(args.threads)
-    store = Path(args.json)
-    out = json.loads(store.read_text()) if store.is_file() else {"runs": {}}
-    setup = prepare("reference", 8, 10, args.samples, args.eval_steps, args.seed, args.cache_dir)
+    store, out, setup, (w, a) = reference_sweep(args)
     loaded = setup.loaded
-    w, a = parse_bits(args.bits)
     results = {}
     # (record key, precision, calibration seed): the control is FP32 from other seeds, the spread a
     # calibration has anyway, to read the half-precision rows against
